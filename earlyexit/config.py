@@ -1,0 +1,67 @@
+"""Dataclass configs loaded from `configs/*.yaml`, overridable from the command line.
+
+One source of defaults: the dataclass. A YAML file sets some fields; `key=value`
+overrides from the command line set others (values parsed as YAML, so `lr=3e-4`,
+`sources=[stdlib,torch]` and `compile=false` all do what they look like). Unknown keys
+are refused, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+from .errors import EarlyExitError
+
+T = TypeVar("T")
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """`["lr=3e-4", "compile=false"]` -> `{"lr": 0.0003, "compile": False}`."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise EarlyExitError(f"override {pair!r} is not of the form key=value")
+        value = yaml.safe_load(raw) if raw else ""
+        # YAML reads 3e-4 as a string (no dot); numbers in scientific notation are floats here.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value.lower() for c in ".e") else value
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build `cls` from its defaults, then the YAML file at `path`, then `overrides`."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise EarlyExitError(f"config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise EarlyExitError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise EarlyExitError(f"config file {path} must hold a mapping of field: value")
+        values.update(loaded)
+    values.update(parse_overrides(overrides))
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise EarlyExitError(f"unknown {cls.__name__} field(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise EarlyExitError(f"bad {cls.__name__}: {e}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config as a plain dict, for JSON stamps and checkpoints."""
+    return dataclasses.asdict(config)

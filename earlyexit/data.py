@@ -1,0 +1,203 @@
+"""The local code corpus, its deterministic splits, and completion examples cut from it.
+
+A corpus is a list of *sources*: `stdlib` (the running interpreter's standard library,
+without site-packages), the name of an installed package (`torch`, `numpy`: its Python
+sources, read from disk, never imported), or a path to any directory of `.py` files.
+Every file gets a key `<source>/<path inside the source>`; a hash of that key puts it in
+train, validation or test, so the split is the same on every machine with the same files
+and a file never straddles splits. Files with identical content are kept once (the
+first key in sorted order), so the test split holds no exact copy of a training file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import EarlyExitError
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class CorpusStats:
+    """What reading the sources found; recorded in model cards so a corpus is reproducible."""
+
+    files_seen: int = 0
+    kept: int = 0
+    non_utf8_skipped: int = 0
+    too_large_skipped: int = 0
+    duplicates_skipped: int = 0
+    bytes_kept: int = 0
+    per_split: dict[str, int] = dataclasses.field(default_factory=dict)
+    file_list_sha256: str = ""
+
+
+def resolve_source(source: str) -> Path:
+    """`stdlib`, an installed package's name, or a directory -> the directory to read."""
+    if source == "stdlib":
+        return Path(sysconfig.get_paths()["stdlib"])
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if os.sep not in source and "/" not in source:
+        spec = importlib.util.find_spec(source)
+        if spec is not None and spec.submodule_search_locations:
+            return Path(list(spec.submodule_search_locations)[0])
+    raise EarlyExitError(f"corpus source {source!r} is neither 'stdlib', an installed package, nor a directory")
+
+
+def source_name(source: str) -> str:
+    return source if source == "stdlib" or "/" not in source else Path(source).name
+
+
+def split_of(key: str, validation_fraction: float, test_fraction: float) -> str:
+    """Deterministic split from a hash of the file's key (not Python's salted `hash`)."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+    if bucket < test_fraction:
+        return "test"
+    if bucket < test_fraction + validation_fraction:
+        return "validation"
+    return "train"
+
+
+def iter_python_files(root: Path) -> Iterable[Path]:
+    """`.py` files under root in sorted order, skipping installed packages and caches."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                yield Path(dirpath) / name
+
+
+def read_corpus(
+    sources: Sequence[str] = ("stdlib",),
+    validation_fraction: float = 0.02,
+    test_fraction: float = 0.02,
+    max_file_bytes: int = 1_000_000,
+) -> tuple[dict[str, list[dict[str, str]]], CorpusStats]:
+    """Read the sources into `{split: [{"path", "text"}, ...]}`, deduplicated by content."""
+    if not 0 <= validation_fraction < 1 or not 0 <= test_fraction < 1 or validation_fraction + test_fraction >= 1:
+        raise EarlyExitError("validation_fraction and test_fraction must be in [0, 1) and sum to less than 1")
+    stats = CorpusStats()
+    records: dict[str, str] = {}
+    for source in sources:
+        root, name = resolve_source(source), source_name(source)
+        for file in iter_python_files(root):
+            stats.files_seen += 1
+            raw = file.read_bytes()
+            if len(raw) > max_file_bytes:
+                stats.too_large_skipped += 1
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                stats.non_utf8_skipped += 1
+                continue
+            records[f"{name}/{file.relative_to(root).as_posix()}"] = text
+    splits: dict[str, list[dict[str, str]]] = {s: [] for s in SPLITS}
+    seen_content: set[str] = set()
+    file_list = hashlib.sha256()
+    for key in sorted(records):
+        text = records[key]
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        if digest in seen_content:
+            stats.duplicates_skipped += 1
+            continue
+        seen_content.add(digest)
+        file_list.update(f"{key}\t{digest}\n".encode())
+        splits[split_of(key, validation_fraction, test_fraction)].append({"path": key, "text": text})
+        stats.bytes_kept += len(text.encode("utf-8"))
+    stats.kept = sum(len(v) for v in splits.values())
+    stats.per_split = {s: len(v) for s, v in splits.items()}
+    stats.file_list_sha256 = file_list.hexdigest()
+    if stats.kept == 0:
+        raise EarlyExitError(f"no readable .py files in corpus sources {list(sources)}")
+    return splits, stats
+
+
+def load_corpus(sources: Sequence[str] = ("stdlib",), **kwargs):
+    """The corpus as a `datasets.DatasetDict` with train/validation/test of (path, text)."""
+    import datasets
+
+    splits, stats = read_corpus(sources, **kwargs)
+    features = datasets.Features({"path": datasets.Value("string"), "text": datasets.Value("string")})
+    dd = datasets.DatasetDict(
+        {s: datasets.Dataset.from_list(rows, features=features) for s, rows in splits.items()}
+    )
+    return dd, stats
+
+
+@dataclass
+class CompletionExample:
+    """A prompt cut from a test file and the reference continuation that followed it."""
+
+    path: str
+    prompt: str
+    target: str
+
+
+def token_cut_examples(
+    files: Sequence[dict[str, str]],
+    tokenizer,
+    n: int,
+    target_tokens: int = 10,
+    max_prompt_tokens: int = 512,
+    seed: int = 0,
+) -> list[CompletionExample]:
+    """The study's examples: a file cut at a random token, target = the next `target_tokens`.
+
+    The prompt keeps at most the last `max_prompt_tokens` tokens before the cut.
+    """
+    rng = random.Random(seed)
+    encoded = [(f["path"], tokenizer.encode(f["text"])) for f in files]
+    encoded = [(p, ids) for p, ids in encoded if len(ids) > target_tokens + 8]
+    if not encoded:
+        raise EarlyExitError("no file is long enough to cut completion examples from")
+    out = []
+    for _ in range(n):
+        path, ids = rng.choice(encoded)
+        cut = rng.randrange(8, len(ids) - target_tokens + 1)
+        prompt_ids = ids[max(0, cut - max_prompt_tokens):cut]
+        out.append(CompletionExample(path, tokenizer.decode(prompt_ids), tokenizer.decode(ids[cut:cut + target_tokens])))
+    return out
+
+
+def line_cut_examples(
+    files: Sequence[dict[str, str]],
+    n: int,
+    max_prompt_chars: int = 2000,
+    min_target_chars: int = 3,
+    seed: int = 0,
+) -> list[CompletionExample]:
+    """Editor-style examples: a random point inside a line's code, target = the rest of that line.
+
+    The cut falls after the line's indentation and leaves at least `min_target_chars`
+    characters, so the prompt often ends in the middle of a word (what token healing is for).
+    """
+    rng = random.Random(seed)
+    candidates: list[tuple[str, str, int, int]] = []  # (path, text, code start, line end)
+    for f in files:
+        text, pos = f["text"], 0
+        for line in text.splitlines(keepends=True):
+            body = line.rstrip("\r\n")
+            stripped = body.lstrip()
+            start = pos + len(body) - len(stripped)
+            if len(stripped) > min_target_chars and not stripped.startswith("#"):
+                candidates.append((f["path"], text, start, pos + len(body)))
+            pos += len(line)
+    if not candidates:
+        raise EarlyExitError("no line is long enough to cut completion examples from")
+    out = []
+    for _ in range(n):
+        path, text, start, end = rng.choice(candidates)
+        cut = rng.randrange(start, end - min_target_chars + 1)
+        out.append(CompletionExample(path, text[max(0, cut - max_prompt_chars):cut], text[cut:end]))
+    return out

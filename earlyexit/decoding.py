@@ -1,0 +1,179 @@
+"""Greedy decoding over our GPT-2 runtime, in named phases: prefill, decode_one_token, generate.
+
+`generate` takes a prompt string (or token ids) and returns a `Completion` that says what
+was written, why it ended and how long each phase took. It accepts transformers'
+`LogitsProcessorList` and `StoppingCriteriaList`, so code written for `model.generate`
+carries over.
+
+Context policy: a prompt whose tokens plus `max_new_tokens` exceed the model's context is
+refused with an error naming the sizes, unless `truncate_prompt=True`, which keeps the
+prompt's last tokens (the end is what a completion continues) and warns.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+
+from .errors import EarlyExitError
+from .model import GPT2, KVCache
+
+FINISH_REASONS = ("eos", "max_tokens", "stop_string", "stopping_criteria")
+
+
+@dataclass
+class GenerationSettings:
+    """What a completion may do. Validated here, so every front end reports the same errors."""
+
+    max_new_tokens: int = 64
+    stop_strings: Sequence[str] = ()
+    truncate_prompt: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise EarlyExitError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if any(not s for s in self.stop_strings):
+            raise EarlyExitError("stop strings must be non-empty")
+
+
+@dataclass
+class Completion:
+    """One finished completion and how it was made."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    exit_layers: list[int]  # per generated token, the number of blocks it went through
+    prefill_ms: float
+    token_ms: list[float] = field(default_factory=list)  # per generated token after the first
+    prompt_truncated_tokens: int = 0
+
+    @property
+    def mean_layers(self) -> float:
+        return sum(self.exit_layers) / max(1, len(self.exit_layers))
+
+    @property
+    def total_ms(self) -> float:
+        return self.prefill_ms + sum(self.token_ms)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean_layers"] = self.mean_layers
+        d["total_ms"] = self.total_ms
+        return d
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    if not isinstance(prompt, str):
+        raise EarlyExitError(f"prompt must be a string, got {type(prompt).__name__}")
+    if not prompt:
+        raise EarlyExitError("prompt is empty: give at least one character of code to complete")
+    return tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def fit_context(ids: list[int], model: GPT2, settings: GenerationSettings) -> tuple[list[int], int]:
+    """Check (or left-truncate) the prompt so prompt + new tokens fit the context."""
+    context = model.dims.n_positions
+    if settings.max_new_tokens >= context:
+        raise EarlyExitError(f"max_new_tokens ({settings.max_new_tokens}) must be smaller than the model's context ({context})")
+    room = context - settings.max_new_tokens
+    if len(ids) <= room:
+        return ids, 0
+    if not settings.truncate_prompt:
+        raise EarlyExitError(
+            f"prompt is {len(ids)} tokens; with max_new_tokens={settings.max_new_tokens} the model's context of "
+            f"{context} leaves room for {room} (shorten it, lower max_new_tokens, or allow truncate_prompt)"
+        )
+    dropped = len(ids) - room
+    warnings.warn(f"prompt left-truncated by {dropped} tokens to fit the context of {context}", stacklevel=3)
+    return ids[dropped:], dropped
+
+
+@torch.inference_mode()
+def prefill(model: GPT2, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run the prompt (B, T) through every block at positions 0..T-1: next-token logits (B, V)."""
+    x = model.embed(ids, 0)
+    for layer in range(model.dims.n_layer):
+        x = model.block(layer, x, cache, 0)
+    return model.logits(x[:, -1])
+
+
+@torch.inference_mode()
+def decode_one_token(model: GPT2, token: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+    """One new token (B, 1) at position `pos` through every block: next-token logits (B, V)."""
+    x = model.embed(token, pos)
+    for layer in range(model.dims.n_layer):
+        x = model.block(layer, x, cache, pos)
+    return model.logits(x[:, -1])
+
+
+def _stop_string_cut(text: str, stop_strings: Sequence[str]) -> int | None:
+    cuts = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return min(cuts) if cuts else None
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT2,
+    tokenizer,
+    prompt: str | Sequence[int],
+    settings: GenerationSettings | None = None,
+    logits_processor=None,
+    stopping_criteria=None,
+) -> Completion:
+    """Greedy completion of one prompt with the full model.
+
+    With no processors this equals `GPT2LMHeadModel.generate(do_sample=False)` token for
+    token (tested). The returned `token_ids` include the EOS token when one ended it; the
+    text never does.
+    """
+    settings = settings or GenerationSettings()
+    ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise EarlyExitError("prompt is empty: give at least one token to complete")
+    ids, dropped = fit_context(ids, model, settings)
+    eos = tokenizer.eos_token_id
+    cache = model.new_cache(batch=1, capacity=len(ids) + settings.max_new_tokens)
+    input_ids = torch.tensor([ids], device=model.device)  # (1, T)
+
+    t0 = time.perf_counter()
+    logits = prefill(model, input_ids, cache)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    new: list[int] = []
+    token_ms: list[float] = []
+    text, finish = "", "max_tokens"
+    for i in range(settings.max_new_tokens):
+        t0 = time.perf_counter()
+        if i > 0:
+            logits = decode_one_token(model, input_ids[:, -1:], cache, len(ids) + i - 1)
+        if logits_processor is not None:
+            logits = logits_processor(input_ids, logits)
+        token = int(logits.argmax(-1))
+        new.append(token)
+        input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
+        if i > 0:
+            token_ms.append((time.perf_counter() - t0) * 1e3)
+        if token == eos:
+            finish = "eos"
+            break
+        if settings.stop_strings:
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            cut = _stop_string_cut(text, settings.stop_strings)
+            if cut is not None:
+                text, finish = text[:cut], "stop_string"
+                break
+        if stopping_criteria is not None and bool(stopping_criteria(input_ids, logits).all()):
+            finish = "stopping_criteria"
+            break
+    if finish != "stop_string":
+        text = tokenizer.decode(new, skip_special_tokens=True)
+    return Completion(
+        text=text, token_ids=new, prompt_tokens=len(ids), finish_reason=finish,
+        exit_layers=[model.dims.n_layer] * len(new), prefill_ms=prefill_ms, token_ms=token_ms,
+        prompt_truncated_tokens=dropped,
+    )

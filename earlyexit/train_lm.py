@@ -1,0 +1,287 @@
+"""Train the tokenizer and a GPT-2 language model from scratch on the local code corpus.
+
+    python -m earlyexit.train_lm --config configs/default_lm.yaml [key=value ...] [--resume]
+
+Phases: read the corpus (`earlyexit.data`), train a byte-level BPE on the training split,
+tokenize each split once into `work_dir/tokens_<split>.npy`, then train `GPT2LMHeadModel`
+with AdamW, warm-up plus cosine decay, bf16 autocast and gradient accumulation. Every
+`checkpoint_interval` steps the model, optimizer and step are written to
+`work_dir/checkpoint.pt` (atomically); `--resume` continues from there with the same data
+order, because the batch at step s is a pure function of (seed, s). At the end (or at
+`max_minutes`) the model is exported in fp16 safetensors with its tokenizer and
+`training_state.json` to `out_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import load_config, to_dict
+from .errors import EarlyExitError
+
+
+@dataclass
+class LMTrainConfig:
+    """Everything a training run depends on; `configs/default_lm.yaml` is the shipped recipe."""
+
+    # corpus
+    sources: list[str] = field(default_factory=lambda: ["stdlib"])
+    validation_fraction: float = 0.02
+    test_fraction: float = 0.02
+    # tokenizer
+    vocab_size: int = 8192
+    tokenizer_train_bytes: int = 60_000_000
+    # backbone
+    n_layer: int = 12
+    n_embd: int = 256
+    n_head: int = 4
+    n_positions: int = 1024
+    # optimisation
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 200
+    max_steps: int = 2000
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    bf16: bool = True
+    compile: bool = False
+    threads: int = 0  # 0: all cores
+    seed: int = 0
+    # bookkeeping
+    eval_interval: int = 200
+    eval_windows: int = 128
+    checkpoint_interval: int = 100
+    max_minutes: float = 0.0  # 0: no wall-clock limit
+    work_dir: str = "runs/default_lm"
+    out_dir: str = "runs/default_lm/export"
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise EarlyExitError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.seq_len > self.n_positions:
+            raise EarlyExitError(f"seq_len ({self.seq_len}) exceeds n_positions ({self.n_positions})")
+        if self.vocab_size > 65535:
+            raise EarlyExitError("vocab_size must fit uint16 token storage (< 65536)")
+        for name in ("batch_size", "grad_accum", "max_steps", "n_layer"):
+            if getattr(self, name) < 1:
+                raise EarlyExitError(f"{name} must be at least 1")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum
+
+
+# ----------------------------------------------------------------------------- data
+
+def prepare_data(cfg: LMTrainConfig):
+    """Tokenizer and tokenized splits, built once and cached in work_dir."""
+    from transformers import AutoTokenizer
+
+    from .data import read_corpus
+    from .tokenizer import train_tokenizer
+
+    work = Path(cfg.work_dir)
+    tok_dir = work / "tokenizer"
+    meta_path = work / "corpus.json"
+    if not (tok_dir / "tokenizer.json").exists() or not meta_path.exists():
+        print(f"reading corpus {cfg.sources} ...", file=sys.stderr)
+        splits, stats = read_corpus(cfg.sources, cfg.validation_fraction, cfg.test_fraction)
+        print(f"corpus: {stats}", file=sys.stderr)
+        tok = train_tokenizer([r["text"] for r in splits["train"]], cfg.vocab_size, tok_dir, cfg.tokenizer_train_bytes, cfg.seed)
+        for split, rows in splits.items():
+            encoded = tok([r["text"] for r in rows], add_special_tokens=False)["input_ids"]
+            flat = np.fromiter(
+                (t for ids in encoded for t in (*ids, tok.eos_token_id)), dtype=np.uint16
+            )
+            np.save(work / f"tokens_{split}.npy", flat)
+            (work / f"files_{split}.txt").write_text("".join(r["path"] + "\n" for r in rows))
+        meta = {"stats": dataclasses.asdict(stats), "tokens": {s: int(np.load(work / f"tokens_{s}.npy", mmap_mode="r").shape[0]) for s in splits}}
+        meta_path.write_text(json.dumps(meta, indent=2))
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tokens = {s: np.load(work / f"tokens_{s}.npy", mmap_mode="r") for s in ("train", "validation", "test")}
+    return tok, tokens, json.loads(meta_path.read_text())
+
+
+def batch_at(tokens: np.ndarray, cfg: LMTrainConfig, step: int, micro: int) -> torch.Tensor:
+    """The micro-batch for (step, micro): windows of seq_len+1 in a seeded per-epoch order."""
+    n_windows = (len(tokens) - 1) // cfg.seq_len
+    first = (step * cfg.grad_accum + micro) * cfg.batch_size
+    rows = []
+    for i in range(first, first + cfg.batch_size):
+        epoch, j = divmod(i, n_windows)
+        order = np.random.default_rng(cfg.seed + epoch).permutation(n_windows)
+        start = int(order[j]) * cfg.seq_len
+        rows.append(np.asarray(tokens[start:start + cfg.seq_len + 1], dtype=np.int64))
+    return torch.from_numpy(np.stack(rows))
+
+
+def lr_at(cfg: LMTrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(cfg: LMTrainConfig, tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    torch.manual_seed(cfg.seed)
+    return GPT2LMHeadModel(config)
+
+
+@torch.no_grad()
+def evaluate(model, tokens: np.ndarray, cfg: LMTrainConfig) -> dict[str, float]:
+    """Mean next-token loss and top-1 accuracy on evenly spaced validation windows."""
+    model.eval()
+    n_windows = (len(tokens) - 1) // cfg.seq_len
+    picks = np.linspace(0, n_windows - 1, num=min(cfg.eval_windows, n_windows)).astype(int)
+    loss_sum, correct, count = 0.0, 0, 0
+    for chunk in np.array_split(picks, max(1, len(picks) // cfg.batch_size)):
+        x = torch.from_numpy(np.stack([np.asarray(tokens[i * cfg.seq_len:i * cfg.seq_len + cfg.seq_len + 1], dtype=np.int64) for i in chunk]))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = model(x[:, :-1]).logits.float()
+        loss_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+        correct += (logits.argmax(-1) == x[:, 1:]).sum().item()
+        count += x[:, 1:].numel()
+    model.train()
+    return {"val_loss": loss_sum / count, "val_top1": correct / count}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: Path, model, optimizer, step: int, tokens_seen: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "tokens_seen": tokens_seen}, tmp)
+    os.replace(tmp, path)
+
+
+def read_curve(log_path: Path) -> list[dict]:
+    """The evaluation points of a training log (step, tokens seen, validation loss and top-1)."""
+    if not log_path.exists():
+        return []
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    keep = ("step", "tokens_seen", "val_loss", "val_top1", "tok_s")
+    return [{k: r[k] for k in keep if k in r} for r in rows if "val_loss" in r]
+
+
+def export(model, tok, cfg: LMTrainConfig, step: int, tokens_seen: int, meta: dict, last_eval: dict) -> None:
+    """fp16 safetensors + tokenizer + training_state.json: what ships as the default model."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    half = build_model(cfg, tok)
+    half.load_state_dict(model.state_dict())
+    half.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    state = {
+        "step": step, "tokens_seen": tokens_seen, "config": to_dict(cfg), "corpus": meta, "last_eval": last_eval,
+        "curve": read_curve(Path(cfg.work_dir) / "log.jsonl"),
+    }
+    (out / "training_state.json").write_text(json.dumps(state, indent=2))
+
+
+# ----------------------------------------------------------------------------- loop
+
+def train(cfg: LMTrainConfig, resume: bool = False) -> None:
+    from tqdm import tqdm
+
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    tok, tokens, meta = prepare_data(cfg)
+    model = build_model(cfg, tok)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), fused=True,
+    )
+    ckpt_path = work / "checkpoint.pt"
+    step, tokens_seen = 0, 0
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        print(f"resumed at step {step} ({tokens_seen:,} tokens seen)", file=sys.stderr)
+    step_fn = torch.compile(model) if cfg.compile else model
+    model.train()
+    log = open(work / "log.jsonl", "a")
+    t_start = time.time()
+    last_eval: dict = {}
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train_lm", dynamic_ncols=True)
+    while step < cfg.max_steps:
+        t0 = time.time()
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        loss_total = 0.0
+        for micro in range(cfg.grad_accum):
+            x = batch_at(tokens["train"], cfg, step, micro)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits = step_fn(x[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()) / cfg.grad_accum
+            loss.backward()
+            loss_total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += cfg.tokens_per_step
+        tps = cfg.tokens_per_step / (time.time() - t0)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_total:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr_at(cfg, step - 1):.2e}")
+        record = {"step": step, "tokens_seen": tokens_seen, "loss": loss_total, "tok_s": tps, "time": time.time()}
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            last_eval = evaluate(model, tokens["validation"], cfg)
+            record.update(last_eval)
+            bar.write(f"step {step}: val_loss {last_eval['val_loss']:.3f} val_top1 {last_eval['val_top1']:.3f}")
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        out_of_time = cfg.max_minutes and (time.time() - t_start) / 60 >= cfg.max_minutes
+        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or out_of_time:
+            save_checkpoint(ckpt_path, model, optimizer, step, tokens_seen)
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
+            export(model, tok, cfg, step, tokens_seen, meta, last_eval)
+        if out_of_time:
+            bar.write(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached (resume with --resume)")
+            break
+    bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file with LMTrainConfig fields")
+    parser.add_argument("--resume", action="store_true", help="continue from work_dir/checkpoint.pt")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(LMTrainConfig, args.config, args.overrides)
+        train(cfg, resume=args.resume)
+    except EarlyExitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""What every experiment script shares: the stamp on its results, prompts from the test split, output files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from earlyexit.model_card import git_commit, machine
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def stamp(model: str, config: dict) -> dict:
+    """Commit, machine, model and config: what a reader needs to trust or rerun a result."""
+    return {"commit": git_commit(), "machine": machine(), "model": model, "config": config, "argv": sys.argv}
+
+
+def test_split_files(model_dir: Path) -> list[dict[str, str]]:
+    """The test split the model was trained beside (from its training_state.json), else the stdlib's."""
+    from earlyexit.data import read_corpus
+
+    state_file = model_dir / "training_state.json"
+    if state_file.is_file():
+        cfg = json.loads(state_file.read_text())["config"]
+        splits, _ = read_corpus(cfg["sources"], cfg["validation_fraction"], cfg["test_fraction"])
+    else:
+        splits, _ = read_corpus(["stdlib"])
+    return splits["test"]
+
+
+def percentile(values, q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")
+
+
+def write_results(name: str, result: dict, table: str) -> Path:
+    out = RESULTS / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    header = f"<!-- written by experiments/{name}.py at commit {result['stamp']['commit']} on {result['stamp']['machine']} -->\n"
+    (out / "results.md").write_text(header + table + "\n")
+    return out
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)

@@ -1,0 +1,107 @@
+"""`python -m earlyexit.generate`: output formats and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from earlyexit.generate import main
+
+
+def run_cli(capsys, *args):
+    capsys.readouterr()  # drop what fixtures printed while saving checkpoints
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_output_has_text_ids_and_timings(capsys, tiny_model_dir):
+    code, out, _ = run_cli(capsys, "def add(a, b):", "--model", str(tiny_model_dir), "--max-new-tokens", "5", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["prompt"] == "def add(a, b):"
+    assert len(result["token_ids"]) == 5 and result["finish_reason"] == "max_tokens"
+    assert len(result["token_ms"]) == 4 and result["prefill_ms"] > 0
+    assert result["exit_layers"] == [3] * 5
+
+
+def test_plain_output_echoes_prompt_and_completion(capsys, tiny_model_dir):
+    code, out, err = run_cli(capsys, "class Stack:", "--model", str(tiny_model_dir), "--max-new-tokens", "3")
+    assert code == 0 and out.startswith("class Stack:")
+    assert "3 tokens" in err
+
+
+def test_prompt_from_file_and_stdin(capsys, monkeypatch, tmp_path, tiny_model_dir):
+    f = tmp_path / "p.py"
+    f.write_text("import os\n")
+    code, out, _ = run_cli(capsys, "--file", str(f), "--model", str(tiny_model_dir), "--max-new-tokens", "2", "--json")
+    assert code == 0 and json.loads(out)["prompt"] == "import os\n"
+
+    class FakeStdin:
+        def isatty(self):
+            return False
+
+        def read(self):
+            return "for i in"
+
+    monkeypatch.setattr(sys, "stdin", FakeStdin())
+    code, out, _ = run_cli(capsys, "--model", str(tiny_model_dir), "--max-new-tokens", "2", "--json")
+    assert code == 0 and json.loads(out)["prompt"] == "for i in"
+
+
+def corrupt_weights_dir(tmp_path, tiny_model_dir):
+    weights = tiny_model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    return tiny_model_dir
+
+
+def llama_dir(tmp_path):
+    d = tmp_path / "llama"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return d
+
+
+@pytest.mark.parametrize(
+    "case,args,message",
+    [
+        ("empty", [""], "prompt is empty"),
+        ("zero", ["x", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+        ("negative", ["x", "--max-new-tokens", "-4"], "max_new_tokens must be a positive integer"),
+        ("too_long", ["y = 2\n" * 300, "--max-new-tokens", "8"], "context of 96"),
+        ("missing_model", ["x", "--model", "{tmp}/nowhere"], "model directory not found"),
+        ("not_gpt2", ["x", "--model", "{llama}"], "'llama' model"),
+        ("no_config", ["x", "--model", "{tmp}"], "no config.json"),
+        ("corrupt", ["x", "--model", "{corrupt}"], "cannot load the model weights"),
+        ("non_utf8_file", ["--file", "{latin1}"], "not UTF-8"),
+        ("missing_file", ["--file", "{tmp}/missing.py"], "cannot read prompt file"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(capsys, tmp_path, tiny_model_dir, case, args, message):
+    latin1 = tmp_path / "latin1.py"
+    latin1.write_bytes("s = 'caf\xe9'\n".encode("latin-1"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fill = {"tmp": empty, "llama": llama_dir(tmp_path), "latin1": latin1}
+    if case == "corrupt":
+        fill["corrupt"] = corrupt_weights_dir(tmp_path, tiny_model_dir)
+    args = [a.format(**fill) for a in args]
+    if "--model" not in args:
+        args += ["--model", str(tiny_model_dir)]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and message in err
+    assert err.count("\n") == 1, err
+
+
+def test_no_traceback_from_a_real_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "earlyexit.generate", "x", "--model", str(tmp_path / "missing")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "model directory not found" in proc.stderr

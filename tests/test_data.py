@@ -1,0 +1,63 @@
+"""The corpus: deterministic splits, skipped files counted, reproducible examples."""
+
+import pytest
+
+from earlyexit.data import line_cut_examples, load_corpus, read_corpus, split_of, token_cut_examples
+from earlyexit.errors import EarlyExitError
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    for i in range(40):
+        (tmp_path / f"mod_{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n\n\nprint(f{i}(3))\n")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "copy.py").write_text((tmp_path / "mod_0.py").read_text())  # exact duplicate
+    (tmp_path / "latin1.py").write_bytes("s = 'caf\xe9'\n".encode("latin-1"))  # not UTF-8
+    (tmp_path / "notes.txt").write_text("not python")
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "cached.py").write_text("x = 1\n")
+    return tmp_path
+
+
+def test_splits_are_deterministic_and_skips_are_counted(corpus_dir):
+    a, stats = read_corpus([str(corpus_dir)], validation_fraction=0.2, test_fraction=0.2)
+    b, _ = read_corpus([str(corpus_dir)], validation_fraction=0.2, test_fraction=0.2)
+    assert a == b
+    assert stats.non_utf8_skipped == 1 and stats.duplicates_skipped == 1
+    assert stats.files_seen == 42 and stats.kept == 40  # pycache and .txt never read
+    paths = [r["path"] for split in a.values() for r in split]
+    assert len(paths) == len(set(paths))
+    assert all(split_of(r["path"], 0.2, 0.2) == s for s, rows in a.items() for r in rows)
+    assert all(len(rows) > 0 for rows in a.values())
+
+
+def test_load_corpus_gives_a_datasetdict(corpus_dir):
+    dd, stats = load_corpus([str(corpus_dir)], validation_fraction=0.2, test_fraction=0.2)
+    assert set(dd) == {"train", "validation", "test"}
+    assert sum(len(d) for d in dd.values()) == stats.kept
+    assert dd["train"].column_names == ["path", "text"]
+
+
+def test_unknown_source_and_empty_directory_are_refused(tmp_path):
+    with pytest.raises(EarlyExitError, match="neither"):
+        read_corpus(["no_such_package_or_dir_xyz"])
+    with pytest.raises(EarlyExitError, match="no readable"):
+        read_corpus([str(tmp_path)])
+
+
+def test_examples_are_seeded_and_cut_where_promised(corpus_dir, tiny_tokenizer):
+    splits, _ = read_corpus([str(corpus_dir)], validation_fraction=0.2, test_fraction=0.2)
+    files = splits["train"]
+    tok_a = token_cut_examples(files, tiny_tokenizer, n=5, target_tokens=4, seed=1)
+    assert tok_a == token_cut_examples(files, tiny_tokenizer, n=5, target_tokens=4, seed=1)
+    assert tok_a != token_cut_examples(files, tiny_tokenizer, n=5, target_tokens=4, seed=2)
+    texts = {r["path"]: r["text"] for r in files}
+    for ex in tok_a:
+        assert (ex.prompt + ex.target) in texts[ex.path]
+        assert len(tiny_tokenizer.encode(ex.target)) <= 4 + 1
+    lines = line_cut_examples(files, n=20, seed=3)
+    assert lines == line_cut_examples(files, n=20, seed=3)
+    for ex in lines:
+        assert "\n" not in ex.target and len(ex.target) >= 3
+        assert texts[ex.path].startswith(ex.prompt)
+        assert texts[ex.path][len(ex.prompt):].split("\n")[0] == ex.target
