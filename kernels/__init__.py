@@ -1,0 +1,68 @@
+"""Fused exit-check kernels, installed as `earlyexit.kernels`.
+
+Three kernels, each in its own file with its `@triton.jit` kernel(s), host launcher and
+PyTorch reference:
+
+- `exit_confidence`: layer norm + LM head + online-softmax statistics (argmax, max
+  probability, top-1 minus top-2, entropy, log-sum-exp) without writing the logits;
+  vocabulary split across programs and merged in a second stage (flash-decoding style).
+- `layer_check`: the block's last residual add + exit layer norm + stop/exit/continue
+  classifier in one launch.
+- `state_copy`: ln_1 + K/V projection of the exit hidden state for every skipped layer,
+  written straight into the KV cache, in one launch.
+
+The functions below are the dispatcher the runtime calls: Triton for CUDA tensors, the
+reference elsewhere (the reference *is* the CPU path). `backend="triton"` forces the
+kernel, which on CPU tensors runs in Triton's interpreter (TRITON_INTERPRET=1 must be set
+before triton is imported) — that is how CI without a GPU tests the kernels.
+`last_backend[name]` records which path the latest call took, so tests can assert it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .exit_confidence import Confidence, exit_confidence_reference, exit_confidence_triton
+from .layer_check import layer_check_reference, layer_check_triton
+from .state_copy import StateCopyWeights, stack_state_copy_weights, state_copy_reference, state_copy_triton
+
+BACKENDS = ("auto", "triton", "torch")
+last_backend: dict[str, str] = {}
+
+
+def _choose(name: str, tensor: torch.Tensor, backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    chosen = ("triton" if tensor.is_cuda else "torch") if backend == "auto" else backend
+    if chosen == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    last_backend[name] = chosen
+    return chosen
+
+
+def exit_confidence(h, ln_weight, ln_bias, head_weight, eps: float = 1e-5, backend: str = "auto", **launch) -> Confidence:
+    """Per-row argmax, max probability, margin, entropy and log-sum-exp of softmax(head_weight @ LN(h))."""
+    if _choose("exit_confidence", h, backend) == "triton":
+        return exit_confidence_triton(h, ln_weight, ln_bias, head_weight, eps, **launch)
+    return exit_confidence_reference(h, ln_weight, ln_bias, head_weight, eps)
+
+
+def layer_check(x, delta, ln_weight, ln_bias, cls_weight, cls_bias, extra_bias=None, eps: float = 1e-5, backend: str = "auto", **launch):
+    """(h = x + delta, action probabilities (B, 3) of softmax(cls @ LN(h) + bias [+ extra_bias]))."""
+    if _choose("layer_check", x, backend) == "triton":
+        return layer_check_triton(x, delta, ln_weight, ln_bias, cls_weight, cls_bias, extra_bias, eps, **launch)
+    return layer_check_reference(x, delta, ln_weight, ln_bias, cls_weight, cls_bias, extra_bias, eps)
+
+
+def state_copy(h, weights: StateCopyWeights, k_cache, v_cache, first_layer: int, n_layers: int, pos: int, backend: str = "auto", **launch) -> None:
+    """Fill layers first_layer..first_layer+n_layers-1 of the caches at `pos` from the exit hidden state h."""
+    if _choose("state_copy", h, backend) == "triton":
+        return state_copy_triton(h, weights, k_cache, v_cache, first_layer, n_layers, pos, **launch)
+    return state_copy_reference(h, weights, k_cache, v_cache, first_layer, n_layers, pos)
+
+
+__all__ = [
+    "Confidence", "StateCopyWeights", "exit_confidence", "last_backend", "layer_check", "stack_state_copy_weights", "state_copy",
+]
