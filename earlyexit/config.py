@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence, TypeVar
+import sys
+from typing import Any, Callable, Sequence, TypeVar
 
 import yaml
 
@@ -65,3 +66,23 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 def to_dict(config: Any) -> dict[str, Any]:
     """A config as a plain dict, for JSON stamps and checkpoints."""
     return dataclasses.asdict(config)
+
+
+def config_parser(description: str, cls: type) -> "argparse.ArgumentParser":
+    """An argparse parser with the `--config FILE` and `key=value` overrides every script takes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help=f"YAML file with {cls.__name__} fields")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides of {cls.__name__} fields")
+    return parser
+
+
+def exit_code(run: Callable[[], object]) -> int:
+    """Run a script body: 0 on success; an EarlyExitError is one `error:` line on stderr and 2."""
+    try:
+        run()
+    except EarlyExitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

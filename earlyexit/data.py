@@ -17,6 +17,7 @@ import importlib.util
 import os
 import random
 import sysconfig
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -133,6 +134,44 @@ def load_corpus(sources: Sequence[str] = ("stdlib",), **kwargs):
         {s: datasets.Dataset.from_list(rows, features=features) for s, rows in splits.items()}
     )
     return dd, stats
+
+
+@lru_cache(maxsize=4)
+def _window_order(n_windows: int, seed: int):
+    import numpy as np
+
+    return np.random.default_rng(seed).permutation(n_windows)
+
+
+def model_corpus(model_dir: str | Path, sources: Sequence[str] | None = None):
+    """The corpus splits a model was trained beside (its training_state.json), else `sources`, else the stdlib."""
+    import json
+
+    state_file = Path(model_dir) / "training_state.json"
+    if sources is None and state_file.is_file():
+        cfg = json.loads(state_file.read_text())["config"]
+        return read_corpus(cfg["sources"], cfg["validation_fraction"], cfg["test_fraction"])
+    return read_corpus(list(sources or ["stdlib"]))
+
+
+def window_batch(tokens, seq_len: int, first: int, count: int, seed: int):
+    """Windows first..first+count-1 of seq_len+1 tokens, in a seeded order that reshuffles every epoch.
+
+    A pure function of its arguments, so a resumed run sees exactly the batches it would have.
+    Returns an int64 tensor (count, seq_len + 1).
+    """
+    import numpy as np
+    import torch
+
+    n_windows = (len(tokens) - 1) // seq_len
+    if n_windows < 1:
+        raise EarlyExitError(f"{len(tokens)} tokens are too few for one window of {seq_len + 1}")
+    rows = []
+    for i in range(first, first + count):
+        epoch, j = divmod(i, n_windows)
+        start = int(_window_order(n_windows, seed + epoch)[j]) * seq_len
+        rows.append(np.asarray(tokens[start:start + seq_len + 1], dtype=np.int64))
+    return torch.from_numpy(np.stack(rows))
 
 
 @dataclass

@@ -21,8 +21,9 @@ import torch
 
 from .errors import EarlyExitError
 from .model import GPT2, KVCache
+from .policies import FullDepth
 
-FINISH_REASONS = ("eos", "max_tokens", "stop_string", "stopping_criteria")
+FINISH_REASONS = ("eos", "max_tokens", "stop", "stop_string", "stopping_criteria")  # "stop": the controller halted
 
 
 @dataclass
@@ -97,19 +98,13 @@ def fit_context(ids: list[int], model: GPT2, settings: GenerationSettings) -> tu
 @torch.inference_mode()
 def prefill(model: GPT2, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run the prompt (B, T) through every block at positions 0..T-1: next-token logits (B, V)."""
-    x = model.embed(ids, 0)
-    for layer in range(model.dims.n_layer):
-        x = model.block(layer, x, cache, 0)
-    return model.logits(x[:, -1])
+    return FullDepth().prefill(model, ids, cache).logits
 
 
 @torch.inference_mode()
 def decode_one_token(model: GPT2, token: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
     """One new token (B, 1) at position `pos` through every block: next-token logits (B, V)."""
-    x = model.embed(token, pos)
-    for layer in range(model.dims.n_layer):
-        x = model.block(layer, x, cache, pos)
-    return model.logits(x[:, -1])
+    return FullDepth().step(model, token, cache, pos, model.dims.n_layer).logits
 
 
 def _stop_string_cut(text: str, stop_strings: Sequence[str]) -> int | None:
@@ -125,14 +120,18 @@ def generate(
     settings: GenerationSettings | None = None,
     logits_processor=None,
     stopping_criteria=None,
+    policy=None,
 ) -> Completion:
-    """Greedy completion of one prompt with the full model.
+    """Greedy completion of one prompt under `policy` (default: `FullDepth`).
 
-    With no processors this equals `GPT2LMHeadModel.generate(do_sample=False)` token for
-    token (tested). The returned `token_ids` include the EOS token when one ended it; the
-    text never does.
+    With the full-depth policy and no processors this equals
+    `GPT2LMHeadModel.generate(do_sample=False)` token for token (tested). The returned
+    `token_ids` include the EOS token when one ended it; the text never does. Under
+    `EarlyExit` a completion may end with reason `stop`: the controller predicted that
+    the next token would be wrong, and what was written so far is kept.
     """
     settings = settings or GenerationSettings()
+    policy = policy or FullDepth()
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise EarlyExitError("prompt is empty: give at least one token to complete")
@@ -142,19 +141,25 @@ def generate(
     input_ids = torch.tensor([ids], device=model.device)  # (1, T)
 
     t0 = time.perf_counter()
-    logits = prefill(model, input_ids, cache)
+    result = policy.prefill(model, input_ids, cache)
     prefill_ms = (time.perf_counter() - t0) * 1e3
     new: list[int] = []
+    layers: list[int] = []
     token_ms: list[float] = []
     text, finish = "", "max_tokens"
     for i in range(settings.max_new_tokens):
         t0 = time.perf_counter()
         if i > 0:
-            logits = decode_one_token(model, input_ids[:, -1:], cache, len(ids) + i - 1)
+            result = policy.step(model, input_ids[:, -1:], cache, len(ids) + i - 1, layers[-1])
+        if result.stop:
+            finish = "stop"
+            break
+        logits = result.logits
         if logits_processor is not None:
             logits = logits_processor(input_ids, logits)
         token = int(logits.argmax(-1))
         new.append(token)
+        layers.append(result.layers)
         input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
         if i > 0:
             token_ms.append((time.perf_counter() - t0) * 1e3)
@@ -173,7 +178,6 @@ def generate(
     if finish != "stop_string":
         text = tokenizer.decode(new, skip_special_tokens=True)
     return Completion(
-        text=text, token_ids=new, prompt_tokens=len(ids), finish_reason=finish,
-        exit_layers=[model.dims.n_layer] * len(new), prefill_ms=prefill_ms, token_ms=token_ms,
-        prompt_truncated_tokens=dropped,
+        text=text, token_ids=new, prompt_tokens=len(ids), finish_reason=finish, exit_layers=layers,
+        prefill_ms=prefill_ms, token_ms=token_ms, prompt_truncated_tokens=dropped,
     )

@@ -53,25 +53,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="at most this many tokens (default %(default)s)")
     p.add_argument("--stop", action="append", default=[], metavar="STRING", help="end the completion before this string (repeatable)")
     p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt too long for the context instead of refusing it")
+    p.add_argument("--mode", choices=("full", "early-exit"), help="early-exit (the default when the model has exit heads) or full depth")
+    p.add_argument("--exit-threshold", type=float, help="exit when p(exit) is the largest and above this, in [0, 1]; 1 disables exits (default: the heads' calibrated value)")
+    p.add_argument("--stop-threshold", type=float, help="stop when p(stop) is the largest and above this, in [0, 1]; 1 disables stopping (default: the heads' calibrated value)")
+    p.add_argument("--stats", action="store_true", help="show each token with the layer it left at")
     p.add_argument("--json", action="store_true", help="print text, token ids, layers and timings as JSON")
     return p
 
 
+def build_policy(args: argparse.Namespace, model, model_dir):
+    """The decoding policy the flags ask for; early-exit by default when the model has heads."""
+    from .heads import Thresholds, heads_available, load_heads
+    from .policies import EarlyExit, FullDepth
+
+    mode = args.mode or ("early-exit" if heads_available(model_dir) else "full")
+    if mode == "full":
+        if args.exit_threshold is not None or args.stop_threshold is not None:
+            raise EarlyExitError("--exit-threshold and --stop-threshold apply to --mode early-exit only")
+        return FullDepth()
+    heads = load_heads(model_dir, model)
+    defaults = heads.cfg.thresholds
+    thresholds = Thresholds(
+        exit=defaults.exit if args.exit_threshold is None else args.exit_threshold,
+        stop=defaults.stop if args.stop_threshold is None else args.stop_threshold,
+    )
+    return EarlyExit(model, heads, thresholds)
+
+
 def run(args: argparse.Namespace) -> dict:
+    from dataclasses import asdict
+
     from .decoding import GenerationSettings, generate
-    from .loading import load_runtime_model
+    from .heads import Thresholds
+    from .loading import load_runtime_model, resolve_model_dir
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop), truncate_prompt=args.truncate_prompt)
+    Thresholds(exit=1.0 if args.exit_threshold is None else args.exit_threshold,
+               stop=1.0 if args.stop_threshold is None else args.stop_threshold)  # validate before loading anything
     prompt = read_prompt(args)
     if not prompt:  # checked before the model loads: no reason to wait seconds for this error
         raise EarlyExitError("prompt is empty: give at least one character of code to complete")
-    model, tokenizer = load_runtime_model(args.model)
+    model_dir = resolve_model_dir(args.model)
+    model, tokenizer = load_runtime_model(model_dir)
+    policy = build_policy(args, model, model_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        completion = generate(model, tokenizer, prompt, settings)
+        completion = generate(model, tokenizer, prompt, settings, policy=policy)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    return {"prompt": prompt, **completion.to_dict()}
+    result = {"prompt": prompt, "mode": policy.name, "n_layer": model.dims.n_layer, **completion.to_dict()}
+    if hasattr(policy, "thresholds"):
+        result["thresholds"] = asdict(policy.thresholds)
+    result["tokens"] = [tokenizer.decode([t]) for t in completion.token_ids]
+    return result
+
+
+def format_stats(result: dict) -> str:
+    """Each token with the layer it left at, as a bar a terminal can show."""
+    L = result["n_layer"]
+    lines = [f"{'layer':>7}  token"]
+    for token, layers in zip(result["tokens"], result["exit_layers"]):
+        lines.append(f"{layers:>3}/{L:<3}  {'#' * layers}{'.' * (L - layers)}  {token!r}")
+    n = len(result["exit_layers"])
+    mean = result["mean_layers"]
+    lines.append(f"{n} tokens, mean {mean:.2f} of {L} layers ({1 - mean / L:.1%} skipped), mode {result['mode']}, "
+                 f"ended by {result['finish_reason']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,11 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json:
         print(json.dumps(result, indent=2))
+    elif args.stats:
+        print(result["prompt"] + result["text"], flush=True)
+        print(format_stats(result), file=sys.stderr)
     else:
         print(result["prompt"] + result["text"])
         n = len(result["token_ids"])
         ms = result["total_ms"]
-        print(f"-- {n} tokens in {ms:.0f} ms, ended by {result['finish_reason']}", file=sys.stderr)
+        print(f"-- {n} tokens in {ms:.0f} ms, mean {result['mean_layers']:.1f}/{result['n_layer']} layers ({result['mode']}), "
+              f"ended by {result['finish_reason']}", file=sys.stderr)
     return 0
 
 

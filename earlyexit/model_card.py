@@ -13,7 +13,6 @@ and ten sample completions. Writes `DIR/eval.json`, `DIR/training_curve.png` and
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import load_config, to_dict
+from .config import config_parser, exit_code, load_config, to_dict
 from .errors import EarlyExitError
 
 
@@ -235,27 +234,23 @@ def render_card(r: dict, has_plot: bool) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model directory written by train_lm (with training_state.json)")
-    parser.add_argument("--config", help="YAML with ModelCardConfig fields")
-    parser.add_argument("--log", help="training log.jsonl, for the curve (default: the curve in training_state.json)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(ModelCardConfig, args.config, args.overrides)
-        model_dir = Path(args.model)
-        result = evaluate(model_dir, cfg, Path(args.log) if args.log else None)
-    except EarlyExitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def write_card(model_dir: Path, cfg: ModelCardConfig, log: Path | None) -> None:
+    result = evaluate(model_dir, cfg, log)
     (model_dir / "eval.json").write_text(json.dumps(result, indent=2))
     has_plot = plot_curve(result["training"].get("curve", []), model_dir / "training_curve.png")
     (model_dir / "MODEL_CARD.md").write_text(render_card(result, has_plot))
     v, lc = result["validation"], result["line_completion"]
     print(f"validation loss {v['loss']:.3f}, top-1 {v['top1']:.1%}; line exact match {lc['exact_match']:.1%}, "
           f"edit similarity {lc['edit_similarity']:.3f}; wrote {model_dir / 'MODEL_CARD.md'}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(__doc__.split("\n\n")[0], ModelCardConfig)
+    parser.add_argument("--model", required=True, help="model directory written by train_lm (with training_state.json)")
+    parser.add_argument("--log", help="training log.jsonl, for the curve (default: the curve in training_state.json)")
+    args = parser.parse_args(argv)
+    return exit_code(lambda: write_card(Path(args.model), load_config(ModelCardConfig, args.config, args.overrides),
+                                        Path(args.log) if args.log else None))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ order, because the batch at step s is a pure function of (seed, s). At the end (
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import load_config, to_dict
+from .config import config_parser, exit_code, load_config, to_dict
 from .errors import EarlyExitError
 
 
@@ -118,15 +117,9 @@ def prepare_data(cfg: LMTrainConfig):
 
 def batch_at(tokens: np.ndarray, cfg: LMTrainConfig, step: int, micro: int) -> torch.Tensor:
     """The micro-batch for (step, micro): windows of seq_len+1 in a seeded per-epoch order."""
-    n_windows = (len(tokens) - 1) // cfg.seq_len
-    first = (step * cfg.grad_accum + micro) * cfg.batch_size
-    rows = []
-    for i in range(first, first + cfg.batch_size):
-        epoch, j = divmod(i, n_windows)
-        order = np.random.default_rng(cfg.seed + epoch).permutation(n_windows)
-        start = int(order[j]) * cfg.seq_len
-        rows.append(np.asarray(tokens[start:start + cfg.seq_len + 1], dtype=np.int64))
-    return torch.from_numpy(np.stack(rows))
+    from .data import window_batch
+
+    return window_batch(tokens, cfg.seq_len, (step * cfg.grad_accum + micro) * cfg.batch_size, cfg.batch_size, cfg.seed)
 
 
 def lr_at(cfg: LMTrainConfig, step: int) -> float:
@@ -269,18 +262,10 @@ def train(cfg: LMTrainConfig, resume: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file with LMTrainConfig fields")
+    parser = config_parser(__doc__.split("\n\n")[0], LMTrainConfig)
     parser.add_argument("--resume", action="store_true", help="continue from work_dir/checkpoint.pt")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(LMTrainConfig, args.config, args.overrides)
-        train(cfg, resume=args.resume)
-    except EarlyExitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: train(load_config(LMTrainConfig, args.config, args.overrides), resume=args.resume))
 
 
 if __name__ == "__main__":

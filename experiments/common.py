@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,15 +20,9 @@ def stamp(model: str, config: dict) -> dict:
 
 def test_split_files(model_dir: Path) -> list[dict[str, str]]:
     """The test split the model was trained beside (from its training_state.json), else the stdlib's."""
-    from earlyexit.data import read_corpus
+    from earlyexit.data import model_corpus
 
-    state_file = model_dir / "training_state.json"
-    if state_file.is_file():
-        cfg = json.loads(state_file.read_text())["config"]
-        splits, _ = read_corpus(cfg["sources"], cfg["validation_fraction"], cfg["test_fraction"])
-    else:
-        splits, _ = read_corpus(["stdlib"])
-    return splits["test"]
+    return model_corpus(model_dir)[0]["test"]
 
 
 def percentile(values, q: float) -> float:

@@ -77,6 +77,9 @@ def llama_dir(tmp_path):
         ("corrupt", ["x", "--model", "{corrupt}"], "cannot load the model weights"),
         ("non_utf8_file", ["--file", "{latin1}"], "not UTF-8"),
         ("missing_file", ["--file", "{tmp}/missing.py"], "cannot read prompt file"),
+        ("exit_threshold", ["x", "--exit-threshold", "1.5"], "exit threshold must be a number in [0, 1]"),
+        ("stop_threshold", ["x", "--stop-threshold", "-0.2"], "stop threshold must be a number in [0, 1]"),
+        ("no_heads", ["x", "--mode", "early-exit"], "no exit heads"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(capsys, tmp_path, tiny_model_dir, case, args, message):
@@ -105,3 +108,36 @@ def test_no_traceback_from_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "model directory not found" in proc.stderr
+
+
+def heads_for(model_dir, seed=0):
+    from earlyexit.heads import ExitHeads
+    from earlyexit.loading import load_runtime_model
+
+    model, _ = load_runtime_model(model_dir)
+    heads = ExitHeads.for_backbone(model, rank=4)
+    heads.cfg.thresholds.exit = 0.0  # exit wherever the classifier's argmax says so
+    return heads
+
+
+def test_early_exit_is_the_default_when_the_model_has_heads(capsys, tiny_model_dir):
+    heads_for(tiny_model_dir).save(tiny_model_dir)
+    code, out, _ = run_cli(capsys, "def add(a, b):", "--model", str(tiny_model_dir), "--max-new-tokens", "4", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["mode"] == "early-exit" and result["thresholds"] == {"exit": 0.0, "stop": 1.0}
+    assert len(result["exit_layers"]) == 4 and all(1 <= n <= 3 for n in result["exit_layers"])
+    code, out, _ = run_cli(capsys, "def add(a, b):", "--model", str(tiny_model_dir), "--max-new-tokens", "4", "--json", "--mode", "full")
+    assert json.loads(out)["mode"] == "full" and json.loads(out)["exit_layers"] == [3] * 4
+    code, out, err = run_cli(capsys, "def add(a, b):", "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--stats")
+    assert code == 0 and out.startswith("def add(a, b):")
+    assert "/3" in err and "mean" in err and "skipped" in err
+
+
+def test_heads_of_another_backbone_are_refused(capsys, tmp_path, tiny_model_dir):
+    from conftest import make_tiny_hf
+
+    other = tmp_path / "other"
+    make_tiny_hf(300, seed=99).save_pretrained(other)
+    heads_for(other).save(tiny_model_dir)
+    code, out, err = run_cli(capsys, "x", "--model", str(tiny_model_dir), "--mode", "early-exit")
+    assert code == 2 and "different backbone weights" in err and err.count("\n") == 1

@@ -1,0 +1,187 @@
+"""Per-layer exit heads and the stop/exit/continue controller, trained on a frozen backbone.
+
+Exit head l (after block l, for every block but the last): the layer's own LayerNorm,
+then an optional low-rank adapter z + B(A z) (B starts at zero, so a new head is just a
+layer norm), then the backbone's own frozen, tied LM head. The study's heads are untied
+Linear(d, V) layers, 3.4x GPT-2 small's parameters for 11 of them; ours together stay a
+few percent of the backbone (`ExitHeads.parameter_share`).
+
+The controller is one classifier shared by all layers: softmax(C LN_c(h) + c + E_layer[l]
++ E_prev[previous token's exit layer]) over (continue, exit, stop). The two tables are
+the cheap features; the sum is exactly the `extra_bias` input of the fused
+`earlyexit.kernels.layer_check` kernel. It reads only the newest token's hidden state:
+no vocabulary projection is needed to decide.
+
+Heads are saved beside the backbone as `exit_heads.safetensors` + `exit_heads.json`; the
+JSON records the backbone's layers, width, vocabulary and a hash of its weights, and
+loading onto any other backbone is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import EarlyExitError
+from .model import GPT2
+
+CONTINUE, EXIT, STOP = 0, 1, 2
+ACTIONS = ("continue", "exit", "stop")
+HEADS_FORMAT = "earlyexit-heads/1"
+HEADS_WEIGHTS, HEADS_CONFIG = "exit_heads.safetensors", "exit_heads.json"
+
+
+@dataclass
+class Thresholds:
+    """Controller thresholds in [0, 1]; 1.0 switches an action off (a probability never exceeds it)."""
+
+    exit: float = 1.0
+    stop: float = 1.0
+
+    def __post_init__(self):
+        for name in ("exit", "stop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise EarlyExitError(f"{name} threshold must be a number in [0, 1], got {value!r}")
+
+
+@dataclass
+class HeadsConfig:
+    rank: int = 32  # low-rank adapter per head; 0 = layer norm only
+    n_layer: int = 12
+    n_embd: int = 256
+    vocab_size: int = 8192
+    backbone_sha256: str = ""
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    training: dict = field(default_factory=dict)  # what train_heads measured; informational
+
+
+def backbone_fingerprint(model: GPT2) -> str:
+    """sha256 over the backbone's parameters (names, shapes and fp32 bytes): heads belong to exactly one backbone."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ExitHeads(nn.Module):
+    """The trainable part: L-1 exit heads and the shared action classifier."""
+
+    def __init__(self, cfg: HeadsConfig):
+        super().__init__()
+        self.cfg = cfg
+        L, d, r = cfg.n_layer, cfg.n_embd, cfg.rank
+        self.ln = nn.ModuleList(nn.LayerNorm(d) for _ in range(L - 1))
+        self.down = nn.Parameter(torch.randn(L - 1, r, d) * d ** -0.5) if r else None  # A: (L-1, r, d)
+        self.up = nn.Parameter(torch.zeros(L - 1, d, r)) if r else None  # B: (L-1, d, r), zero = identity head
+        self.cls_ln = nn.LayerNorm(d)
+        self.cls = nn.Linear(d, len(ACTIONS))
+        self.layer_bias = nn.Parameter(torch.zeros(L, len(ACTIONS)))  # E_layer
+        self.prev_bias = nn.Parameter(torch.zeros(L + 1, len(ACTIONS)))  # E_prev; index L = no previous token
+
+    @classmethod
+    def for_backbone(cls, model: GPT2, rank: int = 32) -> "ExitHeads":
+        """New heads whose layer norms start as the backbone's final one (so layer L-1's head is the model's own)."""
+        dims = model.dims
+        heads = cls(HeadsConfig(rank=rank, n_layer=dims.n_layer, n_embd=dims.n_embd, vocab_size=dims.vocab_size,
+                                backbone_sha256=backbone_fingerprint(model)))
+        with torch.no_grad():
+            for ln in heads.ln:
+                ln.weight.copy_(model.ln_f.weight)
+                ln.bias.copy_(model.ln_f.bias)
+        return heads.to(model.dtype)
+
+    def parameter_share(self, model: GPT2) -> float:
+        return sum(p.numel() for p in self.parameters()) / sum(p.numel() for p in model.parameters())
+
+    # ------------------------------------------------------------------ exit heads
+
+    def head_hidden(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The vector head `layer` feeds the tied LM head: LN_l(h) (+ low-rank adapter). (..., d) -> (..., d)."""
+        z = self.ln[layer](h)
+        if self.down is not None:
+            z = z + (z @ self.down[layer].t()) @ self.up[layer].t()
+        return z
+
+    def head_logits(self, layer: int, h: torch.Tensor, model: GPT2) -> torch.Tensor:
+        """Next-token logits of exit head `layer` (the last layer uses the backbone's own ln_f): (..., V)."""
+        if layer == self.cfg.n_layer - 1:
+            return model.logits(h)
+        return F.linear(self.head_hidden(layer, h), model.head_weight)
+
+    # ------------------------------------------------------------------ controller
+
+    def action_logits(self, layer: int | torch.Tensor, h: torch.Tensor, prev_exit: int | torch.Tensor) -> torch.Tensor:
+        """(..., d) hidden state at `layer` -> (..., 3) logits over (continue, exit, stop).
+
+        `prev_exit` is the number of blocks the previous token ran (1..L), or 0 for none.
+        """
+        prev_index = self.cfg.n_layer if isinstance(prev_exit, int) and prev_exit == 0 else prev_exit - 1
+        if isinstance(prev_index, torch.Tensor):
+            prev_index = torch.where(prev_exit == 0, torch.full_like(prev_exit, self.cfg.n_layer), prev_exit - 1)
+        return self.cls(self.cls_ln(h)) + self.layer_bias[layer] + self.prev_bias[prev_index]
+
+    def extra_bias(self, layer: int, prev_exit: int) -> torch.Tensor:
+        """The per-call bias the fused layer_check kernel adds: E_layer[layer] + E_prev[prev]."""
+        prev_index = self.cfg.n_layer if prev_exit == 0 else prev_exit - 1
+        return self.layer_bias[layer] + self.prev_bias[prev_index]
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(directory / HEADS_WEIGHTS))
+        (directory / HEADS_CONFIG).write_text(json.dumps({"format": HEADS_FORMAT, **asdict(self.cfg)}, indent=2))
+
+
+def heads_available(directory: str | Path) -> bool:
+    return (Path(directory) / HEADS_CONFIG).is_file()
+
+
+def load_heads(directory: str | Path, model: GPT2) -> ExitHeads:
+    """Heads saved in `directory`, checked against `model`; every mismatch is one clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_file = directory / HEADS_CONFIG
+    if not config_file.is_file():
+        raise EarlyExitError(f"no exit heads in {directory} ({HEADS_CONFIG} missing): train them with python -m earlyexit.train_heads")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EarlyExitError(f"{config_file} is not valid JSON") from None
+    if not isinstance(raw, dict) or raw.pop("format", None) != HEADS_FORMAT:
+        raise EarlyExitError(f"{config_file} is not an earlyexit heads config ({HEADS_FORMAT})")
+    try:
+        cfg = HeadsConfig(**{**raw, "thresholds": Thresholds(**raw.get("thresholds", {}))})
+    except TypeError as e:
+        raise EarlyExitError(f"{config_file} has unexpected fields: {e}") from None
+    dims = model.dims
+    for name, theirs, ours in (("layers", cfg.n_layer, dims.n_layer), ("width", cfg.n_embd, dims.n_embd), ("vocabulary", cfg.vocab_size, dims.vocab_size)):
+        if theirs != ours:
+            raise EarlyExitError(f"exit heads in {directory} were trained for a backbone with {name} {theirs}, this model has {ours}")
+    if cfg.backbone_sha256 and cfg.backbone_sha256 != backbone_fingerprint(model):
+        raise EarlyExitError(f"exit heads in {directory} were trained on different backbone weights (hash mismatch): retrain them")
+    try:
+        tensors = load_file(str(directory / HEADS_WEIGHTS))
+    except (SafetensorError, OSError, FileNotFoundError) as e:
+        raise EarlyExitError(f"cannot read {directory / HEADS_WEIGHTS}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    heads = ExitHeads(cfg)
+    try:
+        heads.load_state_dict(tensors)
+    except RuntimeError:
+        raise EarlyExitError(f"{directory / HEADS_WEIGHTS} does not match its config (rank {cfg.rank}): corrupt or mixed files") from None
+    return heads.to(model.dtype).eval().requires_grad_(False)

@@ -1,0 +1,351 @@
+"""Train exit heads and the stop/exit/continue controller on a frozen backbone.
+
+    python -m earlyexit.train_heads --model DIR --config configs/heads.yaml [key=value ...] [--resume]
+    torchrun --nproc-per-node 2 -m earlyexit.train_heads --model DIR ...   # data-parallel, same code
+
+Two phases over windows of the backbone's training split (never its validation or test):
+1. heads: every exit head learns the next token from its layer's hidden state, with
+   `loss` = ce (to the reference token), kd (KL toward the last layer's distribution,
+   which is what an exit must imitate) or ce+kd (`kd_weight` mixes them);
+2. controller: with the heads frozen, the shared classifier learns per token and layer
+   the label *exit* (this layer's head already gives the full model's token), *stop* (the
+   full model's own token is wrong) or *continue*; `labels=study` uses the study's labels
+   instead (exit once any head at or before this layer is right against the reference;
+   stop when no layer is).
+Then thresholds are chosen on validation windows (see `choose_thresholds`) and the heads
+are written beside the model (or to `out_dir`).
+
+Distributed: under torchrun each rank takes its own windows and gradients are averaged
+with all_reduce before every optimizer step (gloo on CPU, nccl on CUDA); rank 0 alone
+writes checkpoints and results. The backbone is frozen, so each layer's head loss is
+backpropagated separately to keep only one layer's (tokens x vocabulary) logits alive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .config import config_parser, exit_code, load_config, to_dict
+from .errors import EarlyExitError
+from .heads import CONTINUE, EXIT, STOP, ExitHeads, Thresholds
+from .model import GPT2
+
+
+@dataclass
+class HeadsTrainConfig:
+    rank: int = 32
+    loss: str = "ce+kd"
+    kd_weight: float = 0.5
+    labels: str = "agreement"
+    seq_len: int = 256
+    batch_size: int = 8
+    head_steps: int = 400
+    classifier_steps: int = 200
+    lr: float = 3e-3
+    classifier_lr: float = 3e-3
+    warmup_steps: int = 20
+    loss_positions: int = 64  # positions per window that score the head loss (all states are computed; the vocabulary projection dominates)
+    train_tokens: int = 4_000_000
+    eval_windows: int = 64
+    target_agreement: float = 0.95
+    target_stop_precision: float = 0.9
+    threshold_grid: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999])
+    bf16: bool = True
+    threads: int = 0
+    seed: int = 0
+    checkpoint_interval: int = 100
+    work_dir: str = "runs/heads"
+    out_dir: str = ""  # empty: the model directory
+    sources: list[str] = field(default_factory=list)  # empty: the model's own corpus (training_state.json), else stdlib
+
+    def __post_init__(self):
+        if self.loss not in ("ce", "kd", "ce+kd"):
+            raise EarlyExitError(f"loss must be ce, kd or ce+kd, got {self.loss!r}")
+        if self.labels not in ("agreement", "study"):
+            raise EarlyExitError(f"labels must be agreement or study, got {self.labels!r}")
+        if not 0 <= self.kd_weight <= 1 or not 0 < self.target_agreement <= 1 or not 0 < self.target_stop_precision <= 1:
+            raise EarlyExitError("kd_weight, target_agreement and target_stop_precision must lie in [0, 1]")
+        if self.rank < 0 or self.seq_len < 2 or self.batch_size < 1:
+            raise EarlyExitError("rank must be >= 0, seq_len >= 2 and batch_size >= 1")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def average_gradients(params) -> None:
+    _, size = world()
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= size
+
+
+# ----------------------------------------------------------------------------- data
+
+def tokenize_until(files, tok, budget: int, seed: int) -> np.ndarray:
+    """Files in a seeded order, tokenized and joined by EOS until `budget` tokens."""
+    order = np.random.default_rng(seed).permutation(len(files))
+    chunks, total = [], 0
+    for i in order:
+        ids = tok.encode(files[i]["text"]) + [tok.eos_token_id]
+        chunks.append(np.asarray(ids, dtype=np.int64))
+        total += len(ids)
+        if total >= budget:
+            break
+    return np.concatenate(chunks)
+
+
+@torch.no_grad()
+def layer_states(model: GPT2, x: torch.Tensor, bf16: bool) -> list[torch.Tensor]:
+    """Every block's output for windows x (B, T): L tensors (B, T, d), float32."""
+    cache = model.new_cache(x.shape[0], capacity=x.shape[1])
+    out = []
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and x.device.type == "cpu"):
+        h = model.embed(x, 0)
+        for layer in range(model.dims.n_layer):
+            h = model.block(layer, h, cache, 0)
+            out.append(h.float())
+    return out
+
+
+def head_loss(heads: ExitHeads, model: GPT2, layer: int, h: torch.Tensor, target: torch.Tensor, full_logp: torch.Tensor, cfg: HeadsTrainConfig):
+    """Loss of one head on N sampled positions: h (N, d), target (N,), full_logp (N, V)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and h.device.type == "cpu"):
+        logits = heads.head_logits(layer, h, model)
+    logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+    ce = F.nll_loss(logp, target)
+    kd = F.kl_div(logp, full_logp, log_target=True, reduction="batchmean")
+    if cfg.loss == "ce":
+        return ce
+    if cfg.loss == "kd":
+        return kd
+    return (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd
+
+
+@torch.no_grad()
+def layer_predictions(heads: ExitHeads, model: GPT2, states: list[torch.Tensor], bf16: bool = False) -> torch.Tensor:
+    """argmax of every layer's head: (L, B, T); the last layer is the full model."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and states[0].device.type == "cpu"):
+        return torch.stack([heads.head_logits(layer, h, model).argmax(-1) for layer, h in enumerate(states)])
+
+
+def action_labels(preds: torch.Tensor, target: torch.Tensor, scheme: str) -> torch.Tensor:
+    """(L, B, T) labels over (continue, exit, stop) from every layer's prediction and the reference."""
+    full = preds[-1]
+    if scheme == "agreement":
+        labels = torch.where(preds == full, EXIT, CONTINUE)
+        return torch.where((full != target)[None], STOP, labels)
+    right = preds == target[None]
+    right_so_far = right.cummax(dim=0).values
+    labels = torch.where(right_so_far, EXIT, CONTINUE)
+    return torch.where((~right.any(dim=0))[None], STOP, labels)
+
+
+def previous_exit_layers(preds: torch.Tensor, heads: ExitHeads) -> torch.Tensor:
+    """Teacher-forced stand-in for the previous token's exit layer (1..L, 0 for the first position):
+    the first layer whose head agrees with the full model at the previous position."""
+    agree = preds == preds[-1][None]  # (L, B, T)
+    first = agree.float().argmax(dim=0) + 1  # (B, T), in 1..L (the last layer always agrees)
+    return torch.cat([torch.zeros_like(first[:, :1]), first[:, :-1]], dim=1)
+
+
+def action_logits_all(heads: ExitHeads, states: list[torch.Tensor], prev: torch.Tensor) -> torch.Tensor:
+    return torch.stack([heads.action_logits(layer, h, prev) for layer, h in enumerate(states)])  # (L, B, T, 3)
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+@torch.no_grad()
+def controller_table(heads: ExitHeads, model: GPT2, windows: torch.Tensor, cfg: HeadsTrainConfig) -> dict:
+    """Teacher-forced validation statistics: per-layer accuracy and, per threshold, what the controller would do.
+
+    Simulated on teacher-forced hidden states: it ignores that state-copied K/V slightly
+    change later tokens' states at decode time (the experiments measure real decoding).
+    """
+    L = model.dims.n_layer
+    per_layer_right = torch.zeros(L)
+    per_layer_agree = torch.zeros(L)
+    probs_all, preds_all, targets_all = [], [], []
+    for chunk in windows.split(cfg.batch_size):
+        x, target = chunk[:, :-1], chunk[:, 1:]
+        states = layer_states(model, x, cfg.bf16)
+        preds = layer_predictions(heads, model, states)  # (L, B, T)
+        per_layer_right += (preds == target[None]).float().sum(dim=(1, 2))
+        per_layer_agree += (preds == preds[-1][None]).float().sum(dim=(1, 2))
+        probs_all.append(action_logits_all(heads, states, previous_exit_layers(preds, heads)).softmax(-1).flatten(1, 2))
+        preds_all.append(preds.flatten(1))
+        targets_all.append(target.flatten())
+    probs = torch.cat(probs_all, dim=1)  # (L, N, 3)
+    preds = torch.cat(preds_all, dim=1)  # (L, N)
+    target = torch.cat(targets_all)
+    n = target.numel()
+    full_wrong = preds[-1] != target
+    table = {"tokens": n, "per_layer_top1": (per_layer_right / n).tolist(), "per_layer_agreement": (per_layer_agree / n).tolist(),
+             "full_top1": float((~full_wrong).float().mean()), "exit": [], "stop": []}
+    is_max = probs.argmax(-1)  # (L, N)
+    for tau in cfg.threshold_grid:
+        fire = (is_max[:-1] == EXIT) & (probs[:-1, :, EXIT] > tau)  # exits before the last layer
+        any_fire = fire.any(dim=0)
+        first = torch.where(any_fire, fire.float().argmax(dim=0), torch.full_like(target, L - 1))
+        token = preds.gather(0, first[None])[0]
+        table["exit"].append({"threshold": tau, "mean_layers": float((first + 1).float().mean()),
+                              "agreement": float((token == preds[-1]).float().mean()),
+                              "top1": float((token == target).float().mean())})
+        stop = ((is_max == STOP) & (probs[:, :, STOP] > tau)).any(dim=0)
+        fired = int(stop.sum())
+        table["stop"].append({"threshold": tau, "fired": fired / n,
+                              "precision": float((stop & full_wrong).sum() / max(fired, 1)) if fired else None,
+                              "recall": float((stop & full_wrong).sum() / max(int(full_wrong.sum()), 1))})
+    return table
+
+
+def choose_thresholds(table: dict, cfg: HeadsTrainConfig) -> Thresholds:
+    """Exit: the lowest grid threshold whose teacher-forced agreement with the full model reaches
+    `target_agreement` (the most layers saved at that agreement); 1.0 (off) if none does.
+    Stop: the lowest threshold whose stop precision (the full model was indeed wrong) reaches
+    `target_stop_precision` and fires at all; 1.0 (off) if none does."""
+    exit_ok = [r["threshold"] for r in table["exit"] if r["agreement"] >= cfg.target_agreement]
+    stop_ok = [r["threshold"] for r in table["stop"] if r["precision"] is not None and r["precision"] >= cfg.target_stop_precision]
+    return Thresholds(exit=min(exit_ok) if exit_ok else 1.0, stop=min(stop_ok) if stop_ok else 1.0)
+
+
+# ----------------------------------------------------------------------------- loop
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train(model_dir: str, cfg: HeadsTrainConfig, resume: bool = False) -> Path:
+    from tqdm import tqdm
+
+    from .data import model_corpus, window_batch
+    from .loading import load_runtime_model
+
+    init_distributed()
+    rank, size = world()
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // size))
+    model, tok = load_runtime_model(model_dir)
+    splits, _ = model_corpus(model_dir, cfg.sources or None)
+    train_tokens = tokenize_until(splits["train"], tok, cfg.train_tokens, cfg.seed)
+    val_tokens = tokenize_until(splits["validation"], tok, cfg.eval_windows * (cfg.seq_len + 1) * 2, cfg.seed)
+    heads = ExitHeads.for_backbone(model, rank=cfg.rank).float().train()
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "heads_checkpoint.pt"
+    total = cfg.head_steps + cfg.classifier_steps
+    head_params = [p for n, p in heads.named_parameters() if n.startswith(("ln.", "down", "up"))]
+    cls_params = [p for n, p in heads.named_parameters() if not n.startswith(("ln.", "down", "up"))]
+    opt_heads = torch.optim.AdamW(head_params, lr=cfg.lr, weight_decay=0.0)
+    opt_cls = torch.optim.AdamW(cls_params, lr=cfg.classifier_lr, weight_decay=0.0)
+    step = 0
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu")
+        heads.load_state_dict(state["heads"])
+        opt_heads.load_state_dict(state["opt_heads"])
+        opt_cls.load_state_dict(state["opt_cls"])
+        step = state["step"]
+    bar = tqdm(total=total, initial=step, desc="train_heads", disable=rank != 0, dynamic_ncols=True)
+    log = open(work / "log.jsonl", "a") if rank == 0 else None
+    while step < total:
+        t0 = time.time()
+        x = window_batch(train_tokens, cfg.seq_len, (step * size + rank) * cfg.batch_size, cfg.batch_size, cfg.seed)
+        inputs, target = x[:, :-1], x[:, 1:]
+        states = layer_states(model, inputs, cfg.bf16)
+        record = {"step": step + 1}
+        if step < cfg.head_steps:
+            phase, opt = "heads", opt_heads
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg.head_steps, cfg.lr, cfg.warmup_steps)
+            picks = torch.randperm(target.numel(), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + step))
+            picks = picks[:cfg.loss_positions * cfg.batch_size]
+            with torch.no_grad():
+                full_logp = F.log_softmax(model.logits(states[-1].flatten(0, 1)[picks]).float(), dim=-1)
+            total_loss = 0.0
+            for layer in range(model.dims.n_layer - 1):
+                h = states[layer].flatten(0, 1)[picks]
+                loss = head_loss(heads, model, layer, h, target.flatten()[picks], full_logp, cfg) / (model.dims.n_layer - 1)
+                loss.backward()
+                total_loss += loss.item()
+            average_gradients(head_params)
+        else:
+            phase, opt = "controller", opt_cls
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step - cfg.head_steps, cfg.classifier_steps, cfg.classifier_lr, cfg.warmup_steps)
+            preds = layer_predictions(heads, model, states, cfg.bf16)
+            labels = action_labels(preds, target, cfg.labels)
+            logits = action_logits_all(heads, states, previous_exit_layers(preds, heads))
+            loss = F.cross_entropy(logits.flatten(0, 2), labels.flatten())
+            loss.backward()
+            total_loss = loss.item()
+            average_gradients(cls_params)
+            record["label_share"] = torch.bincount(labels.flatten(), minlength=3).div(labels.numel()).tolist()
+        torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        record.update(phase=phase, loss=total_loss, tok_s=x.numel() * size / (time.time() - t0))
+        bar.update(1)
+        bar.set_postfix(phase=phase, loss=f"{total_loss:.3f}")
+        if rank == 0:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if step % cfg.checkpoint_interval == 0 or step == total:
+                torch.save({"heads": heads.state_dict(), "opt_heads": opt_heads.state_dict(), "opt_cls": opt_cls.state_dict(), "step": step}, ckpt.with_suffix(".tmp"))
+                os.replace(ckpt.with_suffix(".tmp"), ckpt)
+    bar.close()
+    out = Path(cfg.out_dir or model_dir)
+    if rank == 0:
+        heads.eval()
+        val = window_batch(val_tokens, cfg.seq_len, 0, min(cfg.eval_windows, (len(val_tokens) - 1) // cfg.seq_len), cfg.seed)
+        table = controller_table(heads, model, val, cfg)
+        heads.cfg.thresholds = choose_thresholds(table, cfg)
+        heads.cfg.training = {"config": to_dict(cfg), "validation": table, "world_size": size,
+                              "parameter_share": heads.parameter_share(model)}
+        heads.save(out)
+        print(f"heads: {heads.parameter_share(model):.2%} of the backbone's parameters; thresholds {asdict(heads.cfg.thresholds)}; "
+              f"wrote {out}", file=sys.stderr)
+    if size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(__doc__.split("\n\n")[0], HeadsTrainConfig)
+    parser.add_argument("--model", help="GPT-2 checkpoint directory (default: the embedded model)")
+    parser.add_argument("--resume", action="store_true", help="continue from work_dir/heads_checkpoint.pt")
+    args = parser.parse_args(argv)
+
+    def run():
+        from .loading import resolve_model_dir
+
+        train(str(resolve_model_dir(args.model)), load_config(HeadsTrainConfig, args.config, args.overrides), resume=args.resume)
+
+    return exit_code(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
