@@ -137,9 +137,17 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(dims.n_embd, eps=dims.layer_norm_epsilon)
         self.mlp = MLP(dims)
 
-    def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
+    def branches(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream after attention, MLP branch output): the block's output is their sum.
+
+        Split so the exit check can fuse that last add with its own work (earlyexit.kernels.layer_check).
+        """
         x = x + self.attn(self.ln_1(x), k_cache, v_cache, pos)
-        return x + self.mlp(self.ln_2(x))
+        return x, self.mlp(self.ln_2(x))
+
+    def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
+        x, mlp_out = self.branches(x, k_cache, v_cache, pos)
+        return x + mlp_out
 
 
 class GPT2(nn.Module):
@@ -202,6 +210,10 @@ class GPT2(nn.Module):
     def block(self, layer: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
         """Run block `layer` on x (B, T, d), writing its K/V at pos..pos+T-1."""
         return self.h[layer](x, cache.k[layer], cache.v[layer], pos)
+
+    def block_branches(self, layer: int, x: torch.Tensor, cache: KVCache, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `layer` without its final residual add: (x after attention, MLP output), each (B, T, d)."""
+        return self.h[layer].branches(x, cache.k[layer], cache.v[layer], pos)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final layer norm and vocabulary projection: (..., d) -> (..., V)."""

@@ -5,7 +5,8 @@
   or stop for the newest token. On exit the token comes from that layer's exit head and
   each skipped layer's K/V at this position is filled by state copying (ln_1 + K/V
   projection of the exit hidden state, through `earlyexit.kernels.state_copy`); on stop
-  the completion ends before this token is written.
+  the completion ends before this token is written. Each layer's decision goes through
+  `earlyexit.kernels.layer_check` (block's last residual add + classifier, fused on GPU).
 
 A policy sees one token (B = 1) at a time and returns a `StepResult`: the next-token
 logits, how many blocks ran, and whether to stop.
@@ -61,9 +62,21 @@ class EarlyExit:
         self.state_copy_weights = stack_state_copy_weights(model.h)
         self.kernel_backend = kernel_backend
 
-    def decide(self, layer: int, h: torch.Tensor, prev_layers: int, allow_exit: bool) -> int | None:
-        """EXIT, STOP or None (continue) for the newest token's hidden state h (1, d) after `layer`."""
-        probs = self.heads.action_logits(layer, h, prev_layers).softmax(-1)[0]  # (3,)
+    def check(self, layer: int, x_mid: torch.Tensor, mlp_out: torch.Tensor, prev_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Finish block `layer` for the newest token and ask the controller, in one fused call.
+
+        x_mid, mlp_out: (1, d). Returns the block output h (1, d) and action probabilities (3,).
+        """
+        from .kernels import layer_check
+
+        heads = self.heads
+        extra = heads.extra_bias(layer, prev_layers).expand(x_mid.shape[0], -1)
+        h, probs = layer_check(x_mid, mlp_out, heads.cls_ln.weight, heads.cls_ln.bias, heads.cls.weight, heads.cls.bias,
+                               extra, heads.cls_ln.eps, backend=self.kernel_backend)
+        return h, probs[0]
+
+    def decide(self, probs: torch.Tensor, allow_exit: bool) -> int | None:
+        """EXIT, STOP or None (continue) from the action probabilities (3,)."""
         action = int(probs.argmax())
         if action == STOP and probs[STOP] > self.thresholds.stop:
             return STOP
@@ -76,8 +89,10 @@ class EarlyExit:
         """The prompt runs every block (its K/V are needed anyway); the controller may still stop."""
         x = model.embed(ids, 0)
         for layer in range(model.dims.n_layer):
-            x = model.block(layer, x, cache, 0)
-            if self.decide(layer, x[:, -1], 0, allow_exit=False) == STOP:
+            x_mid, mlp_out = model.block_branches(layer, x, cache, 0)
+            _, probs = self.check(layer, x_mid[:, -1], mlp_out[:, -1], 0)
+            x = x_mid + mlp_out
+            if self.decide(probs, allow_exit=False) == STOP:
                 return StepResult(None, model.dims.n_layer, stop=True)
         return StepResult(model.logits(x[:, -1]), model.dims.n_layer)
 
@@ -88,9 +103,10 @@ class EarlyExit:
         L = model.dims.n_layer
         x = model.embed(token, pos)
         for layer in range(L):
-            x = model.block(layer, x, cache, pos)
-            h = x[:, -1]  # (1, d)
-            action = self.decide(layer, h, prev_layers, allow_exit=layer < L - 1)
+            x_mid, mlp_out = model.block_branches(layer, x, cache, pos)
+            h, probs = self.check(layer, x_mid[:, -1], mlp_out[:, -1], prev_layers)  # h: (1, d)
+            x = h[:, None]
+            action = self.decide(probs, allow_exit=layer < L - 1)
             if action == STOP:
                 return StepResult(None, layer + 1, stop=True)
             if action == EXIT:

@@ -127,3 +127,18 @@ def test_save_load_and_refusals(tmp_path, model, tiny_tokenizer):
         load_heads(tmp_path, model)
     with pytest.raises(EarlyExitError, match="no exit heads"):
         load_heads(tmp_path / "elsewhere", model)
+
+
+def test_early_exit_through_the_triton_kernels_matches_the_reference_path(model, tiny_tokenizer):
+    import earlyexit.kernels as K
+
+    heads = forced(ExitHeads.for_backbone(model, rank=4), EXIT, from_layer=1)  # exit after block 1: two layers state-copied
+    settings = GenerationSettings(max_new_tokens=8)
+    runs = {}
+    for backend in ("torch", "triton"):  # triton: the interpreter on CPU tensors
+        policy = EarlyExit(model, heads, Thresholds(exit=0.4, stop=1.0), kernel_backend=backend)
+        runs[backend] = generate(model, tiny_tokenizer, "def add(a, b):", settings, policy=policy)
+        assert K.last_backend["layer_check"] == backend
+    assert runs["triton"].token_ids == runs["torch"].token_ids
+    assert runs["triton"].exit_layers == runs["torch"].exit_layers
+    assert runs["torch"].exit_layers == [4] + [2] * 7
