@@ -53,6 +53,7 @@ class Completion:
     prefill_ms: float
     token_ms: list[float] = field(default_factory=list)  # per generated token after the first
     prompt_truncated_tokens: int = 0
+    speculation: dict = field(default_factory=dict)  # lossless mode: drafted, accepted, acceptance rate, rounds
 
     @property
     def mean_layers(self) -> float:
@@ -112,6 +113,43 @@ def _stop_string_cut(text: str, stop_strings: Sequence[str]) -> int | None:
     return min(cuts) if cuts else None
 
 
+class Transcript:
+    """The tokens written so far and the checks that end a completion (EOS, stop strings, criteria)."""
+
+    def __init__(self, tokenizer, settings: GenerationSettings, input_ids: torch.Tensor, stopping_criteria=None):
+        self.tokenizer, self.settings, self.stopping_criteria = tokenizer, settings, stopping_criteria
+        self.input_ids = input_ids  # (1, prompt + written)
+        self.new: list[int] = []
+        self.layers: list[int] = []
+        self.text: str | None = None  # set when a stop string cut it
+
+    @property
+    def full(self) -> bool:
+        return len(self.new) >= self.settings.max_new_tokens
+
+    def write(self, token: int, layers: int, scores: torch.Tensor | None = None) -> str | None:
+        """Append one token; the finish reason if it ends the completion, else None."""
+        self.new.append(token)
+        self.layers.append(layers)
+        self.input_ids = torch.cat([self.input_ids, self.input_ids.new_tensor([[token]])], dim=1)
+        if token == self.tokenizer.eos_token_id:
+            return "eos"
+        if self.settings.stop_strings:
+            text = self.tokenizer.decode(self.new, skip_special_tokens=True)
+            cut = _stop_string_cut(text, self.settings.stop_strings)
+            if cut is not None:
+                self.text = text[:cut]
+                return "stop_string"
+        if self.stopping_criteria is not None and bool(self.stopping_criteria(self.input_ids, scores).all()):
+            return "stopping_criteria"
+        if self.full:
+            return "max_tokens"
+        return None
+
+    def final_text(self) -> str:
+        return self.text if self.text is not None else self.tokenizer.decode(self.new, skip_special_tokens=True)
+
+
 @torch.inference_mode()
 def generate(
     model: GPT2,
@@ -128,7 +166,8 @@ def generate(
     `GPT2LMHeadModel.generate(do_sample=False)` token for token (tested). The returned
     `token_ids` include the EOS token when one ended it; the text never does. Under
     `EarlyExit` a completion may end with reason `stop`: the controller predicted that
-    the next token would be wrong, and what was written so far is kept.
+    the next token would be wrong, and what was written so far is kept. A speculative
+    policy (`Lossless`) writes several tokens per round and reports its drafting statistics.
     """
     settings = settings or GenerationSettings()
     policy = policy or FullDepth()
@@ -136,48 +175,38 @@ def generate(
     if not ids:
         raise EarlyExitError("prompt is empty: give at least one token to complete")
     ids, dropped = fit_context(ids, model, settings)
-    eos = tokenizer.eos_token_id
-    cache = model.new_cache(batch=1, capacity=len(ids) + settings.max_new_tokens)
-    input_ids = torch.tensor([ids], device=model.device)  # (1, T)
+    speculative = getattr(policy, "speculative", False)
+    if speculative and logits_processor is not None:
+        raise EarlyExitError(f"logits processors change greedy tokens, which {policy.name} mode must reproduce: use full or early-exit")
+    cache = model.new_cache(batch=1, capacity=len(ids) + settings.max_new_tokens + getattr(policy, "max_draft", 0))
+    transcript = Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria)
 
     t0 = time.perf_counter()
-    result = policy.prefill(model, input_ids, cache)
+    result = policy.prefill(model, transcript.input_ids, cache)
     prefill_ms = (time.perf_counter() - t0) * 1e3
-    new: list[int] = []
-    layers: list[int] = []
     token_ms: list[float] = []
-    text, finish = "", "max_tokens"
-    for i in range(settings.max_new_tokens):
-        t0 = time.perf_counter()
-        if i > 0:
-            result = policy.step(model, input_ids[:, -1:], cache, len(ids) + i - 1, layers[-1])
-        if result.stop:
-            finish = "stop"
-            break
-        logits = result.logits
-        if logits_processor is not None:
-            logits = logits_processor(input_ids, logits)
-        token = int(logits.argmax(-1))
-        new.append(token)
-        layers.append(result.layers)
-        input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
-        if i > 0:
-            token_ms.append((time.perf_counter() - t0) * 1e3)
-        if token == eos:
-            finish = "eos"
-            break
-        if settings.stop_strings:
-            text = tokenizer.decode(new, skip_special_tokens=True)
-            cut = _stop_string_cut(text, settings.stop_strings)
-            if cut is not None:
-                text, finish = text[:cut], "stop_string"
+    stats: dict = {}
+    if result.stop:
+        finish = "stop"
+    elif speculative:
+        finish, token_ms, stats = policy.run(model, cache, transcript, result.logits)
+    else:
+        finish = None
+        while finish is None:
+            t0 = time.perf_counter()
+            if transcript.new:
+                result = policy.step(model, transcript.input_ids[:, -1:], cache, transcript.input_ids.shape[1] - 1, transcript.layers[-1])
+            if result.stop:
+                finish = "stop"
                 break
-        if stopping_criteria is not None and bool(stopping_criteria(input_ids, logits).all()):
-            finish = "stopping_criteria"
-            break
-    if finish != "stop_string":
-        text = tokenizer.decode(new, skip_special_tokens=True)
+            logits = result.logits
+            if logits_processor is not None:
+                logits = logits_processor(transcript.input_ids, logits)
+            finish = transcript.write(int(logits.argmax(-1)), result.layers, logits)
+            if len(transcript.new) > 1:
+                token_ms.append((time.perf_counter() - t0) * 1e3)
     return Completion(
-        text=text, token_ids=new, prompt_tokens=len(ids), finish_reason=finish, exit_layers=layers,
-        prefill_ms=prefill_ms, token_ms=token_ms, prompt_truncated_tokens=dropped,
+        text=transcript.final_text(), token_ids=transcript.new, prompt_tokens=len(ids), finish_reason=finish,
+        exit_layers=transcript.layers, prefill_ms=prefill_ms, token_ms=token_ms, prompt_truncated_tokens=dropped,
+        speculation=stats,
     )

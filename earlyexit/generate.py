@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="at most this many tokens (default %(default)s)")
     p.add_argument("--stop", action="append", default=[], metavar="STRING", help="end the completion before this string (repeatable)")
     p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt too long for the context instead of refusing it")
-    p.add_argument("--mode", choices=("full", "early-exit"), help="early-exit (the default when the model has exit heads) or full depth")
+    p.add_argument("--mode", choices=("full", "early-exit", "lossless"),
+                   help="early-exit (the default when the model has exit heads), full depth, or lossless (full's exact tokens, drafted with exits)")
+    p.add_argument("--max-draft", type=int, default=4, help="lossless mode: most tokens drafted per verification (default %(default)s)")
     p.add_argument("--exit-threshold", type=float, help="exit when p(exit) is the largest and above this, in [0, 1]; 1 disables exits (default: the heads' calibrated value)")
     p.add_argument("--stop-threshold", type=float, help="stop when p(stop) is the largest and above this, in [0, 1]; 1 disables stopping (default: the heads' calibrated value)")
     p.add_argument("--stats", action="store_true", help="show each token with the layer it left at")
@@ -65,6 +67,7 @@ def build_policy(args: argparse.Namespace, model, model_dir):
     """The decoding policy the flags ask for; early-exit by default when the model has heads."""
     from .heads import Thresholds, heads_available, load_heads
     from .policies import EarlyExit, FullDepth
+    from .speculative import Lossless
 
     mode = args.mode or ("early-exit" if heads_available(model_dir) else "full")
     if mode == "full":
@@ -73,6 +76,10 @@ def build_policy(args: argparse.Namespace, model, model_dir):
         return FullDepth()
     heads = load_heads(model_dir, model)
     defaults = heads.cfg.thresholds
+    if mode == "lossless":
+        if args.stop_threshold is not None:
+            raise EarlyExitError("--stop-threshold does not apply to lossless mode, which never stops early")
+        return Lossless(model, heads, args.exit_threshold, max_draft=args.max_draft)
     thresholds = Thresholds(
         exit=defaults.exit if args.exit_threshold is None else args.exit_threshold,
         stop=defaults.stop if args.stop_threshold is None else args.stop_threshold,
@@ -90,6 +97,8 @@ def run(args: argparse.Namespace) -> dict:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop), truncate_prompt=args.truncate_prompt)
     Thresholds(exit=1.0 if args.exit_threshold is None else args.exit_threshold,
                stop=1.0 if args.stop_threshold is None else args.stop_threshold)  # validate before loading anything
+    if args.max_draft < 1:
+        raise EarlyExitError(f"--max-draft must be a positive integer, got {args.max_draft}")
     prompt = read_prompt(args)
     if not prompt:  # checked before the model loads: no reason to wait seconds for this error
         raise EarlyExitError("prompt is empty: give at least one character of code to complete")
@@ -118,6 +127,10 @@ def format_stats(result: dict) -> str:
     mean = result["mean_layers"]
     lines.append(f"{n} tokens, mean {mean:.2f} of {L} layers ({1 - mean / L:.1%} skipped), mode {result['mode']}, "
                  f"ended by {result['finish_reason']}")
+    spec = result.get("speculation") or {}
+    if spec.get("drafted"):
+        lines.append(f"lossless: {spec['accepted']} of {spec['drafted']} drafted tokens accepted ({spec['acceptance_rate']:.0%}) "
+                     f"in {spec['rounds']} verification passes")
     return "\n".join(lines)
 
 

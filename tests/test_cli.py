@@ -80,6 +80,8 @@ def llama_dir(tmp_path):
         ("exit_threshold", ["x", "--exit-threshold", "1.5"], "exit threshold must be a number in [0, 1]"),
         ("stop_threshold", ["x", "--stop-threshold", "-0.2"], "stop threshold must be a number in [0, 1]"),
         ("no_heads", ["x", "--mode", "early-exit"], "no exit heads"),
+        ("no_heads_lossless", ["x", "--mode", "lossless"], "no exit heads"),
+        ("max_draft", ["x", "--max-draft", "0"], "--max-draft must be a positive integer"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(capsys, tmp_path, tiny_model_dir, case, args, message):
@@ -131,6 +133,17 @@ def test_early_exit_is_the_default_when_the_model_has_heads(capsys, tiny_model_d
     code, out, err = run_cli(capsys, "def add(a, b):", "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--stats")
     assert code == 0 and out.startswith("def add(a, b):")
     assert "/3" in err and "mean" in err and "skipped" in err
+
+
+def test_lossless_mode_gives_full_modes_tokens(capsys, tiny_model_dir):
+    heads_for(tiny_model_dir).save(tiny_model_dir)
+    outs = {}
+    for mode in ("full", "lossless"):
+        code, out, _ = run_cli(capsys, "class Stack:", "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--json", "--mode", mode)
+        assert code == 0
+        outs[mode] = json.loads(out)
+    assert outs["lossless"]["token_ids"] == outs["full"]["token_ids"]
+    assert outs["lossless"]["speculation"]["drafted"] > 0 and outs["full"]["speculation"] == {}
 
 
 def test_heads_of_another_backbone_are_refused(capsys, tmp_path, tiny_model_dir):
