@@ -33,6 +33,7 @@ class GenerationSettings:
     max_new_tokens: int = 64
     stop_strings: Sequence[str] = ()
     truncate_prompt: bool = False
+    token_healing: bool = False  # back off a prompt's last token and make the first new token extend it (earlyexit.healing)
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -54,6 +55,7 @@ class Completion:
     token_ms: list[float] = field(default_factory=list)  # per generated token after the first
     prompt_truncated_tokens: int = 0
     speculation: dict = field(default_factory=dict)  # lossless mode: drafted, accepted, acceptance rate, rounds
+    healed_prefix: str = ""  # token healing: the prompt's backed-off end, rewritten by the first token
 
     @property
     def mean_layers(self) -> float:
@@ -116,8 +118,9 @@ def _stop_string_cut(text: str, stop_strings: Sequence[str]) -> int | None:
 class Transcript:
     """The tokens written so far and the checks that end a completion (EOS, stop strings, criteria)."""
 
-    def __init__(self, tokenizer, settings: GenerationSettings, input_ids: torch.Tensor, stopping_criteria=None):
+    def __init__(self, tokenizer, settings: GenerationSettings, input_ids: torch.Tensor, stopping_criteria=None, healed: str = ""):
         self.tokenizer, self.settings, self.stopping_criteria = tokenizer, settings, stopping_criteria
+        self.healed = healed  # text of the backed-off prompt token: written again, not reported
         self.input_ids = input_ids  # (1, prompt + written)
         self.new: list[int] = []
         self.layers: list[int] = []
@@ -135,7 +138,7 @@ class Transcript:
         if token == self.tokenizer.eos_token_id:
             return "eos"
         if self.settings.stop_strings:
-            text = self.tokenizer.decode(self.new, skip_special_tokens=True)
+            text = self.decoded()
             cut = _stop_string_cut(text, self.settings.stop_strings)
             if cut is not None:
                 self.text = text[:cut]
@@ -146,8 +149,13 @@ class Transcript:
             return "max_tokens"
         return None
 
+    def decoded(self) -> str:
+        """The text written after the caller's prompt (a healed prefix is part of the prompt)."""
+        text = self.tokenizer.decode(self.new, skip_special_tokens=True)
+        return text[len(self.healed):] if text.startswith(self.healed) else text
+
     def final_text(self) -> str:
-        return self.text if self.text is not None else self.tokenizer.decode(self.new, skip_special_tokens=True)
+        return self.text if self.text is not None else self.decoded()
 
 
 @torch.inference_mode()
@@ -175,14 +183,21 @@ def generate(
     if not ids:
         raise EarlyExitError("prompt is empty: give at least one token to complete")
     ids, dropped = fit_context(ids, model, settings)
+    healed, allowed = "", None
+    if settings.token_healing:
+        from .healing import heal
+
+        ids, healed, allowed = heal(ids, tokenizer)
     speculative = getattr(policy, "speculative", False)
     if speculative and logits_processor is not None:
         raise EarlyExitError(f"logits processors change greedy tokens, which {policy.name} mode must reproduce: use full or early-exit")
     cache = model.new_cache(batch=1, capacity=len(ids) + settings.max_new_tokens + getattr(policy, "max_draft", 0))
-    transcript = Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria)
+    transcript = Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria, healed)
 
     t0 = time.perf_counter()
     result = policy.prefill(model, transcript.input_ids, cache)
+    if allowed is not None and result.logits is not None:
+        result.logits = result.logits.masked_fill(~allowed.to(result.logits.device), float("-inf"))
     prefill_ms = (time.perf_counter() - t0) * 1e3
     token_ms: list[float] = []
     stats: dict = {}
@@ -208,5 +223,5 @@ def generate(
     return Completion(
         text=transcript.final_text(), token_ids=transcript.new, prompt_tokens=len(ids), finish_reason=finish,
         exit_layers=transcript.layers, prefill_ms=prefill_ms, token_ms=token_ms, prompt_truncated_tokens=dropped,
-        speculation=stats,
+        speculation=stats, healed_prefix=healed,
     )

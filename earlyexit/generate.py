@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a local GPT-2 checkpoint directory (default: the embedded model)")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="at most this many tokens (default %(default)s)")
     p.add_argument("--stop", action="append", default=[], metavar="STRING", help="end the completion before this string (repeatable)")
+    p.add_argument("--no-token-healing", action="store_true", help="do not back off a prompt's last token (healing is on by default)")
     p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt too long for the context instead of refusing it")
     p.add_argument("--mode", choices=("full", "early-exit", "lossless"),
                    help="early-exit (the default when the model has exit heads), full depth, or lossless (full's exact tokens, drafted with exits)")
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace) -> dict:
     from .heads import Thresholds
     from .loading import load_runtime_model, resolve_model_dir
 
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop), truncate_prompt=args.truncate_prompt)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop), truncate_prompt=args.truncate_prompt,
+                                  token_healing=not args.no_token_healing)
     Thresholds(exit=1.0 if args.exit_threshold is None else args.exit_threshold,
                stop=1.0 if args.stop_threshold is None else args.stop_threshold)  # validate before loading anything
     if args.max_draft < 1:

@@ -1,12 +1,15 @@
-"""Greedy completion speed: transformers `generate` against our runtime's `full` mode, one run, same prompts.
+"""Greedy completion speed: transformers `generate` against our runtime's modes, one run, same prompts.
 
     python experiments/benchmark_generate.py [--model DIR] [--prompts 20] [--max-new-tokens 32] [--repeats 3]
 
-Prompts are the study's: test-split files cut at a random token. Each prompt is
-completed by both engines in turn (interleaved, after warm-up) `--repeats` times.
-Per-token latency is the time between consecutive generated tokens (transformers' is
-read from a `StoppingCriteria` that timestamps every step); tokens/s counts prefill too.
-Writes experiments/results/benchmark_generate/{results.json,results.md}.
+Prompts are the study's: test-split files cut at a random token. Every prompt is completed
+by every engine in turn (interleaved, after warm-up) `--repeats` times: transformers'
+`generate`, our `full` loop and, when the model has exit heads, `early-exit` (heads'
+calibrated thresholds) and `lossless`. Per-token latency is the time between consecutive
+generated tokens (transformers' is read from a `StoppingCriteria` that timestamps every
+step; lossless spreads a round's time over the tokens it wrote); tokens/s counts prefill
+too. Quality columns compare each engine's tokens with `full` greedy and its text with the
+reference continuation (ROUGE-L). Writes experiments/results/benchmark_generate/.
 """
 
 from __future__ import annotations
@@ -34,30 +37,31 @@ class StepClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
-def run_hf(hf, ids: list[int], max_new: int, eos: int):
+def hf_engine(hf, eos: int):
     from transformers import StoppingCriteriaList
 
-    clock = StepClock()
-    x = torch.tensor([ids])
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
-                          pad_token_id=eos, stopping_criteria=StoppingCriteriaList([clock]))
-    total = time.perf_counter() - t0
-    return out[0, len(ids):].tolist(), total, list(np.diff(clock.times) * 1e3)
+    def run(ids: list[int], max_new: int):
+        clock = StepClock()
+        x = torch.tensor([ids])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
+                              pad_token_id=eos, stopping_criteria=StoppingCriteriaList([clock]))
+        total = time.perf_counter() - t0
+        return out[0, len(ids):].tolist(), total, list(np.diff(clock.times) * 1e3), None
+
+    return run
 
 
-def run_ours(model, tok, ids: list[int], max_new: int):
+def our_engine(model, tok, policy):
     from earlyexit.decoding import GenerationSettings, generate
 
-    t0 = time.perf_counter()
-    c = generate(model, tok, ids, GenerationSettings(max_new_tokens=max_new))
-    return c.token_ids, time.perf_counter() - t0, c.token_ms
+    def run(ids: list[int], max_new: int):
+        t0 = time.perf_counter()
+        c = generate(model, tok, ids, GenerationSettings(max_new_tokens=max_new), policy=policy)
+        return c.token_ids, time.perf_counter() - t0, c.token_ms, c
 
-
-def summarize(name: str, tokens: int, seconds: float, step_ms: list[float]) -> dict:
-    return {"engine": name, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "median_ms_per_token": percentile(step_ms, 50), "p95_ms_per_token": percentile(step_ms, 95)}
+    return run
 
 
 def main(argv=None) -> int:
@@ -69,53 +73,86 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-draft", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from tqdm import tqdm
 
     from earlyexit.data import token_cut_examples
+    from earlyexit.heads import heads_available, load_heads
     from earlyexit.loading import load_hf_model, load_tokenizer, resolve_model_dir
+    from earlyexit.metrics import rouge_l
     from earlyexit.model import GPT2
+    from earlyexit.policies import EarlyExit, FullDepth
+    from earlyexit.speculative import Lossless
 
     set_threads(args.threads)
     model_dir = resolve_model_dir(args.model)
     hf, tok = load_hf_model(model_dir), load_tokenizer(model_dir)
     ours = GPT2.from_hf(hf)
-    examples = token_cut_examples(test_split_files(model_dir), tok, args.prompts, target_tokens=1,
+    engines = {"transformers generate": hf_engine(hf, tok.eos_token_id), "earlyexit full": our_engine(ours, tok, FullDepth())}
+    thresholds = None
+    if heads_available(model_dir):
+        heads = load_heads(model_dir, ours)
+        thresholds = heads.cfg.thresholds
+        engines["earlyexit early-exit"] = our_engine(ours, tok, EarlyExit(ours, heads))
+        engines["earlyexit lossless"] = our_engine(ours, tok, Lossless(ours, heads, max_draft=args.max_draft))
+    examples = token_cut_examples(test_split_files(model_dir), tok, args.prompts, target_tokens=args.max_new_tokens,
                                   max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
     prompts = [tok.encode(ex.prompt) for ex in examples]
-    eos = tok.eos_token_id
     for ids in prompts[:args.warmup]:
-        run_hf(hf, ids, args.max_new_tokens, eos)
-        run_ours(ours, tok, ids, args.max_new_tokens)
-    acc = {"transformers generate": [0, 0.0, []], "earlyexit full": [0, 0.0, []]}
-    identical = completions = 0
+        for run in engines.values():
+            run(ids, args.max_new_tokens)
+    acc = {name: {"tokens": 0, "seconds": 0.0, "step_ms": [], "identical": 0, "rouge": [], "layers": [], "drafted": 0, "accepted": 0}
+           for name in engines}
     for _ in tqdm(range(args.repeats), desc="repeats"):
-        for ids in prompts:
-            ref, secs, steps = run_hf(hf, ids, args.max_new_tokens, eos)
-            a = acc["transformers generate"]
-            a[0] += len(ref); a[1] += secs; a[2] += steps
-            got, secs, steps = run_ours(ours, tok, ids, args.max_new_tokens)
-            a = acc["earlyexit full"]
-            a[0] += len(got); a[1] += secs; a[2] += steps
-            identical += got == ref
-            completions += 1
-    rows = [summarize(name, *v) for name, v in acc.items()]
+        for ex, ids in zip(examples, prompts):
+            reference = None
+            for name, run in engines.items():
+                tokens, secs, steps, completion = run(ids, args.max_new_tokens)
+                if name == "earlyexit full":
+                    reference = tokens
+                a = acc[name]
+                a["tokens"] += len(tokens)
+                a["seconds"] += secs
+                a["step_ms"] += steps
+                a["tokens_list"] = a.get("tokens_list", []) + [tokens]
+                a["rouge"].append(rouge_l(tok.decode(tokens, skip_special_tokens=True), ex.target))
+                if completion is not None:
+                    a["layers"] += completion.exit_layers
+                    a["drafted"] += completion.speculation.get("drafted", 0)
+                    a["accepted"] += completion.speculation.get("accepted", 0)
+            for name in engines:
+                acc[name]["identical"] += acc[name]["tokens_list"][-1] == reference
+    rows = []
+    n_runs = args.repeats * len(prompts)
+    for name, a in acc.items():
+        rows.append({
+            "engine": name, "tokens": a["tokens"], "seconds": a["seconds"], "tokens_per_s": a["tokens"] / a["seconds"],
+            "median_ms_per_token": percentile(a["step_ms"], 50), "p95_ms_per_token": percentile(a["step_ms"], 95),
+            "identical_to_full": a["identical"] / n_runs, "rouge_l": float(np.mean(a["rouge"])),
+            "mean_layers": float(np.mean(a["layers"])) if a["layers"] else float(ours.dims.n_layer),
+            "acceptance_rate": a["accepted"] / a["drafted"] if a["drafted"] else None,
+        })
     base = rows[0]
     for r in rows:
         r["speedup_tokens_per_s"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["speedup_median_ms"] = base["median_ms_per_token"] / r["median_ms_per_token"]
-    result = {"stamp": stamp(str(model_dir), vars(args)), "rows": rows, "identical_completion_rate": identical / completions}
+    result = {"stamp": stamp(str(model_dir), vars(args)), "thresholds": thresholds and vars(thresholds), "rows": rows}
+    L = ours.dims.n_layer
     table = [
-        f"Greedy completion, {args.prompts} test-split prompts (≤ {args.max_prompt_tokens} tokens) × {args.repeats} repeats, "
-        f"up to {args.max_new_tokens} new tokens, batch 1, {args.threads} threads.",
+        f"Greedy completion of {args.prompts} test-split prompts (≤ {args.max_prompt_tokens} tokens) × {args.repeats} repeats, "
+        f"up to {args.max_new_tokens} new tokens, batch 1, {args.threads} threads; reference for ROUGE-L: the file's next "
+        f"{args.max_new_tokens} tokens." + (f" Early-exit thresholds: exit {thresholds.exit}, stop {thresholds.stop}." if thresholds else ""),
         "",
-        "| engine | tokens/s | median ms/token | p95 ms/token | tokens/s vs generate | median latency vs generate |",
-        "|---|---|---|---|---|---|",
+        "| engine | tokens/s | median ms/token | p95 ms/token | tokens/s vs generate | identical to full | ROUGE-L | mean layers (of "
+        f"{L}) | drafts accepted |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    table += [f"| {r['engine']} | {r['tokens_per_s']:.1f} | {r['median_ms_per_token']:.2f} | {r['p95_ms_per_token']:.2f} | "
-              f"{r['speedup_tokens_per_s']:.2f}× | {r['speedup_median_ms']:.2f}× |" for r in rows]
-    table += ["", f"Completions identical token for token, ours against `generate`: {result['identical_completion_rate']:.1%}."]
+    for r in rows:
+        accepted = f"{r['acceptance_rate']:.0%}" if r["acceptance_rate"] is not None else "-"
+        table.append(f"| {r['engine']} | {r['tokens_per_s']:.1f} | {r['median_ms_per_token']:.2f} | {r['p95_ms_per_token']:.2f} | "
+                     f"{r['speedup_tokens_per_s']:.2f}× | {r['identical_to_full']:.0%} | {r['rouge_l']:.3f} | {r['mean_layers']:.2f} | {accepted} |")
     out = write_results("benchmark_generate", result, "\n".join(table))
     print("\n".join(table))
     print(f"wrote {out}")

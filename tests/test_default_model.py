@@ -54,3 +54,12 @@ def test_cli_completes_with_the_default_model(capsys):
     assert main(["def fibonacci(n):", "--max-new-tokens", "8", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result["token_ids"]) >= 1 and result["finish_reason"] in ("eos", "max_tokens")
+
+
+@pytest.mark.parametrize("prompt", ["ret", "        self.app", "import collec"])
+def test_token_healing_on_prompts_cut_inside_a_word(hf_and_tok, prompt):
+    hf, tok = hf_and_tok
+    ours = GPT2.from_hf(hf)
+    c = generate(ours, tok, prompt, GenerationSettings(max_new_tokens=6, token_healing=True))
+    assert c.healed_prefix and tok.decode([c.token_ids[0]]).startswith(c.healed_prefix)
+    assert tok.decode(tok.encode(prompt)[:-1] + c.token_ids) == prompt + c.text
