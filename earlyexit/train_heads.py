@@ -68,6 +68,7 @@ class HeadsTrainConfig:
     work_dir: str = "runs/heads"
     out_dir: str = ""  # empty: the model directory
     sources: list[str] = field(default_factory=list)  # empty: the model's own corpus (training_state.json), else stdlib
+    init_from: str = ""  # a directory with heads for this backbone to start from (e.g. head_steps=0 to retrain only the controller)
 
     def __post_init__(self):
         if self.loss not in ("ce", "kd", "ce+kd"):
@@ -251,7 +252,13 @@ def train(model_dir: str, cfg: HeadsTrainConfig, resume: bool = False) -> Path:
     splits, _ = model_corpus(model_dir, cfg.sources or None)
     train_tokens = tokenize_until(splits["train"], tok, cfg.train_tokens, cfg.seed)
     val_tokens = tokenize_until(splits["validation"], tok, cfg.eval_windows * (cfg.seq_len + 1) * 2, cfg.seed)
-    heads = ExitHeads.for_backbone(model, rank=cfg.rank).float().train()
+    if cfg.init_from:
+        from .heads import load_heads
+
+        heads = load_heads(cfg.init_from, model).float().requires_grad_(True).train()
+        heads.cfg.training, heads.cfg.thresholds = {}, Thresholds()
+    else:
+        heads = ExitHeads.for_backbone(model, rank=cfg.rank).float().train()
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "heads_checkpoint.pt"

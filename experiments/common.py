@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,8 +31,9 @@ def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")
 
 
-def write_results(name: str, result: dict, table: str) -> Path:
-    out = RESULTS / name
+def write_results(name: str, result: dict, table: str, root: Path | str | None = None) -> Path:
+    """results.json and results.md under <root or experiments/results>/<name>/ (root: tests write elsewhere)."""
+    out = Path(root or os.environ.get("EARLYEXIT_RESULTS") or RESULTS) / name
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     header = f"<!-- written by experiments/{name}.py at commit {result['stamp']['commit']} on {result['stamp']['machine']} -->\n"

@@ -1,0 +1,155 @@
+"""The study's RQ1 with our exit heads: at which layer is each token already right, and which are never right?
+
+    python experiments/per_layer_study.py [--model DIR] [--config configs/per_layer_study.yaml] [--limit N] [key=value ...]
+
+Teacher-forced over windows of the test split, for every token: the first layer whose
+exit head predicts the reference token, and the first layer whose head agrees with the
+last layer. Reported: the share right at layer 1 (the study: 54.4% on GPT-2), the share
+wrong at every layer (the study: 14.5%), and the cumulative curves per layer (plot).
+
+The study's acceptance finding (completions that go on from a wrong token were accepted
+4.2% of the time) has no annotators here; its automatic proxy: 10-token greedy
+completions of test-split prompts, grouped by whether their first token is wrong, with
+each group's exact match and edit similarity against the reference.
+Writes experiments/results/per_layer_study/ (JSON, Markdown, PNG).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import stamp, write_results  # noqa: E402
+
+STUDY = {"right_at_layer_1": 0.544, "wrong_at_all_layers": 0.145, "acceptance_after_wrong_token": 0.042}
+
+
+@dataclass
+class StudyConfig:
+    seq_len: int = 256
+    windows: int = 200
+    completions: int = 300
+    target_tokens: int = 10
+    seed: int = 0
+
+
+def first_layers(model, heads, windows: torch.Tensor, batch: int = 8):
+    """Per token: first layer (1-based) right against the reference, first agreeing with the last layer (0 = never)."""
+    from tqdm import tqdm
+
+    from earlyexit.train_heads import layer_predictions, layer_states
+
+    right_first, agree_first = [], []
+    for chunk in tqdm(windows.split(batch), desc="teacher-forced layers"):
+        x, target = chunk[:, :-1], chunk[:, 1:]
+        preds = layer_predictions(heads, model, layer_states(model, x, bf16=False))  # (L, B, T)
+        for hits, out in ((preds == target[None], right_first), (preds == preds[-1][None], agree_first)):
+            any_hit = hits.any(dim=0)
+            first = hits.float().argmax(dim=0) + 1
+            out.append(torch.where(any_hit, first, torch.zeros_like(first)).flatten())
+    return torch.cat(right_first).numpy(), torch.cat(agree_first).numpy()
+
+
+def acceptance_proxy(model, tok, examples) -> dict:
+    from tqdm import tqdm
+
+    from earlyexit.decoding import GenerationSettings, generate
+    from earlyexit.metrics import edit_similarity, exact_match
+
+    groups = {"first token wrong": [], "first token right": []}
+    for ex in tqdm(examples, desc="completions"):
+        target_ids = tok.encode(ex.target)
+        c = generate(model, tok, ex.prompt, GenerationSettings(max_new_tokens=len(target_ids), truncate_prompt=True))
+        wrong = not c.token_ids or not target_ids or c.token_ids[0] != target_ids[0]
+        groups["first token wrong" if wrong else "first token right"].append((exact_match(c.text, ex.target), edit_similarity(c.text, ex.target)))
+    return {name: {"completions": len(v), "exact_match": float(np.mean([e for e, _ in v])) if v else None,
+                   "edit_similarity": float(np.mean([s for _, s in v])) if v else None} for name, v in groups.items()}
+
+
+def plot(right: np.ndarray, agree: np.ndarray, L: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = np.arange(1, L + 1)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot(layers, [((right > 0) & (right <= i)).mean() for i in layers], marker="o", label="right vs reference by layer")
+    ax.plot(layers, [((agree > 0) & (agree <= i)).mean() for i in layers], marker="s", label="agrees with last layer by layer")
+    ax.axhline(STUDY["right_at_layer_1"], color="gray", linestyle=":", label="study: right at layer 1 (GPT-2)")
+    ax.set_xlabel("layer (exit head)")
+    ax.set_ylabel("share of test tokens (cumulative)")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(layers)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Where tokens are first right (teacher-forced, test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    from earlyexit.config import config_parser, exit_code, load_config
+
+    parser = config_parser(__doc__.split("\n\n")[0], StudyConfig)
+    parser.add_argument("--model", help="GPT-2 checkpoint directory with exit heads (default: the embedded model)")
+    parser.add_argument("--limit", type=int, help="quick run: at most this many windows and completions")
+    args = parser.parse_args(argv)
+    return exit_code(lambda: run(args, load_config(StudyConfig, args.config, args.overrides)))
+
+
+def run(args, cfg: StudyConfig) -> None:
+    from earlyexit.data import model_corpus, token_cut_examples, window_batch
+    from earlyexit.heads import load_heads
+    from earlyexit.loading import load_runtime_model, resolve_model_dir
+    from earlyexit.train_heads import tokenize_until
+
+    if args.limit:
+        cfg.windows, cfg.completions = min(cfg.windows, args.limit), min(cfg.completions, args.limit)
+    model_dir = resolve_model_dir(args.model)
+    model, tok = load_runtime_model(model_dir)
+    heads = load_heads(model_dir, model)
+    test_files = model_corpus(model_dir)[0]["test"]
+    tokens = tokenize_until(test_files, tok, cfg.windows * (cfg.seq_len + 1) * 2, cfg.seed)
+    n = min(cfg.windows, (len(tokens) - 1) // cfg.seq_len)
+    right, agree = first_layers(model, heads, window_batch(tokens, cfg.seq_len, 0, n, cfg.seed))
+    L = model.dims.n_layer
+    examples = token_cut_examples(test_files, tok, cfg.completions, cfg.target_tokens, seed=cfg.seed)
+    proxy = acceptance_proxy(model, tok, examples)
+    result = {
+        "stamp": stamp(str(model_dir), vars(cfg)), "tokens": int(right.size), "n_layer": L,
+        "right_at_layer_1": float((right == 1).mean()), "wrong_at_all_layers": float((right == 0).mean()),
+        "agree_at_layer_1": float((agree == 1).mean()),
+        "mean_first_agreeing_layer": float(agree.mean()),
+        "right_first_at_layer": [float((right == i).mean()) for i in range(1, L + 1)],
+        "agree_first_at_layer": [float((agree == i).mean()) for i in range(1, L + 1)],
+        "acceptance_proxy": proxy, "study": STUDY,
+    }
+    out = write_results("per_layer_study", result, "")
+    plot(right, agree, L, out / "cumulative_by_layer.png")
+    lines = [
+        f"Teacher-forced over {result['tokens']:,} test-split tokens; {L}-layer model, exit heads after every block.", "",
+        "| | ours | study (GPT-2, Python) |", "|---|---|---|",
+        f"| tokens right at layer 1 | {result['right_at_layer_1']:.1%} | {STUDY['right_at_layer_1']:.1%} |",
+        f"| tokens wrong at every layer | {result['wrong_at_all_layers']:.1%} | {STUDY['wrong_at_all_layers']:.1%} |",
+        f"| tokens whose layer-1 head already gives the last layer's token | {result['agree_at_layer_1']:.1%} | - |",
+        "", "| layer | first right here | first agrees with last layer here |", "|---|---|---|",
+        *[f"| {i + 1} | {a:.1%} | {b:.1%} |" for i, (a, b) in enumerate(zip(result["right_first_at_layer"], result["agree_first_at_layer"]))],
+        "", f"Acceptance proxy ({cfg.target_tokens}-token greedy completions; the study: {STUDY['acceptance_after_wrong_token']:.1%} "
+        "of completions after a wrong token were accepted by people):", "",
+        "| group | completions | exact match | edit similarity |", "|---|---|---|---|",
+        *[f"| {k} | {v['completions']} | {v['exact_match'] if v['exact_match'] is None else format(v['exact_match'], '.1%')} | "
+          f"{v['edit_similarity'] if v['edit_similarity'] is None else format(v['edit_similarity'], '.3f')} |" for k, v in proxy.items()],
+        "", "![cumulative share by layer](cumulative_by_layer.png)",
+    ]
+    write_results("per_layer_study", result, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
