@@ -76,11 +76,15 @@ class EarlyExit:
         return h, probs[0]
 
     def decide(self, probs: torch.Tensor, allow_exit: bool) -> int | None:
-        """EXIT, STOP or None (continue) from the action probabilities (3,)."""
-        action = int(probs.argmax())
-        if action == STOP and probs[STOP] > self.thresholds.stop:
+        """EXIT, STOP or None (continue) from the action probabilities (3,).
+
+        The one host sync of the layer: three floats come back, the comparisons are Python's.
+        """
+        p = probs.tolist()
+        action = max(range(3), key=p.__getitem__)
+        if action == STOP and p[STOP] > self.thresholds.stop:
             return STOP
-        if allow_exit and action == EXIT and probs[EXIT] > self.thresholds.exit:
+        if allow_exit and action == EXIT and p[EXIT] > self.thresholds.exit:
             return EXIT
         return None
 

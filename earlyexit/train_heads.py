@@ -59,7 +59,7 @@ class HeadsTrainConfig:
     train_tokens: int = 4_000_000
     eval_windows: int = 64
     target_agreement: float = 0.95
-    target_stop_precision: float = 0.9
+    target_stop_precision: float = 0.8
     threshold_grid: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999])
     bf16: bool = True
     threads: int = 0
@@ -221,13 +221,29 @@ def controller_table(heads: ExitHeads, model: GPT2, windows: torch.Tensor, cfg: 
     return table
 
 
+def wilson_lower(successes: float, n: int, z: float = 1.645) -> float:
+    """One-sided 95% Wilson lower bound on a rate observed as successes / n (0 when n is 0)."""
+    if n == 0:
+        return 0.0
+    p = successes / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
+
+
 def choose_thresholds(table: dict, cfg: HeadsTrainConfig) -> Thresholds:
-    """Exit: the lowest grid threshold whose teacher-forced agreement with the full model reaches
-    `target_agreement` (the most layers saved at that agreement); 1.0 (off) if none does.
-    Stop: the lowest threshold whose stop precision (the full model was indeed wrong) reaches
-    `target_stop_precision` and fires at all; 1.0 (off) if none does."""
-    exit_ok = [r["threshold"] for r in table["exit"] if r["agreement"] >= cfg.target_agreement]
-    stop_ok = [r["threshold"] for r in table["stop"] if r["precision"] is not None and r["precision"] >= cfg.target_stop_precision]
+    """Thresholds whose validation rates clear their targets with 95% confidence (a one-sided Wilson bound).
+
+    Exit: the lowest grid threshold (the most layers saved) whose agreement with the full
+    model has a lower bound >= `target_agreement`. Stop: the lowest threshold whose stop
+    precision (the full model was indeed wrong where it fired) has a lower bound >=
+    `target_stop_precision`, so a threshold that fired on a handful of tokens cannot qualify.
+    An action with no qualifying threshold stays off (1.0).
+    """
+    n = table["tokens"]
+    exit_ok = [r["threshold"] for r in table["exit"] if wilson_lower(r["agreement"] * n, n) >= cfg.target_agreement]
+    stop_ok = [r["threshold"] for r in table["stop"]
+               if r["precision"] is not None and wilson_lower(r["precision"] * r["fired"] * n, round(r["fired"] * n)) >= cfg.target_stop_precision]
     return Thresholds(exit=min(exit_ok) if exit_ok else 1.0, stop=min(stop_ok) if stop_ok else 1.0)
 
 

@@ -52,3 +52,16 @@ def test_runs_unchanged_under_torchrun_with_two_processes(tmp_path, tiny_model_d
     assert proc.returncode == 0, proc.stderr[-3000:]
     model, _ = load_runtime_model(tiny_model_dir)
     assert load_heads(out, model).cfg.training["world_size"] == 2
+
+
+def test_thresholds_need_confidence_not_just_a_lucky_rate():
+    from earlyexit.train_heads import HeadsTrainConfig, choose_thresholds, wilson_lower
+
+    assert wilson_lower(7, 7) < 0.8 < wilson_lower(900, 1000)
+    table = {"tokens": 10_000,
+             "exit": [{"threshold": 0.5, "agreement": 0.90}, {"threshold": 0.7, "agreement": 0.96}, {"threshold": 0.9, "agreement": 0.999}],
+             "stop": [{"threshold": 0.5, "fired": 0.3, "precision": 0.6}, {"threshold": 0.9, "fired": 0.0007, "precision": 1.0},
+                      {"threshold": 0.99, "fired": 0.0, "precision": None}]}
+    cfg = HeadsTrainConfig(target_agreement=0.95, target_stop_precision=0.8)
+    chosen = choose_thresholds(table, cfg)
+    assert chosen.exit == 0.7 and chosen.stop == 1.0  # 7 perfect stops are not evidence of 80% precision
