@@ -23,6 +23,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .row_stats import row_mean_rstd
+
 
 class Confidence(NamedTuple):
     """Per-row statistics of softmax(W @ LN(h)); all float32 but `token` (int64)."""
@@ -69,16 +71,7 @@ def _exit_confidence_split_kernel(
     h_row = h_ptr + row.to(tl.int64) * stride_h
     # Layer-norm statistics in one pass over the row; the normalised row is rebuilt per
     # chunk inside the vocabulary loop (d multiply-adds against BLOCK_V * d: negligible).
-    acc_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(h_row + offs_d, mask=offs_d < d, other=0.0).to(tl.float32)
-        acc_sum += x
-        acc_sq += x * x
-    mean = tl.sum(acc_sum, axis=0) / d
-    var = tl.maximum(tl.sum(acc_sq, axis=0) / d - mean * mean, 0.0)
-    rstd = 1.0 / tl.sqrt(var + eps)
+    mean, rstd = row_mean_rstd(h_row, d, eps, BLOCK_D)
 
     m1 = -float("inf")  # running max logit
     m2 = -float("inf")  # running second-largest logit

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .row_stats import row_mean_rstd
+
 
 class StateCopyWeights(NamedTuple):
     ln_weight: torch.Tensor  # (L, d) each layer's ln_1 scale
@@ -72,15 +74,7 @@ def _state_copy_kernel(
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < 2 * d
     h_row = h_ptr + row * stride_h
-    acc_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(h_row + offs_d, mask=offs_d < d, other=0.0).to(tl.float32)
-        acc_sum += x
-        acc_sq += x * x
-    mean = tl.sum(acc_sum, axis=0) / d
-    rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(acc_sq, axis=0) / d - mean * mean, 0.0) + eps)
+    mean, rstd = row_mean_rstd(h_row, d, eps, BLOCK_D)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
