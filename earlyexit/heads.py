@@ -124,15 +124,15 @@ class ExitHeads(nn.Module):
 
         `prev_exit` is the number of blocks the previous token ran (1..L), or 0 for none.
         """
-        prev_index = self.cfg.n_layer if isinstance(prev_exit, int) and prev_exit == 0 else prev_exit - 1
-        if isinstance(prev_index, torch.Tensor):
-            prev_index = torch.where(prev_exit == 0, torch.full_like(prev_exit, self.cfg.n_layer), prev_exit - 1)
-        return self.cls(self.cls_ln(h)) + self.layer_bias[layer] + self.prev_bias[prev_index]
+        return self.cls(self.cls_ln(h)) + self.extra_bias(layer, prev_exit)
 
-    def extra_bias(self, layer: int, prev_exit: int) -> torch.Tensor:
-        """The per-call bias the fused layer_check kernel adds: E_layer[layer] + E_prev[prev]."""
-        prev_index = self.cfg.n_layer if prev_exit == 0 else prev_exit - 1
-        return self.layer_bias[layer] + self.prev_bias[prev_index]
+    def extra_bias(self, layer: int | torch.Tensor, prev_exit: int | torch.Tensor) -> torch.Tensor:
+        """E_layer[layer] + E_prev[prev]: the per-call bias the fused layer_check kernel adds.
+
+        Row prev_exit - 1 of E_prev, and row L (the last) for prev_exit = 0 (no previous
+        token): (prev_exit - 1) mod (L + 1) gives both, for ints and tensors alike.
+        """
+        return self.layer_bias[layer] + self.prev_bias[(prev_exit - 1) % (self.cfg.n_layer + 1)]
 
     # ------------------------------------------------------------------ files
 

@@ -36,17 +36,12 @@ class FullDepth:
 
     @torch.inference_mode()
     def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> StepResult:
-        x = model.embed(ids, 0)
-        for layer in range(model.dims.n_layer):
-            x = model.block(layer, x, cache, 0)
-        return StepResult(model.logits(x[:, -1]), model.dims.n_layer)
+        return self.step(model, ids, cache, 0, model.dims.n_layer)
 
     @torch.inference_mode()
     def step(self, model: GPT2, token: torch.Tensor, cache: KVCache, pos: int, prev_layers: int) -> StepResult:
-        x = model.embed(token, pos)
-        for layer in range(model.dims.n_layer):
-            x = model.block(layer, x, cache, pos)
-        return StepResult(model.logits(x[:, -1]), model.dims.n_layer)
+        # only the newest position needs the vocabulary projection
+        return StepResult(model.logits(model.hidden(token, cache, pos)[:, -1]), model.dims.n_layer)
 
 
 class EarlyExit:

@@ -28,10 +28,7 @@ from .policies import EarlyExit, FullDepth, StepResult
 @torch.inference_mode()
 def verify(model: GPT2, tokens: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
     """Full-depth pass over tokens (1, T) at positions pos..pos+T-1: greedy next tokens (T,)."""
-    x = model.embed(tokens, pos)
-    for layer in range(model.dims.n_layer):
-        x = model.block(layer, x, cache, pos)
-    return model.logits(x[0]).argmax(-1)
+    return model(tokens, cache, pos)[0].argmax(-1)
 
 
 class Lossless:

@@ -163,7 +163,7 @@ def action_labels(preds: torch.Tensor, target: torch.Tensor, scheme: str) -> tor
     return torch.where((~right.any(dim=0))[None], STOP, labels)
 
 
-def previous_exit_layers(preds: torch.Tensor, heads: ExitHeads) -> torch.Tensor:
+def previous_exit_layers(preds: torch.Tensor) -> torch.Tensor:
     """Teacher-forced stand-in for the previous token's exit layer (1..L, 0 for the first position):
     the first layer whose head agrees with the full model at the previous position."""
     agree = preds == preds[-1][None]  # (L, B, T)
@@ -194,7 +194,7 @@ def controller_table(heads: ExitHeads, model: GPT2, windows: torch.Tensor, cfg: 
         preds = layer_predictions(heads, model, states)  # (L, B, T)
         per_layer_right += (preds == target[None]).float().sum(dim=(1, 2))
         per_layer_agree += (preds == preds[-1][None]).float().sum(dim=(1, 2))
-        probs_all.append(action_logits_all(heads, states, previous_exit_layers(preds, heads)).softmax(-1).flatten(1, 2))
+        probs_all.append(action_logits_all(heads, states, previous_exit_layers(preds)).softmax(-1).flatten(1, 2))
         preds_all.append(preds.flatten(1))
         targets_all.append(target.flatten())
     probs = torch.cat(probs_all, dim=1)  # (L, N, 3)
@@ -319,7 +319,7 @@ def train(model_dir: str, cfg: HeadsTrainConfig, resume: bool = False) -> Path:
                 g["lr"] = lr_at(step - cfg.head_steps, cfg.classifier_steps, cfg.classifier_lr, cfg.warmup_steps)
             preds = layer_predictions(heads, model, states, cfg.bf16)
             labels = action_labels(preds, target, cfg.labels)
-            logits = action_logits_all(heads, states, previous_exit_layers(preds, heads))
+            logits = action_logits_all(heads, states, previous_exit_layers(preds))
             loss = F.cross_entropy(logits.flatten(0, 2), labels.flatten())
             loss.backward()
             total_loss = loss.item()
