@@ -6,7 +6,12 @@ sources, read from disk, never imported), or a path to any directory of `.py` fi
 Every file gets a key `<source>/<path inside the source>`; a hash of that key puts it in
 train, validation or test, so the split is the same on every machine with the same files
 and a file never straddles splits. Files with identical content are kept once (the
-first key in sorted order), so the test split holds no exact copy of a training file.
+first key in sorted order), so the test split holds no exact copy of a training file, and
+a test file that is a near-duplicate of the training or validation files (most of its
+distinctive lines occur there, `near_duplicate`) is dropped from the test split.
+
+`load_eval_files` reads any other evaluation set: a directory of `.py` files, a local
+JSON/JSONL/Parquet/CSV file or `datasets.save_to_disk` folder, or a `datasets` hub name.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class CorpusStats:
     non_utf8_skipped: int = 0
     too_large_skipped: int = 0
     duplicates_skipped: int = 0
+    near_duplicates_dropped: int = 0  # test files whose distinctive lines mostly occur in train/validation
     bytes_kept: int = 0
     per_split: dict[str, int] = dataclasses.field(default_factory=dict)
     file_list_sha256: str = ""
@@ -113,15 +119,85 @@ def read_corpus(
             stats.duplicates_skipped += 1
             continue
         seen_content.add(digest)
-        file_list.update(f"{key}\t{digest}\n".encode())
-        splits[split_of(key, validation_fraction, test_fraction)].append({"path": key, "text": text})
-        stats.bytes_kept += len(text.encode("utf-8"))
+        splits[split_of(key, validation_fraction, test_fraction)].append({"path": key, "text": text, "sha256": digest})
+    splits["test"], stats.near_duplicates_dropped = drop_near_duplicates(splits["test"], splits["train"] + splits["validation"])
     stats.kept = sum(len(v) for v in splits.values())
     stats.per_split = {s: len(v) for s, v in splits.items()}
+    for split in SPLITS:
+        for row in splits[split]:
+            file_list.update(f"{row['path']}\t{row.pop('sha256')}\n".encode())
+            stats.bytes_kept += len(row["text"].encode("utf-8"))
     stats.file_list_sha256 = file_list.hexdigest()
     if stats.kept == 0:
         raise EarlyExitError(f"no readable .py files in corpus sources {list(sources)}")
     return splits, stats
+
+
+def distinctive_lines(text: str, min_chars: int = 16) -> set[int]:
+    """Hashes of a file's stripped lines long enough to say something about it (short ones: `else:`, `return x`)."""
+    return {hash(line) for line in (raw.strip() for raw in text.splitlines()) if len(line) >= min_chars}
+
+
+def drop_near_duplicates(candidates: list[dict], reference: list[dict], max_shared: float = 0.5, min_lines: int = 4) -> tuple[list[dict], int]:
+    """`candidates` without the files sharing more than `max_shared` of their distinctive lines with `reference`.
+
+    Files with fewer than `min_lines` distinctive lines are kept: too little to judge.
+    """
+    seen: set[int] = set()
+    for row in reference:
+        seen |= distinctive_lines(row["text"])
+    kept = []
+    for row in candidates:
+        lines = distinctive_lines(row["text"])
+        if len(lines) >= min_lines and len(lines & seen) > max_shared * len(lines):
+            continue
+        kept.append(row)
+    return kept, len(candidates) - len(kept)
+
+
+TEXT_COLUMNS = ("content", "code", "text", "source", "whole_func_string", "func_code_string")
+
+
+def load_eval_files(spec: str, split: str = "test", limit: int | None = None) -> list[dict[str, str]]:
+    """An evaluation set as [{"path", "text"}]: a directory of .py files, a local data file
+    (.json, .jsonl, .parquet, .csv) or `save_to_disk` folder, or a `datasets` hub name (its `split`).
+
+    The code column is the first of TEXT_COLUMNS the set has.
+    """
+    import datasets
+
+    path = Path(spec).expanduser()
+    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+    try:
+        if path.is_dir() and not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+            rows = [{"path": f.relative_to(path).as_posix(), "text": f.read_text(encoding="utf-8", errors="replace")}
+                    for f in iter_python_files(path)]
+            if not rows:
+                raise EarlyExitError(f"no .py files under {path}")
+            return rows[:limit]
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise EarlyExitError(f"{path} has splits {sorted(ds)}, not {split!r}")
+                ds = ds[split]
+        elif path.suffix in builders and path.is_file():
+            ds = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+        elif path.suffix in builders:
+            raise EarlyExitError(f"no such data file: {path}")
+        else:
+            ds = datasets.load_dataset(spec, split=split)
+    except EarlyExitError:
+        raise
+    except Exception as e:  # a hub name offline, a corrupt file: one line that names the set
+        raise EarlyExitError(f"cannot load evaluation data {spec!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    column = next((c for c in TEXT_COLUMNS if c in ds.column_names), None)
+    if column is None:
+        raise EarlyExitError(f"evaluation data {spec!r} has no code column (looked for {', '.join(TEXT_COLUMNS)}; it has {ds.column_names})")
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    names = ds["path"] if "path" in ds.column_names else [f"{spec}#{i}" for i in range(len(ds))]
+    return [{"path": str(n), "text": t} for n, t in zip(names, ds[column]) if isinstance(t, str) and t]
 
 
 def load_corpus(sources: Sequence[str] = ("stdlib",), **kwargs):

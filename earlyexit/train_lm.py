@@ -4,7 +4,7 @@
 
 Phases: read the corpus (`earlyexit.data`), train a byte-level BPE on the training split,
 tokenize each split once into `work_dir/tokens_<split>.npy`, then train `GPT2LMHeadModel`
-with AdamW, warm-up plus cosine decay, bf16 autocast and gradient accumulation. Every
+with AdamW, warm-up plus cosine or warmup-stable-decay (`schedule`), bf16 autocast and gradient accumulation. Every
 `checkpoint_interval` steps the model, optimizer and step are written to
 `work_dir/checkpoint.pt` (atomically); `--resume` continues from there with the same data
 order, because the batch at step s is a pure function of (seed, s). At the end (or at
@@ -54,6 +54,9 @@ class LMTrainConfig:
     min_lr: float = 1e-4
     warmup_steps: int = 200
     max_steps: int = 2000
+    schedule: str = "cosine"  # cosine: warm-up then cosine to min_lr; wsd: warm-up, stable, linear decay
+    decay_steps: int = 0  # wsd only: the last decay_steps steps decay linearly to min_lr
+    rewarm_at: int = 0  # continuing a decayed run: warm up again from min_lr to lr starting at this step
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     bf16: bool = True
@@ -78,6 +81,17 @@ class LMTrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "n_layer"):
             if getattr(self, name) < 1:
                 raise EarlyExitError(f"{name} must be at least 1")
+        if self.schedule not in ("cosine", "wsd"):
+            raise EarlyExitError(f"schedule must be 'cosine' or 'wsd', got {self.schedule!r}")
+        if self.schedule == "wsd" and not 0 < self.decay_steps <= self.max_steps - self.rewarm_at - self.warmup_steps:
+            raise EarlyExitError("wsd needs 0 < decay_steps <= max_steps - rewarm_at - warmup_steps")
+
+    @property
+    def decay_start(self) -> int:
+        """The step where the learning rate starts to fall (wsd: end of the stable phase)."""
+        if self.schedule == "wsd":
+            return self.max_steps - self.decay_steps
+        return self.rewarm_at + self.warmup_steps
 
     @property
     def tokens_per_step(self) -> int:
@@ -102,17 +116,33 @@ def prepare_data(cfg: LMTrainConfig):
         print(f"corpus: {stats}", file=sys.stderr)
         tok = train_tokenizer([r["text"] for r in splits["train"]], cfg.vocab_size, tok_dir, cfg.tokenizer_train_bytes, cfg.seed)
         for split, rows in splits.items():
-            encoded = tok([r["text"] for r in rows], add_special_tokens=False)["input_ids"]
-            flat = np.fromiter(
-                (t for ids in encoded for t in (*ids, tok.eos_token_id)), dtype=np.uint16
-            )
-            np.save(work / f"tokens_{split}.npy", flat)
-            (work / f"files_{split}.txt").write_text("".join(r["path"] + "\n" for r in rows))
+            encode_split(tok, rows, work, split)
         meta = {"stats": dataclasses.asdict(stats), "tokens": {s: int(np.load(work / f"tokens_{s}.npy", mmap_mode="r").shape[0]) for s in splits}}
         meta_path.write_text(json.dumps(meta, indent=2))
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    tokens = {s: np.load(work / f"tokens_{s}.npy", mmap_mode="r") for s in ("train", "validation", "test")}
-    return tok, tokens, json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text())
+    if not all((work / f"tokens_{s}.npy").exists() for s in SPLITS):
+        print("token caches missing: re-encoding the corpus with the existing tokenizer ...", file=sys.stderr)
+        splits, stats = read_corpus(cfg.sources, cfg.validation_fraction, cfg.test_fraction)
+        for split in ("train", "validation"):  # the test split may have changed (near-duplicate filtering); these may not
+            listed = work / f"files_{split}.txt"
+            if listed.exists() and listed.read_text() != "".join(r["path"] + "\n" for r in splits[split]):
+                raise EarlyExitError(f"the {split} files on this machine differ from those {work} was trained on ({listed}): start a new work_dir")
+        for split, rows in splits.items():
+            encode_split(tok, rows, work, split)
+    tokens = {s: np.load(work / f"tokens_{s}.npy", mmap_mode="r") for s in SPLITS}
+    return tok, tokens, meta
+
+
+SPLITS = ("train", "validation", "test")
+
+
+def encode_split(tok, rows: list[dict], work: Path, split: str) -> None:
+    """One split as a flat EOS-joined uint16 token stream, plus its file list."""
+    encoded = tok([r["text"] for r in rows], add_special_tokens=False)["input_ids"] if rows else []
+    flat = np.fromiter((t for ids in encoded for t in (*ids, tok.eos_token_id)), dtype=np.uint16)
+    np.save(work / f"tokens_{split}.npy", flat)
+    (work / f"files_{split}.txt").write_text("".join(r["path"] + "\n" for r in rows))
 
 
 def batch_at(tokens: np.ndarray, cfg: LMTrainConfig, step: int, micro: int) -> torch.Tensor:
@@ -123,9 +153,15 @@ def batch_at(tokens: np.ndarray, cfg: LMTrainConfig, step: int, micro: int) -> t
 
 
 def lr_at(cfg: LMTrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    """Linear warm-up (from 0, or from min_lr when re-warming at `rewarm_at`), then cosine or
+    warmup-stable-decay down to min_lr at max_steps."""
+    since = step - cfg.rewarm_at
+    if 0 <= since < cfg.warmup_steps:
+        floor = cfg.min_lr if cfg.rewarm_at else 0.0
+        return floor + (cfg.lr - floor) * (since + 1) / cfg.warmup_steps
+    progress = min(1.0, max(0.0, (step - cfg.decay_start) / max(1, cfg.max_steps - cfg.decay_start)))
+    if cfg.schedule == "wsd":
+        return cfg.lr - (cfg.lr - cfg.min_lr) * progress
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -195,7 +231,7 @@ def export(model, tok, cfg: LMTrainConfig, step: int, tokens_seen: int, meta: di
 
 # ----------------------------------------------------------------------------- loop
 
-def train(cfg: LMTrainConfig, resume: bool = False) -> None:
+def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = None) -> None:
     from tqdm import tqdm
 
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
@@ -210,9 +246,12 @@ def train(cfg: LMTrainConfig, resume: bool = False) -> None:
         lr=cfg.lr, betas=(0.9, 0.95), fused=True,
     )
     ckpt_path = work / "checkpoint.pt"
+    start_path = Path(resume_from) if resume_from else ckpt_path
+    if resume_from and not start_path.is_file():
+        raise EarlyExitError(f"--resume-from: no checkpoint at {start_path}")
     step, tokens_seen = 0, 0
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu")
+    if (resume or resume_from) and start_path.exists():
+        state = torch.load(start_path, map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, tokens_seen = state["step"], state["tokens_seen"]
@@ -253,6 +292,9 @@ def train(cfg: LMTrainConfig, resume: bool = False) -> None:
         out_of_time = cfg.max_minutes and (time.time() - t_start) / 60 >= cfg.max_minutes
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or out_of_time:
             save_checkpoint(ckpt_path, model, optimizer, step, tokens_seen)
+        if cfg.schedule == "wsd" and step == cfg.decay_start:
+            # the end of the stable phase: a longer run later continues from here (--resume-from)
+            save_checkpoint(work / "checkpoint_stable.pt", model, optimizer, step, tokens_seen)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
             export(model, tok, cfg, step, tokens_seen, meta, last_eval)
         if out_of_time:
@@ -264,8 +306,11 @@ def train(cfg: LMTrainConfig, resume: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__.split("\n\n")[0], LMTrainConfig)
     parser.add_argument("--resume", action="store_true", help="continue from work_dir/checkpoint.pt")
+    parser.add_argument("--resume-from", metavar="CKPT", help="continue from this checkpoint (e.g. work_dir/checkpoint_stable.pt)")
     args = parser.parse_args(argv)
-    return exit_code(lambda: train(load_config(LMTrainConfig, args.config, args.overrides), resume=args.resume))
+    return exit_code(lambda: train(
+        load_config(LMTrainConfig, args.config, args.overrides), resume=args.resume, resume_from=args.resume_from
+    ))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import percentile, set_threads, stamp, test_split_files, write_results  # noqa: E402
+from common import DATA_HELP, our_engine, percentile, set_threads, stamp, test_split_files, write_results  # noqa: E402
 
 
 class StepClock:
@@ -53,20 +53,10 @@ def hf_engine(hf, eos: int):
     return run
 
 
-def our_engine(model, tok, policy):
-    from earlyexit.decoding import GenerationSettings, generate
-
-    def run(ids: list[int], max_new: int):
-        t0 = time.perf_counter()
-        c = generate(model, tok, ids, GenerationSettings(max_new_tokens=max_new), policy=policy)
-        return c.token_ids, time.perf_counter() - t0, c.token_ms, c
-
-    return run
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="GPT-2 checkpoint directory (default: the embedded model)")
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
@@ -97,7 +87,7 @@ def main(argv=None) -> int:
         thresholds = heads.cfg.thresholds
         engines["earlyexit early-exit"] = our_engine(ours, tok, EarlyExit(ours, heads))
         engines["earlyexit lossless"] = our_engine(ours, tok, Lossless(ours, heads, max_draft=args.max_draft))
-    examples = token_cut_examples(test_split_files(model_dir), tok, args.prompts, target_tokens=args.max_new_tokens,
+    examples = token_cut_examples(test_split_files(model_dir, args.data), tok, args.prompts, target_tokens=args.max_new_tokens,
                                   max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
     prompts = [tok.encode(ex.prompt) for ex in examples]
     for ids in prompts[:args.warmup]:

@@ -20,11 +20,18 @@ def stamp(model: str, config: dict) -> dict:
     return {"commit": git_commit(), "machine": machine(), "model": model, "config": config, "argv": sys.argv}
 
 
-def test_split_files(model_dir: Path) -> list[dict[str, str]]:
-    """The test split the model was trained beside (from its training_state.json), else the stdlib's."""
-    from earlyexit.data import model_corpus
+def test_split_files(model_dir: Path, data: str | None = None) -> list[dict[str, str]]:
+    """The evaluation files: `data` when given (a directory of .py files, a local data file or a `datasets`
+    name, see earlyexit.data.load_eval_files), else the test split the model was trained beside."""
+    from earlyexit.data import load_eval_files, model_corpus
 
+    if data:
+        return load_eval_files(data)
     return model_corpus(model_dir)[0]["test"]
+
+
+DATA_HELP = ("evaluation files instead of the model's test split: a directory of .py files, a .json/.jsonl/.parquet/.csv "
+             "file or save_to_disk folder with a code column, or a datasets hub name")
 
 
 def percentile(values, q: float) -> float:
@@ -43,3 +50,31 @@ def write_results(name: str, result: dict, table: str, root: Path | str | None =
 
 def set_threads(n: int) -> None:
     torch.set_num_threads(n)
+
+
+def our_engine(model, tok, policy):
+    """A runner (ids, max_new) -> (token ids, seconds, per-token ms, Completion) over earlyexit.generate."""
+    import time
+
+    from earlyexit.decoding import GenerationSettings, generate
+
+    def run(ids: list[int], max_new: int):
+        t0 = time.perf_counter()
+        c = generate(model, tok, ids, GenerationSettings(max_new_tokens=max_new), policy=policy)
+        return c.token_ids, time.perf_counter() - t0, c.token_ms, c
+
+    return run
+
+
+
+def experiment_main(argv, doc: str, config_cls: type, run, limit_help: str) -> int:
+    """The command line every experiment shares: --config, key=value overrides, --model, --data, --limit;
+    `run(args, config)` does the work, and a bad input is one `error:` line and exit code 2."""
+    from earlyexit.config import config_parser, exit_code, load_config
+
+    parser = config_parser(doc.split("\n\n")[0], config_cls)
+    parser.add_argument("--model", help="GPT-2 checkpoint directory with exit heads (default: the embedded model)")
+    parser.add_argument("--data", help=DATA_HELP)
+    parser.add_argument("--limit", type=int, help=limit_help)
+    args = parser.parse_args(argv)
+    return exit_code(lambda: run(args, load_config(config_cls, args.config, args.overrides)))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import stamp, write_results  # noqa: E402
+from common import experiment_main, stamp, test_split_files, write_results  # noqa: E402
 
 STUDY = {"right_at_layer_1": 0.544, "wrong_at_all_layers": 0.145, "acceptance_after_wrong_token": 0.042}
 
@@ -94,17 +94,11 @@ def plot(right: np.ndarray, agree: np.ndarray, L: int, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from earlyexit.config import config_parser, exit_code, load_config
-
-    parser = config_parser(__doc__.split("\n\n")[0], StudyConfig)
-    parser.add_argument("--model", help="GPT-2 checkpoint directory with exit heads (default: the embedded model)")
-    parser.add_argument("--limit", type=int, help="quick run: at most this many windows and completions")
-    args = parser.parse_args(argv)
-    return exit_code(lambda: run(args, load_config(StudyConfig, args.config, args.overrides)))
+    return experiment_main(argv, __doc__, StudyConfig, run, "quick run: at most this many windows and completions")
 
 
 def run(args, cfg: StudyConfig) -> None:
-    from earlyexit.data import model_corpus, token_cut_examples, window_batch
+    from earlyexit.data import token_cut_examples, window_batch
     from earlyexit.heads import load_heads
     from earlyexit.loading import load_runtime_model, resolve_model_dir
     from earlyexit.train_heads import tokenize_until
@@ -114,7 +108,7 @@ def run(args, cfg: StudyConfig) -> None:
     model_dir = resolve_model_dir(args.model)
     model, tok = load_runtime_model(model_dir)
     heads = load_heads(model_dir, model)
-    test_files = model_corpus(model_dir)[0]["test"]
+    test_files = test_split_files(model_dir, args.data)
     tokens = tokenize_until(test_files, tok, cfg.windows * (cfg.seq_len + 1) * 2, cfg.seed)
     n = min(cfg.windows, (len(tokens) - 1) // cfg.seq_len)
     right, agree = first_layers(model, heads, window_batch(tokens, cfg.seq_len, 0, n, cfg.seed))
@@ -122,7 +116,7 @@ def run(args, cfg: StudyConfig) -> None:
     examples = token_cut_examples(test_files, tok, cfg.completions, cfg.target_tokens, seed=cfg.seed)
     proxy = acceptance_proxy(model, tok, examples)
     result = {
-        "stamp": stamp(str(model_dir), vars(cfg)), "tokens": int(right.size), "n_layer": L,
+        "stamp": stamp(str(model_dir), {**vars(cfg), "data": args.data or "test split"}), "tokens": int(right.size), "n_layer": L,
         "right_at_layer_1": float((right == 1).mean()), "wrong_at_all_layers": float((right == 0).mean()),
         "agree_at_layer_1": float((agree == 1).mean()),
         "mean_first_agreeing_layer": float(agree.mean()),

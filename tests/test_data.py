@@ -61,3 +61,46 @@ def test_examples_are_seeded_and_cut_where_promised(corpus_dir, tiny_tokenizer):
         assert "\n" not in ex.target and len(ex.target) >= 3
         assert texts[ex.path].startswith(ex.prompt)
         assert texts[ex.path][len(ex.prompt):].split("\n")[0] == ex.target
+
+
+def test_near_duplicate_test_files_are_dropped():
+    from earlyexit.data import drop_near_duplicates
+
+    body = "".join(f"    value_{i} = compute_something({i}, other_argument)\n" for i in range(10))
+    train = [{"path": "a.py", "text": "def f():\n" + body}]
+    copy = {"path": "copy.py", "text": "def g():\n" + body + "    return value_9 + another_long_name\n"}
+    fresh = {"path": "fresh.py", "text": "".join(f"unrelated_name_{i} = something_else({i})\n" for i in range(10))}
+    tiny = {"path": "tiny.py", "text": body.splitlines()[0]}  # too few lines to judge: kept
+    kept, dropped = drop_near_duplicates([copy, fresh, tiny], train)
+    assert [r["path"] for r in kept] == ["fresh.py", "tiny.py"] and dropped == 1
+
+
+def test_eval_files_from_a_directory_and_local_data_files(tmp_path):
+    import json
+
+    from earlyexit.data import load_eval_files
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/a.py").write_text("x = 1\n")
+    assert load_eval_files(str(tmp_path / "src")) == [{"path": "a.py", "text": "x = 1\n"}]
+    rows = [{"path": "p.py", "content": "print(1)\n"}, {"path": "q.py", "content": "y = 2\n"}]
+    (tmp_path / "code.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_eval_files(str(tmp_path / "code.jsonl")) == [{"path": r["path"], "text": r["content"]} for r in rows]
+    assert len(load_eval_files(str(tmp_path / "code.jsonl"), limit=1)) == 1
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"stars": 3}) + "\n")
+    with pytest.raises(EarlyExitError, match="no code column"):
+        load_eval_files(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(EarlyExitError, match="no such data file"):
+        load_eval_files(str(tmp_path / "missing.parquet"))
+
+
+def test_eval_files_from_a_saved_datasetdict(tmp_path):
+    import datasets
+
+    from earlyexit.data import load_eval_files
+
+    dd = datasets.DatasetDict({"test": datasets.Dataset.from_list([{"code": "a = 1\n"}])})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    assert load_eval_files(str(tmp_path / "saved")) == [{"path": f"{tmp_path / 'saved'}#0", "text": "a = 1\n"}]
+    with pytest.raises(EarlyExitError, match="not 'validation'"):
+        load_eval_files(str(tmp_path / "saved"), split="validation")

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
@@ -50,3 +51,111 @@ def test_benchmark_limit_run_has_every_mode(model_with_heads, tmp_path):
     assert rows["earlyexit full"]["identical_to_full"] == 1.0 and rows["earlyexit lossless"]["identical_to_full"] == 1.0
     assert rows["transformers generate"]["identical_to_full"] == 1.0
     assert all(r["tokens_per_s"] > 0 for r in rows.values()) and result["stamp"]["commit"]
+
+
+def steer_heads(model_dir: Path, action: int, logit: float, layer: int = 0) -> None:
+    """Bias the saved controller towards `action` at `layer`, so thresholds around its probability behave differently."""
+    from earlyexit.heads import load_heads
+    from earlyexit.loading import load_runtime_model
+
+    model, _ = load_runtime_model(model_dir)
+    heads = load_heads(model_dir, model)
+    with torch.no_grad():
+        heads.cls.weight.zero_()
+        heads.cls.bias.zero_()
+        heads.layer_bias.zero_()
+        heads.prev_bias.zero_()
+        heads.layer_bias[layer, action] = logit
+    heads.save(model_dir)
+
+
+def test_threshold_sweep_limit_run(model_with_heads, tmp_path):
+    import threshold_sweep
+    from earlyexit.heads import EXIT
+
+    steer_heads(model_with_heads, EXIT, 5.0)  # layer 1 exits with p ~ 0.99: 0.5 fires, "off" never does
+    assert threshold_sweep.main(["--model", str(model_with_heads), "--limit", "2", "exit_thresholds=[0.5, 1.0]",
+                                 "stop_thresholds=[0.5]", "max_new_tokens=4", "max_prompt_tokens=20", "threads=1"]) == 0
+    out = tmp_path / "results/threshold_sweep"
+    result = json.loads((out / "results.json").read_text())
+    rows = {r["point"]: r for r in result["rows"]}
+    L = result["n_layer"]
+    assert set(rows) - {"exit 0.5", "exit off", "stop 0.5"} == {next(p for p in rows if p.startswith("chosen ("))}
+    # every token after the first (which the prefill computes at full depth) exits at layer 1
+    assert 1 < rows["exit 0.5"]["mean_layers"] < L and rows["exit 0.5"]["layers_skipped"] > 0
+    assert rows["exit off"]["mean_layers"] == L and rows["exit off"]["identical_to_full"] == 1.0
+    assert all(r["speedup"] > 0 and 0 <= r["rouge_l"] <= 1 and isinstance(r["pareto"], bool) for r in rows.values())
+    assert any(r["pareto"] for r in rows.values())
+    assert (out / "pareto.png").stat().st_size > 0 and "layers skipped" in (out / "results.md").read_text()
+
+
+def test_threshold_sweep_refuses_bad_threshold(model_with_heads, capsys):
+    import threshold_sweep
+
+    assert threshold_sweep.main(["--model", str(model_with_heads), "--limit", "1", "exit_thresholds=[1.5]"]) == 2
+    assert "exit threshold must be a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_stop_analysis_limit_run(model_with_heads, tmp_path):
+    import stop_analysis
+    from earlyexit.heads import STOP
+
+    steer_heads(model_with_heads, STOP, 5.0)  # p(stop) ~ 0.99 at layer 1: 0.5 stops every prompt at once, 0.999 none
+    assert stop_analysis.main(["--model", str(model_with_heads), "--limit", "3", "stop_thresholds=[0.5, 0.999]",
+                               "max_new_tokens=4", "max_prompt_tokens=20", "threads=1"]) == 0
+    result = json.loads((tmp_path / "results/stop_analysis/results.json").read_text())
+    low, high = result["rows"]
+    assert low["stopped"] == 1.0 and low["tokens_saved"] == 1.0 and low["empty_after_stop"] == 1.0
+    assert high["stopped"] == 0.0 and high["tokens_saved"] == 0.0 and high["precision"] is None
+    assert high["acceptable_with_stop"] == high["acceptable_without_stop"] and result["kept_parts_differing_from_full"] == 0
+
+
+def test_stop_stats_counts_by_hand():
+    import stop_analysis
+
+    full = [[1, 2, 3], [1, 2, 3], [4, 5, 6]]
+    refs = [[1, 2, 3], [1, 9, 3], [4, 5, 6]]
+    kept = [[1], [1], [4, 5, 6]]  # prompt 0 stopped needlessly, prompt 1 stopped right before its wrong token
+    stats = stop_analysis.stop_stats(full, refs, kept, [True, True, False])
+    assert stats["precision"] == 0.5 and stats["strict_precision"] == 0.5
+    assert stats["recall"] == 1.0 and stats["clean_recall"] == 1.0
+    assert stats["tokens_saved"] == 4 / 9
+    assert stats["acceptable_without_stop"] == 2 / 3 and stats["acceptable_with_stop"] == 1.0 and stats["turned_acceptable"] == 1
+
+
+def test_member_completion_limit_run(model_with_heads, tmp_path):
+    import member_completion
+    from earlyexit.heads import EXIT
+
+    steer_heads(model_with_heads, EXIT, 5.0)
+    assert member_completion.main(["--model", str(model_with_heads), "--limit", "6", "seq_len=32", "stride=16",
+                                   "exit_thresholds=[0.5, 1.0]"]) == 0
+    result = json.loads((tmp_path / "results/member_completion/results.json").read_text())
+    rows = {r["exit_threshold"]: r for r in result["early_exit"]}
+    assert result["sites_scored"] == 6 and rows[0.5]["mean_layers"] == 1 and rows[1.0]["mean_layers"] == result["n_layer"]
+    assert rows[1.0]["top1"] == result["full"]["top1"] and rows[0.5]["top1"] == result["per_layer_top1"][0]
+    assert 0 < result["full"]["mrr"] <= 1
+
+
+def test_member_sites_need_a_token_boundary_after_the_dot(tiny_tokenizer):
+    import member_completion
+
+    text = "self.items.append(x)\nobj._private\n(a).b\n1.5\n"
+    ids, positions, merged = member_completion.member_sites(text, tiny_tokenizer)
+    assert tiny_tokenizer.decode(ids) == text
+    for p in positions:
+        assert tiny_tokenizer.decode(ids[:p + 1]).endswith(".") and tiny_tokenizer.decode(ids[p + 1:p + 2])[0].isalpha()
+    assert merged >= 1 and len(positions) + merged == 4  # items, append, _private, b; never the float
+
+
+def test_scripts_take_other_evaluation_data(model_with_heads, tmp_path):
+    import json as _json
+
+    import member_completion
+
+    rows = [{"path": f"x{i}.py", "content": f"self.alpha{i}.beta(gamma)\nobj{i}.delta.epsilon()\n"} for i in range(3)]
+    (tmp_path / "eval.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    assert member_completion.main(["--model", str(model_with_heads), "--data", str(tmp_path / "eval.jsonl"), "seq_len=32", "stride=16"]) == 0
+    result = _json.loads((tmp_path / "results/member_completion/results.json").read_text())
+    assert result["stamp"]["config"]["data"] == str(tmp_path / "eval.jsonl") and result["sites_found"] + result["merged_with_dot_skipped"] == 12
+    assert member_completion.main(["--model", str(model_with_heads), "--data", str(tmp_path / "none.jsonl")]) == 2

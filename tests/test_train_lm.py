@@ -2,9 +2,12 @@
 
 import json
 
+import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from earlyexit.errors import EarlyExitError
 from earlyexit.train_lm import LMTrainConfig, batch_at, lr_at, main
 
 from conftest import SAMPLE_CODE
@@ -24,7 +27,8 @@ def make_corpus(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(30):
-        (corpus / f"m{i}.py").write_text(SAMPLE_CODE.replace("add", f"add{i}"))
+        # renamed enough that no file is a near-duplicate of another (the test split would drop it)
+        (corpus / f"m{i}.py").write_text(SAMPLE_CODE.replace("add", f"add{i}").replace("items", f"items{i}").replace("push", f"push{i}"))
     return corpus
 
 
@@ -59,3 +63,42 @@ def test_batches_are_a_pure_function_of_step_and_schedule_warms_then_decays():
     assert b.shape == (3, 5) and torch.equal(b[:, 1:] - b[:, :-1], torch.ones(3, 4, dtype=b.dtype))
     assert lr_at(cfg, 0) < lr_at(cfg, 9) == 1e-3
     assert abs(lr_at(cfg, 100) - 1e-4) < 1e-12 and lr_at(cfg, 50) < 1e-3
+
+
+def test_schedules_warm_up_decay_and_rewarm():
+    from earlyexit.config import load_config
+    from earlyexit.train_lm import LMTrainConfig, lr_at
+
+    cos = LMTrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
+    assert lr_at(cos, 0) == pytest.approx(1e-4) and lr_at(cos, 9) == pytest.approx(1e-3) and lr_at(cos, 99) < 1.01e-4
+    wsd = LMTrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10, max_steps=200, schedule="wsd", decay_steps=50, rewarm_at=100)
+    assert lr_at(wsd, 100) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 10)  # re-warms from min_lr, not from 0
+    assert lr_at(wsd, 110) == lr_at(wsd, 150) == pytest.approx(1e-3)  # stable
+    assert lr_at(wsd, 175) == pytest.approx((1e-3 + 1e-5) / 2) and lr_at(wsd, 200) == pytest.approx(1e-5)
+    with pytest.raises(EarlyExitError, match="decay_steps"):
+        LMTrainConfig(schedule="wsd", decay_steps=0)
+    with pytest.raises(EarlyExitError, match="schedule"):
+        LMTrainConfig(schedule="linear")
+    shipped = load_config(LMTrainConfig, "configs/default_lm_continue.yaml")
+    assert shipped.rewarm_at == load_config(LMTrainConfig, "configs/default_lm.yaml").max_steps  # phase 2 continues phase 1
+
+
+def test_wsd_keeps_the_stable_checkpoint_and_resumes_from_it(tmp_path):
+    corpus = make_corpus(tmp_path)
+    recipe = tiny_recipe(tmp_path, corpus, schedule="wsd", decay_steps=2, warmup_steps=1)
+    assert main(recipe) == 0
+    stable = tmp_path / "run/checkpoint_stable.pt"
+    assert torch.load(stable)["step"] == 2 and torch.load(tmp_path / "run/checkpoint.pt")["step"] == 4
+    assert main(["--resume-from", str(stable), *recipe, "max_steps=6"]) == 0  # a longer run from the stable point
+    assert torch.load(tmp_path / "run/checkpoint.pt")["step"] == 6
+    assert main(["--resume-from", str(tmp_path / "nope.pt"), *recipe]) == 2
+
+
+def test_missing_token_caches_are_rebuilt_with_the_same_tokenizer(tmp_path):
+    corpus = make_corpus(tmp_path)
+    assert main(tiny_recipe(tmp_path, corpus, max_steps=1)) == 0
+    before = np.load(tmp_path / "run/tokens_train.npy")
+    for f in (tmp_path / "run").glob("tokens_*.npy"):
+        f.unlink()
+    assert main(["--resume", *tiny_recipe(tmp_path, corpus, max_steps=2)]) == 0
+    assert np.array_equal(np.load(tmp_path / "run/tokens_train.npy"), before)
