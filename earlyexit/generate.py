@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="early-exit (the default when the model has exit heads), full depth, or lossless (full's exact tokens, drafted with exits)")
     p.add_argument("--max-draft", type=int, default=4, help="lossless mode: most tokens drafted per verification (default %(default)s)")
     p.add_argument("--exit-threshold", type=float, help="exit when p(exit) is the largest and above this, in [0, 1]; 1 disables exits (default: the heads' calibrated value)")
+    p.add_argument("--target-agreement", type=float, metavar="RATE",
+                   help="choose the exit threshold from the heads' calibration table so tokens agree with the full model at this rate "
+                        "(the fixed-sequence test of earlyexit.calibrate, same confidence); instead of --exit-threshold")
     p.add_argument("--stop-threshold", type=float, help="stop when p(stop) is the largest and above this, in [0, 1]; 1 disables stopping (default: the heads' calibrated value)")
     p.add_argument("--stats", action="store_true", help="show each token with the layer it left at")
     p.add_argument("--json", action="store_true", help="print text, token ids, layers and timings as JSON")
@@ -72,11 +75,13 @@ def build_policy(args: argparse.Namespace, model, model_dir):
 
     mode = args.mode or ("early-exit" if heads_available(model_dir) else "full")
     if mode == "full":
-        if args.exit_threshold is not None or args.stop_threshold is not None:
-            raise EarlyExitError("--exit-threshold and --stop-threshold apply to --mode early-exit only")
+        if args.exit_threshold is not None or args.stop_threshold is not None or args.target_agreement is not None:
+            raise EarlyExitError("--exit-threshold, --target-agreement and --stop-threshold apply to --mode early-exit only")
         return FullDepth()
     heads = load_heads(model_dir, model)
     defaults = heads.cfg.thresholds
+    if args.target_agreement is not None:
+        args.exit_threshold = calibrated_exit(heads, args.target_agreement)
     if mode == "lossless":
         if args.stop_threshold is not None:
             raise EarlyExitError("--stop-threshold does not apply to lossless mode, which never stops early")
@@ -86,6 +91,16 @@ def build_policy(args: argparse.Namespace, model, model_dir):
         stop=defaults.stop if args.stop_threshold is None else args.stop_threshold,
     )
     return EarlyExit(model, heads, thresholds)
+
+
+def calibrated_exit(heads, target: float) -> float:
+    """The exit threshold certified for `target` by the stored calibration table (earlyexit.calibrate)."""
+    from .calibrate import choose_threshold
+
+    cal = heads.cfg.calibration
+    if not cal.get("table"):
+        raise EarlyExitError("these exit heads have no calibration table: run python -m earlyexit.calibrate first")
+    return choose_threshold(cal["table"], target, cal["delta"])[0]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -99,6 +114,11 @@ def run(args: argparse.Namespace) -> dict:
                                   token_healing=not args.no_token_healing)
     Thresholds(exit=1.0 if args.exit_threshold is None else args.exit_threshold,
                stop=1.0 if args.stop_threshold is None else args.stop_threshold)  # validate before loading anything
+    if args.target_agreement is not None:
+        if args.exit_threshold is not None:
+            raise EarlyExitError("give either --exit-threshold or --target-agreement, not both")
+        if not 0.0 < args.target_agreement < 1.0:
+            raise EarlyExitError(f"--target-agreement must be in (0, 1), got {args.target_agreement}")
     if args.max_draft < 1:
         raise EarlyExitError(f"--max-draft must be a positive integer, got {args.max_draft}")
     prompt = read_prompt(args)

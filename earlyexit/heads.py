@@ -60,6 +60,7 @@ class HeadsConfig:
     backbone_sha256: str = ""
     thresholds: Thresholds = field(default_factory=Thresholds)
     training: dict = field(default_factory=dict)  # what train_heads measured; informational
+    calibration: dict = field(default_factory=dict)  # what earlyexit.calibrate measured and chose; empty until it runs
 
 
 def backbone_fingerprint(model: GPT2) -> str:
@@ -143,7 +144,11 @@ class ExitHeads(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(directory / HEADS_WEIGHTS))
-        (directory / HEADS_CONFIG).write_text(json.dumps({"format": HEADS_FORMAT, **asdict(self.cfg)}, indent=2))
+        self.save_config(directory)
+
+    def save_config(self, directory: str | Path) -> None:
+        """Only exit_heads.json (thresholds, calibration): the weights stay as they are."""
+        (Path(directory) / HEADS_CONFIG).write_text(json.dumps({"format": HEADS_FORMAT, **asdict(self.cfg)}, indent=2))
 
 
 def heads_available(directory: str | Path) -> bool:
