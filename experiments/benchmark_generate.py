@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import PeerUnavailable, ggml_engine, ort_engine  # noqa: E402
 from common import DATA_HELP, our_engine, percentile, set_threads, stamp, test_split_files, write_results  # noqa: E402
 
 
@@ -53,6 +55,28 @@ def hf_engine(hf, eos: int):
     return run
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
+    names = [r["engine"] for r in rows][::-1]
+    med = [r["median_ms_per_token"] for r in rows][::-1]
+    p95 = [r["p95_ms_per_token"] for r in rows][::-1]
+    ax.barh(names, p95, color="lightgray", label="p95")
+    ax.barh(names, med, color="tab:blue", label="median")
+    for y, (m, r) in enumerate(zip(med, rows[::-1])):
+        ax.text(m, y, f" {m:.2f} ms ({r['speedup_median_ms']:.2f}× generate)", va="center", fontsize=8)
+    ax.set_xlabel("ms per generated token (batch 1)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Greedy decoding speed, same prompts, one run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="GPT-2 checkpoint directory (default: the embedded model)")
@@ -65,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-draft", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-peers", action="store_true", help="skip ONNX Runtime and GGML (reported as skipped)")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
@@ -80,7 +105,19 @@ def main(argv=None) -> int:
     model_dir = resolve_model_dir(args.model)
     hf, tok = load_hf_model(model_dir), load_tokenizer(model_dir)
     ours = GPT2.from_hf(hf)
-    engines = {"transformers generate": hf_engine(hf, tok.eos_token_id), "earlyexit full": our_engine(ours, tok, FullDepth())}
+    engines = {"transformers generate": hf_engine(hf, tok.eos_token_id)}
+    unavailable: dict[str, str] = {}
+    work = Path(tempfile.mkdtemp(prefix="earlyexit-peers-"))
+    for name, make in (("onnxruntime", lambda: ort_engine(ours, tok.eos_token_id, work, args.threads)),
+                       ("ggml (ctransformers)", lambda: ggml_engine(ours, tok, work, args.threads))):
+        if args.no_peers:
+            unavailable[name] = "skipped (--no-peers)"
+            continue
+        try:
+            engines[name] = make()
+        except PeerUnavailable as e:
+            unavailable[name] = str(e)
+    engines["earlyexit full"] = our_engine(ours, tok, FullDepth())
     thresholds = None
     if heads_available(model_dir):
         heads = load_heads(model_dir, ours)
@@ -93,7 +130,7 @@ def main(argv=None) -> int:
     for ids in prompts[:args.warmup]:
         for run in engines.values():
             run(ids, args.max_new_tokens)
-    acc = {name: {"tokens": 0, "seconds": 0.0, "step_ms": [], "identical": 0, "rouge": [], "layers": [], "drafted": 0, "accepted": 0}
+    acc = {name: {"tokens": 0, "seconds": 0.0, "step_ms": [], "identical": 0, "rouge": [], "rouge_vs_full": [], "layers": [], "drafted": 0, "accepted": 0}
            for name in engines}
     for _ in tqdm(range(args.repeats), desc="repeats"):
         for ex, ids in zip(examples, prompts):
@@ -112,8 +149,11 @@ def main(argv=None) -> int:
                     a["layers"] += completion.exit_layers
                     a["drafted"] += completion.speculation.get("drafted", 0)
                     a["accepted"] += completion.speculation.get("accepted", 0)
+            full_text = tok.decode(reference, skip_special_tokens=True)
             for name in engines:
-                acc[name]["identical"] += acc[name]["tokens_list"][-1] == reference
+                written = acc[name]["tokens_list"][-1]
+                acc[name]["identical"] += written == reference
+                acc[name]["rouge_vs_full"].append(rouge_l(tok.decode(written, skip_special_tokens=True), full_text) if full_text else float(not written))
     rows = []
     n_runs = args.repeats * len(prompts)
     for name, a in acc.items():
@@ -121,6 +161,7 @@ def main(argv=None) -> int:
             "engine": name, "tokens": a["tokens"], "seconds": a["seconds"], "tokens_per_s": a["tokens"] / a["seconds"],
             "median_ms_per_token": percentile(a["step_ms"], 50), "p95_ms_per_token": percentile(a["step_ms"], 95),
             "identical_to_full": a["identical"] / n_runs, "rouge_l": float(np.mean(a["rouge"])),
+            "rouge_l_vs_full": float(np.mean(a["rouge_vs_full"])),
             "mean_layers": float(np.mean(a["layers"])) if a["layers"] else float(ours.dims.n_layer),
             "acceptance_rate": a["accepted"] / a["drafted"] if a["drafted"] else None,
         })
@@ -128,22 +169,28 @@ def main(argv=None) -> int:
     for r in rows:
         r["speedup_tokens_per_s"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["speedup_median_ms"] = base["median_ms_per_token"] / r["median_ms_per_token"]
-    result = {"stamp": stamp(str(model_dir), vars(args)), "thresholds": thresholds and vars(thresholds), "rows": rows}
+    result = {"stamp": stamp(str(model_dir), vars(args)), "thresholds": thresholds and vars(thresholds), "rows": rows,
+              "unavailable": unavailable}
     L = ours.dims.n_layer
     table = [
         f"Greedy completion of {args.prompts} test-split prompts (≤ {args.max_prompt_tokens} tokens) × {args.repeats} repeats, "
         f"up to {args.max_new_tokens} new tokens, batch 1, {args.threads} threads; reference for ROUGE-L: the file's next "
         f"{args.max_new_tokens} tokens." + (f" Early-exit thresholds: exit {thresholds.exit}, stop {thresholds.stop}." if thresholds else ""),
         "",
-        "| engine | tokens/s | median ms/token | p95 ms/token | tokens/s vs generate | identical to full | ROUGE-L | mean layers (of "
-        f"{L}) | drafts accepted |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| engine | tokens/s | median ms/token | p95 ms/token | tokens/s vs generate | ms/token vs generate | identical to full | "
+        f"ROUGE-L vs reference | ROUGE-L vs full | mean layers (of {L}) | drafts accepted |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         accepted = f"{r['acceptance_rate']:.0%}" if r["acceptance_rate"] is not None else "-"
         table.append(f"| {r['engine']} | {r['tokens_per_s']:.1f} | {r['median_ms_per_token']:.2f} | {r['p95_ms_per_token']:.2f} | "
-                     f"{r['speedup_tokens_per_s']:.2f}× | {r['identical_to_full']:.0%} | {r['rouge_l']:.3f} | {r['mean_layers']:.2f} | {accepted} |")
+                     f"{r['speedup_tokens_per_s']:.2f}× | {r['speedup_median_ms']:.2f}× | {r['identical_to_full']:.0%} | {r['rouge_l']:.3f} | "
+                     f"{r['rouge_l_vs_full']:.3f} | {r['mean_layers']:.2f} | {accepted} |")
+    for name, why in unavailable.items():
+        table.append(f"| {name} | not run: {why} | | | | | | | | | |")
+    table += ["", "![median ms per token by engine](ms_per_token.png)"]
     out = write_results("benchmark_generate", result, "\n".join(table))
+    plot(rows, out / "ms_per_token.png")
     print("\n".join(table))
     print(f"wrote {out}")
     return 0
