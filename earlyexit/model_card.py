@@ -165,12 +165,46 @@ def evaluate(model_dir: Path, cfg: ModelCardConfig, log: Path | None = None) -> 
     result["token_completion"] = completion_metrics(model, tok, cuts, cfg.target_tokens, False, f"{cfg.target_tokens}-token completion")
     from .decoding import GenerationSettings, generate
 
-    result["samples"] = [
-        {"prompt": p, "completion": generate(model, tok, p, GenerationSettings(max_new_tokens=cfg.sample_max_new_tokens)).text}
-        for p in cfg.sample_prompts
-    ]
+    from .metrics import is_degenerate
+
+    result["samples"] = []
+    for prompt in cfg.sample_prompts:
+        c = generate(model, tok, prompt, GenerationSettings(max_new_tokens=cfg.sample_max_new_tokens))
+        result["samples"].append({"prompt": prompt, "completion": c.text, "degenerate": is_degenerate(c.token_ids)})
+    result["samples_degenerate_rate"] = sum(s["degenerate"] for s in result["samples"]) / max(1, len(result["samples"]))
+    throughput = Path(__file__).resolve().parents[1] / "experiments/results/train_throughput/results.json"
+    if throughput.is_file():  # a source checkout: the measured training-throughput choices
+        result["train_throughput"] = json.loads(throughput.read_text())["rows"]
     result["eval_seconds"] = time.time() - t0
     return result
+
+
+def schedule_lines(tc: dict) -> list[str]:
+    """The learning-rate schedule in words; a continued (re-warmed) run names both phases' configs."""
+    if tc.get("rewarm_at"):
+        return [
+            f"- Phase 1 (`configs/default_lm.yaml`): warm-up, cosine to step {tc['rewarm_at']:,}. Phase 2 "
+            f"(`configs/default_lm_continue.yaml`, `--resume`): re-warm from {tc['min_lr']:g} to {tc['lr']:g} over "
+            f"{tc['warmup_steps']} steps, stable, then linear decay over the last {tc.get('decay_steps', 0):,} steps to {tc['min_lr']:g} "
+            f"({tc.get('schedule', 'cosine')}); `checkpoint_stable.pt` keeps the end of the stable phase to train longer from.",
+            "- Reproduce: `python -m earlyexit.train_lm --config configs/default_lm.yaml`, then "
+            "`python -m earlyexit.train_lm --config configs/default_lm_continue.yaml --resume`.",
+        ]
+    return [f"- Peak LR {tc['lr']:g} after {tc['warmup_steps']} warm-up steps, {tc.get('schedule', 'cosine')} to {tc['min_lr']:g}.",
+            "- Reproduce: `python -m earlyexit.train_lm --config configs/default_lm.yaml` (add `--resume` to continue from the last checkpoint)."]
+
+
+def throughput_lines(rows: list[dict] | None) -> list[str]:
+    if not rows:
+        return []
+    out = ["", "Training throughput of the choices measured on this machine (`experiments/train_throughput.py`):", "",
+           "| choice | tokens/s |", "|---|---|"]
+    for row in rows:
+        name = row.get("variant")
+        rate = row.get("tokens_per_s") or row.get("tok_s")
+        if name is not None and rate is not None:
+            out.append(f"| {name} | {rate:,.0f} |")
+    return out
 
 
 def render_card(r: dict, has_plot: bool) -> str:
@@ -193,7 +227,9 @@ def render_card(r: dict, has_plot: bool) -> str:
         "## Data",
         f"- Sources: {', '.join(tc['sources'])} (the standard library and the installed packages' own `.py` files, read from disk).",
         f"- {stats['files_seen']:,} files seen; {stats['non_utf8_skipped']} not UTF-8 and {stats['too_large_skipped']} over 1 MB skipped; "
-        f"{stats['duplicates_skipped']} exact duplicates dropped (content hash); {stats['kept']:,} kept, {stats['bytes_kept'] / 1e6:.0f} MB.",
+        f"{stats['duplicates_skipped']} exact duplicates dropped (content hash)"
+        + (f", {stats['near_duplicates_dropped']} test files dropped as near-duplicates of train/validation files (most distinctive lines shared)"
+           if "near_duplicates_dropped" in stats else "") + f"; {stats['kept']:,} kept, {stats['bytes_kept'] / 1e6:.0f} MB.",
         f"- Split by a hash of each file's path: train {stats['per_split']['train']:,} files ({tokens['train'] / 1e6:.1f}M tokens), "
         f"validation {stats['per_split']['validation']} ({tokens['validation'] / 1e6:.2f}M), test {stats['per_split']['test']} ({tokens['test'] / 1e6:.2f}M).",
         f"- File list hash (sha256 of sorted `path<TAB>content-sha256` lines): `{stats['file_list_sha256']}`.",
@@ -201,11 +237,12 @@ def render_card(r: dict, has_plot: bool) -> str:
         "## Recipe",
         f"- {r['training']['step']:,} steps of {tc['batch_size']} × {tc['seq_len']} tokens (× {tc['grad_accum']} accumulation): "
         f"**{r['training']['tokens_seen'] / 1e6:.1f}M tokens seen**.",
-        f"- AdamW (fused, betas 0.9/0.95, weight decay {tc['weight_decay']}), peak LR {tc['lr']:g} after {tc['warmup_steps']} warm-up steps, "
-        f"cosine to {tc['min_lr']:g}; gradient clip {tc['grad_clip']}; bf16 autocast: {tc['bf16']}; `torch.compile`: {tc['compile']}.",
-        "- Reproduce: `python -m earlyexit.train_lm --config configs/default_lm.yaml` (add `--resume` to continue from the last checkpoint), "
-        "then copy `runs/default_lm/export/` into `earlyexit/default_model/` and run "
+        f"- AdamW (fused, betas 0.9/0.95, weight decay {tc['weight_decay']}), gradient clip {tc['grad_clip']}; bf16 autocast: {tc['bf16']}; "
+        f"`torch.compile`: {tc['compile']}.",
+        *schedule_lines(tc),
+        "- Then copy `runs/default_lm/export/` into `earlyexit/default_model/` and run "
         "`python -m earlyexit.model_card --model earlyexit/default_model --log runs/default_lm/log.jsonl`.",
+        *throughput_lines(r.get("train_throughput")),
         "",
         "## Held-out quality",
         "| split | loss (nats/token) | perplexity | next-token top-1 | tokens scored |",
@@ -225,9 +262,16 @@ def render_card(r: dict, has_plot: bool) -> str:
     ]
     if has_plot:
         lines += ["![validation curve](training_curve.png)", ""]
-    lines += ["## Ten sample completions", "", "Greedy, the prompt then the model's continuation after `⟨…⟩`:", ""]
+    lines += ["## Against the targets of issue #6", "", "| measure | target | this model |", "|---|---|---|",
+              f"| validation loss (nats/token) | ≤ 2.0 | {v['loss']:.3f} |",
+              f"| line completion exact match (healed) | ≥ 25% | {lc['exact_match']:.1%} |",
+              f"| line completion edit similarity (healed) | ≥ 0.60 | {lc['edit_similarity']:.3f} |",
+              f"| sample completions with degenerate repetition | 0 of {len(r['samples'])} | "
+              f"{sum(s.get('degenerate', False) for s in r['samples'])} of {len(r['samples'])} |", ""]
+    lines += ["## Ten sample completions", "", "Greedy, the prompt then the model's continuation after `⟨…⟩` "
+              "(*degenerate*: the last 8 tokens repeat a cycle of at most 4):", ""]
     for s in r["samples"]:
-        lines += ["```python", s["prompt"] + "⟨…⟩" + s["completion"], "```", ""]
+        lines += (["*degenerate*"] if s.get("degenerate") else []) + ["```python", s["prompt"] + "⟨…⟩" + s["completion"], "```", ""]
     lines += [
         "## Limits",
         "- A small model trained for about two hours on two CPU cores: it knows Python's surface and the idioms of the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from earlyexit.model_card import git_commit, machine
 
 RESULTS = Path(__file__).parent / "results"
+STARTED = time.time()  # the wall time a results file reports is counted from here (this module's import)
 
 
 def stamp(model: str, config: dict) -> dict:
@@ -42,6 +44,7 @@ def write_results(name: str, result: dict, table: str, root: Path | str | None =
     """results.json and results.md under <root or experiments/results>/<name>/ (root: tests write elsewhere)."""
     out = Path(root or os.environ.get("EARLYEXIT_RESULTS") or RESULTS) / name
     out.mkdir(parents=True, exist_ok=True)
+    result["stamp"]["wall_seconds"] = round(time.time() - STARTED, 1)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     header = f"<!-- written by experiments/{name}.py at commit {result['stamp']['commit']} on {result['stamp']['machine']} -->\n"
     (out / "results.md").write_text(header + table + "\n")

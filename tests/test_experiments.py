@@ -90,6 +90,11 @@ def test_threshold_sweep_limit_run(model_with_heads, tmp_path):
     assert all(r["speedup"] > 0 and 0 <= r["rouge_l"] <= 1 and isinstance(r["pareto"], bool) for r in rows.values())
     assert any(r["pareto"] for r in rows.values())
     assert (out / "pareto.png").stat().st_size > 0 and "layers skipped" in (out / "results.md").read_text()
+    import summarize
+
+    summary = summarize.section(tmp_path / "results")  # the README section is built from these files, not typed
+    assert "layers skipped at the chosen thresholds" in summary and "Stop analysis | [stop_analysis/results.md]" in summary
+    assert f"{rows[next(p for p in rows if p.startswith('chosen ('))]['layers_skipped']:.2f}/{L}" in summary
 
 
 def test_threshold_sweep_refuses_bad_threshold(model_with_heads, capsys):

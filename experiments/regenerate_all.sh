@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# After a new backbone ships in earlyexit/default_model: retrain its exit heads, recalibrate the exit
+# threshold, rewrite the model card and rerun every experiment, so nothing committed describes an older
+# model. About an hour on two cores; run it on a quiet machine (the timings are part of the results).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run() { echo "+ $*" >&2; "$@"; }
+run python -m earlyexit.train_heads --config configs/heads.yaml
+run python -m earlyexit.calibrate --config configs/calibrate.yaml
+log=()
+[ -f runs/default_lm/log.jsonl ] && log=(--log runs/default_lm/log.jsonl)
+run python -m earlyexit.model_card --model earlyexit/default_model --config configs/model_card.yaml "${log[@]}"
+run python experiments/per_layer_study.py --config configs/per_layer_study.yaml
+run python experiments/threshold_sweep.py --config configs/threshold_sweep.yaml
+run python experiments/stop_analysis.py --config configs/stop_analysis.yaml
+run python experiments/member_completion.py --config configs/member_completion.yaml
+run python experiments/benchmark_generate.py
+run python experiments/head_loss_ablation.py
+run python experiments/summarize.py
