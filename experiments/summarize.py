@@ -63,7 +63,7 @@ def study_rows(results: Path) -> list[str]:
 
 
 def section(results: Path) -> str:
-    out = ["## Results of the default model", "", *study_rows(results), ""]
+    out = ["### Results of the default model", "", *study_rows(results), ""]
     runs = [("per_layer_study", "Per-layer study (RQ1)"), ("threshold_sweep", "Threshold sweep (RQ2)"),
             ("stop_analysis", "Stop analysis"), ("member_completion", "Member completion"),
             ("benchmark_generate", "Speed against other engines"), ("head_loss_ablation", "Head-loss ablation")]
@@ -95,16 +95,20 @@ def section(results: Path) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> int:
-    readme = HERE / "README.md"
+def rewrite(readme: Path, body: str) -> None:
     text = readme.read_text()
     if START not in text or END not in text:
-        print(f"error: {readme} has no results markers", file=sys.stderr)
-        return 2
+        raise SystemExit(f"error: {readme} has no results markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(head + START + "\n" + section(HERE / "results") + "\n" + END + tail)
+    readme.write_text(head + START + "\n" + body + "\n" + END + tail)
     print(f"wrote the results section of {readme}")
+
+
+def main(argv=None) -> int:
+    body = section(HERE / "results")
+    for readme in (HERE / "README.md", HERE.parent / "README.md"):
+        rewrite(readme, body.replace("](results/", "](experiments/results/") if readme.parent != HERE else body)
     return 0
 
 
