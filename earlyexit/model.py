@@ -101,10 +101,18 @@ class Attention(nn.Module):
         k, v = kv.split(d, dim=-1)
         return self.split_heads(k), self.split_heads(v)
 
-    def forward(self, x_ln: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
+    def forward(self, x_ln: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention for T new tokens at positions pos..pos+T-1, writing their K/V into the cache.
+
+        `pos` is an int (every row at the same position) or a (B,) tensor of per-row positions
+        (batched decoding, rows at different lengths); `rows` then names the cache rows these B
+        inputs belong to (a batch whose finished or exited rows no longer run this layer).
+        """
         B, T, d = x_ln.shape
         q, k, v = self.c_attn(x_ln).split(d, dim=-1)
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, nh, T, hs)
+        if isinstance(pos, torch.Tensor):
+            return self.c_proj(self._ragged(q, k, v, k_cache, v_cache, pos, rows).transpose(1, 2).reshape(B, T, d))
         k_cache[:, :, pos:pos + T] = k
         v_cache[:, :, pos:pos + T] = v
         keys, values = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]  # (B, nh, pos+T, hs)
@@ -116,6 +124,18 @@ class Attention(nn.Module):
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x_ln.device).tril(diagonal=pos)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, d))  # (B, T, d)
+
+    def _ragged(self, q, k, v, k_cache, v_cache, pos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Per-row positions: row b's tokens go to slots pos[b].. of cache row rows[b] and see keys up to their own slot."""
+        B, _, T, _ = q.shape
+        rows = torch.arange(B, device=q.device) if rows is None else rows
+        slots = pos[:, None] + torch.arange(T, device=q.device)  # (B, T)
+        k_cache[rows[:, None], :, slots] = k.transpose(1, 2)  # (B, T, nh, hs) into (B, T) cache cells
+        v_cache[rows[:, None], :, slots] = v.transpose(1, 2)
+        S = int(slots.max()) + 1
+        keys, values = k_cache[rows, :, :S], v_cache[rows, :, :S]  # (B, nh, S, hs)
+        mask = torch.arange(S, device=q.device)[None, None, :] <= slots[:, :, None]  # (B, T, S)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=self.scale)  # (B, nh, T, hs)
 
 
 class MLP(nn.Module):
@@ -137,16 +157,16 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(dims.n_embd, eps=dims.layer_norm_epsilon)
         self.mlp = MLP(dims)
 
-    def branches(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def branches(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual stream after attention, MLP branch output): the block's output is their sum.
 
         Split so the exit check can fuse that last add with its own work (earlyexit.kernels.layer_check).
         """
-        x = x + self.attn(self.ln_1(x), k_cache, v_cache, pos)
+        x = x + self.attn(self.ln_1(x), k_cache, v_cache, pos, rows)
         return x, self.mlp(self.ln_2(x))
 
-    def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
-        x, mlp_out = self.branches(x, k_cache, v_cache, pos)
+    def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos, rows=None) -> torch.Tensor:
+        x, mlp_out = self.branches(x, k_cache, v_cache, pos, rows)
         return x + mlp_out
 
 
@@ -201,19 +221,19 @@ class GPT2(nn.Module):
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
         return KVCache(self.dims, batch, capacity or self.dims.n_positions, self.dtype, self.device)
 
-    def embed(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        """Token plus position embeddings of `ids` (B, T) placed at positions pos..pos+T-1."""
+    def embed(self, ids: torch.Tensor, pos) -> torch.Tensor:
+        """Token plus position embeddings of `ids` (B, T) placed at positions pos..pos+T-1 (pos: int or (B,) per row)."""
         T = ids.shape[1]
-        positions = torch.arange(pos, pos + T, device=ids.device)
+        positions = torch.arange(T, device=ids.device) + (pos[:, None] if isinstance(pos, torch.Tensor) else pos)
         return self.wte(ids) + self.wpe(positions)  # (B, T, d)
 
-    def block(self, layer: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        """Run block `layer` on x (B, T, d), writing its K/V at pos..pos+T-1."""
-        return self.h[layer](x, cache.k[layer], cache.v[layer], pos)
+    def block(self, layer: int, x: torch.Tensor, cache: KVCache, pos, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Run block `layer` on x (B, T, d), writing its K/V at pos..pos+T-1 (of cache rows `rows`, when given)."""
+        return self.h[layer](x, cache.k[layer], cache.v[layer], pos, rows)
 
-    def block_branches(self, layer: int, x: torch.Tensor, cache: KVCache, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def block_branches(self, layer: int, x: torch.Tensor, cache: KVCache, pos, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Block `layer` without its final residual add: (x after attention, MLP output), each (B, T, d)."""
-        return self.h[layer].branches(x, cache.k[layer], cache.v[layer], pos)
+        return self.h[layer].branches(x, cache.k[layer], cache.v[layer], pos, rows)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final layer norm and vocabulary projection: (..., d) -> (..., V)."""

@@ -9,7 +9,10 @@
   `earlyexit.kernels.layer_check` (block's last residual add + classifier, fused on GPU).
 
 A policy sees one token (B = 1) at a time and returns a `StepResult`: the next-token
-logits, how many blocks ran, and whether to stop.
+logits, how many blocks ran, and whether to stop. For batched decoding
+(`earlyexit.batch.generate_batch`) `prefill_batch` and `step_batch` do the same for B rows
+at their own positions and return a `BatchStep`: under early exit each row exits or stops
+on its own, and a layer runs only on the rows still in it.
 """
 
 from __future__ import annotations
@@ -29,10 +32,34 @@ class StepResult:
     stop: bool = False
 
 
+@dataclass
+class BatchStep:
+    logits: torch.Tensor  # (B, V); a stopped row's is meaningless
+    layers: list[int]  # per row, the blocks it ran through
+    stop: list[bool]  # per row, whether the controller stopped it
+
+
 class FullDepth:
     """Every block, every token."""
 
     name = "full"
+
+    @torch.inference_mode()
+    def prefill_batch(self, model: GPT2, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> BatchStep:
+        """Right-padded prompts ids (B, T) of `lengths`: the logits after each row's last real token."""
+        h = model.hidden(ids, cache, 0)
+        B = ids.shape[0]
+        return BatchStep(model.logits(h[torch.arange(B), lengths - 1]), [model.dims.n_layer] * B, [False] * B)
+
+    @torch.inference_mode()
+    def step_batch(self, model: GPT2, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor, prev_layers: torch.Tensor,
+                   rows: torch.Tensor) -> BatchStep:
+        """One token per row, tokens (B, 1) at per-row positions `pos` of cache rows `rows`."""
+        x = model.embed(tokens, pos)
+        for layer in range(model.dims.n_layer):
+            x = model.block(layer, x, cache, pos, rows)
+        B = tokens.shape[0]
+        return BatchStep(model.logits(x[:, -1]), [model.dims.n_layer] * B, [False] * B)
 
     @torch.inference_mode()
     def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> StepResult:
@@ -62,20 +89,24 @@ class EarlyExit:
 
         x_mid, mlp_out: (1, d). Returns the block output h (1, d) and action probabilities (3,).
         """
+        h, probs = self.check_rows(layer, x_mid, mlp_out, prev_layers)
+        return h, probs[0]
+
+    def check_rows(self, layer: int, x_mid: torch.Tensor, mlp_out: torch.Tensor, prev_layers) -> tuple[torch.Tensor, torch.Tensor]:
+        """`check` for B rows: x_mid, mlp_out (B, d), prev_layers an int or (B,) -> h (B, d), probabilities (B, 3)."""
         from .kernels import layer_check
 
         heads = self.heads
         extra = heads.extra_bias(layer, prev_layers).expand(x_mid.shape[0], -1)
-        h, probs = layer_check(x_mid, mlp_out, heads.cls_ln.weight, heads.cls_ln.bias, heads.cls.weight, heads.cls.bias,
-                               extra, heads.cls_ln.eps, backend=self.kernel_backend)
-        return h, probs[0]
+        return layer_check(x_mid, mlp_out, heads.cls_ln.weight, heads.cls_ln.bias, heads.cls.weight, heads.cls.bias,
+                           extra, heads.cls_ln.eps, backend=self.kernel_backend)
 
-    def decide(self, probs: torch.Tensor, allow_exit: bool) -> int | None:
-        """EXIT, STOP or None (continue) from the action probabilities (3,).
+    def decide(self, probs, allow_exit: bool) -> int | None:
+        """EXIT, STOP or None (continue) from the action probabilities (3,) (a tensor or a list).
 
         The one host sync of the layer: three floats come back, the comparisons are Python's.
         """
-        p = probs.tolist()
+        p = probs.tolist() if isinstance(probs, torch.Tensor) else probs
         action = max(range(3), key=p.__getitem__)
         if action == STOP and p[STOP] > self.thresholds.stop:
             return STOP
@@ -112,3 +143,53 @@ class EarlyExit:
                 state_copy(h, self.state_copy_weights, cache.k, cache.v, layer + 1, L - layer - 1, pos, backend=self.kernel_backend)
                 return StepResult(self.heads.head_logits(layer, h, model), layer + 1)
         return StepResult(model.logits(x[:, -1]), L)
+
+    @torch.inference_mode()
+    def prefill_batch(self, model: GPT2, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> BatchStep:
+        """`prefill` for right-padded prompts: every block runs on every row; each row's last real token may stop it."""
+        B, L = ids.shape[0], model.dims.n_layer
+        batch, last = torch.arange(B), lengths - 1
+        stopped = [False] * B
+        x = model.embed(ids, 0)
+        for layer in range(L):
+            x_mid, mlp_out = model.block_branches(layer, x, cache, 0)
+            _, probs = self.check_rows(layer, x_mid[batch, last], mlp_out[batch, last], 0)
+            x = x_mid + mlp_out
+            for b, p in enumerate(probs.tolist()):
+                stopped[b] = stopped[b] or self.decide(p, allow_exit=False) == STOP
+        return BatchStep(model.logits(x[batch, last]), [L] * B, stopped)
+
+    @torch.inference_mode()
+    def step_batch(self, model: GPT2, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor, prev_layers: torch.Tensor,
+                   rows: torch.Tensor) -> BatchStep:
+        """`step` for B rows at their own positions: after each block, rows that exit or stop leave the batch."""
+        from .kernels import state_copy
+
+        B, L = tokens.shape[0], model.dims.n_layer
+        logits = torch.empty(B, model.dims.vocab_size, dtype=model.dtype, device=model.device)
+        layers, stop = [L] * B, [False] * B
+        live = torch.arange(B, device=tokens.device)  # rows of this batch still running
+        x = model.embed(tokens, pos)
+        for layer in range(L):
+            x_mid, mlp_out = model.block_branches(layer, x, cache, pos[live], rows[live])
+            h, probs = self.check_rows(layer, x_mid[:, -1], mlp_out[:, -1], prev_layers[live])  # h: (live, d)
+            stay, leave = [], []
+            for i, p in enumerate(probs.tolist()):
+                action = self.decide(p, allow_exit=layer < L - 1)
+                (stay if action is None else leave).append(i)
+                if action is not None:
+                    b = int(live[i])
+                    layers[b], stop[b] = layer + 1, action == STOP
+            exits = [i for i in leave if not stop[int(live[i])]]
+            if exits:
+                e = torch.tensor(exits, device=h.device)
+                out = live[e]
+                state_copy(h[e], self.state_copy_weights, cache.k, cache.v, layer + 1, L - layer - 1, pos[out], rows=rows[out])
+                logits[out] = self.heads.head_logits(layer, h[e], model)
+            keep = torch.tensor(stay, dtype=torch.long, device=h.device)
+            live, x = live[keep], h[keep][:, None]
+            if not len(live):
+                break
+        if len(live):
+            logits[live] = model.logits(x[:, -1])
+        return BatchStep(logits, layers, stop)

@@ -56,11 +56,19 @@ def layer_check(x, delta, ln_weight, ln_bias, cls_weight, cls_bias, extra_bias=N
     return layer_check_reference(x, delta, ln_weight, ln_bias, cls_weight, cls_bias, extra_bias, eps)
 
 
-def state_copy(h, weights: StateCopyWeights, k_cache, v_cache, first_layer: int, n_layers: int, pos: int, backend: str = "auto", **launch) -> None:
-    """Fill layers first_layer..first_layer+n_layers-1 of the caches at `pos` from the exit hidden state h."""
-    if _choose("state_copy", h, backend) == "triton":
+def state_copy(h, weights: StateCopyWeights, k_cache, v_cache, first_layer: int, n_layers: int, pos, backend: str = "auto",
+               rows=None, **launch) -> None:
+    """Fill layers first_layer..first_layer+n_layers-1 of the caches at `pos` from the exit hidden state h.
+
+    Per-row positions (`pos` a (B,) tensor, `rows` the cache rows) take the reference path: the
+    kernel writes one position for all rows.
+    """
+    ragged = isinstance(pos, torch.Tensor) or rows is not None
+    if not ragged and _choose("state_copy", h, backend) == "triton":
         return state_copy_triton(h, weights, k_cache, v_cache, first_layer, n_layers, pos, **launch)
-    return state_copy_reference(h, weights, k_cache, v_cache, first_layer, n_layers, pos)
+    if ragged:
+        last_backend["state_copy"] = "torch"
+    return state_copy_reference(h, weights, k_cache, v_cache, first_layer, n_layers, pos, rows)
 
 
 __all__ = [

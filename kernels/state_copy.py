@@ -44,16 +44,27 @@ def stack_state_copy_weights(blocks) -> StateCopyWeights:
     )
 
 
-def state_copy_reference(h, weights: StateCopyWeights, k_cache, v_cache, first_layer: int, n_layers: int, pos: int) -> None:
-    """Write K/V of layers first_layer..first_layer+n_layers-1 at `pos` for every row of h (B, d)."""
+def state_copy_reference(h, weights: StateCopyWeights, k_cache, v_cache, first_layer: int, n_layers: int, pos, rows=None) -> None:
+    """Write K/V of layers first_layer..first_layer+n_layers-1 at `pos` for every row of h (B, d).
+
+    Batched decoding passes `pos` as a (B,) tensor of per-row positions and `rows`, the cache
+    rows h's rows belong to.
+    """
     B, d = h.shape
     nh, hs = k_cache.shape[2], k_cache.shape[4]
+    if isinstance(pos, torch.Tensor) or rows is not None:
+        rows = torch.arange(B, device=h.device) if rows is None else rows
+        pos = pos if isinstance(pos, torch.Tensor) else torch.full_like(rows, pos)
     for layer in range(first_layer, first_layer + n_layers):
         z = F.layer_norm(h.float(), (d,), weights.ln_weight[layer].float(), weights.ln_bias[layer].float(), weights.eps)
         kv = z @ weights.kv_weight[layer].float().t() + weights.kv_bias[layer].float()  # (B, 2d)
         k, v = kv.split(d, dim=-1)
-        k_cache[layer, :, :, pos] = k.view(B, nh, hs).to(k_cache.dtype)
-        v_cache[layer, :, :, pos] = v.view(B, nh, hs).to(v_cache.dtype)
+        if rows is None:
+            k_cache[layer, :, :, pos] = k.view(B, nh, hs).to(k_cache.dtype)
+            v_cache[layer, :, :, pos] = v.view(B, nh, hs).to(v_cache.dtype)
+        else:
+            k_cache[layer, rows, :, pos] = k.view(B, nh, hs).to(k_cache.dtype)
+            v_cache[layer, rows, :, pos] = v.view(B, nh, hs).to(v_cache.dtype)
 
 
 @triton.jit

@@ -1,0 +1,110 @@
+"""Batched greedy decoding, for evaluation throughput: B prompts at once, each row its own completion.
+
+`generate_batch` takes what `generate` takes, with a list of prompts, and returns one
+`Completion` per prompt, equal row for row to what `generate` returns for that prompt
+alone (tested). Prompts are right-padded into one prefill; every later step runs the
+rows still writing, each at its own position of its own cache row, so rows of different
+lengths never shift each other's positions. Under early exit a row exits or stops on its
+own and a layer runs only on the rows still in it; a finished row leaves the batch.
+
+Lossless mode drafts and verifies a different number of tokens per row per round, which
+this loop does not schedule: it is refused here (use `generate`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+
+from .decoding import Completion, GenerationSettings, Transcript, encode_prompt, fit_context
+from .errors import EarlyExitError
+from .model import GPT2
+from .policies import FullDepth
+
+
+def _prepare(tokenizer, model: GPT2, prompt, settings: GenerationSettings):
+    """One row's prompt ids (context-checked, healed) with its healed prefix, allowed first tokens and truncation."""
+    ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise EarlyExitError("prompt is empty: give at least one token to complete")
+    ids, dropped = fit_context(ids, model, settings)
+    healed, allowed = "", None
+    if settings.token_healing:
+        from .healing import heal
+
+        ids, healed, allowed = heal(ids, tokenizer)
+    return ids, healed, allowed, dropped
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: GPT2,
+    tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    settings: GenerationSettings | None = None,
+    logits_processor=None,
+    stopping_criteria=None,
+    policy=None,
+) -> list[Completion]:
+    settings = settings or GenerationSettings()
+    policy = policy or FullDepth()
+    if getattr(policy, "speculative", False):
+        raise EarlyExitError(f"{policy.name} mode drafts a different number of tokens per row: decode one prompt at a time with generate")
+    if not hasattr(policy, "step_batch"):
+        raise EarlyExitError(f"policy {type(policy).__name__} has no batched step")
+    if isinstance(prompts, str) or not len(prompts):
+        raise EarlyExitError("generate_batch takes a non-empty list of prompts (use generate for one)")
+    rows = [_prepare(tokenizer, model, p, settings) for p in prompts]
+    B = len(rows)
+    lengths = torch.tensor([len(r[0]) for r in rows], device=model.device)
+    padded = torch.full((B, int(lengths.max())), tokenizer.eos_token_id, dtype=torch.long, device=model.device)
+    for b, (ids, *_) in enumerate(rows):
+        padded[b, :len(ids)] = torch.tensor(ids)
+    cache = model.new_cache(batch=B, capacity=int(lengths.max()) + settings.max_new_tokens)
+    transcripts = [Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria, healed)
+                   for ids, healed, _, _ in rows]
+    finish: list[str | None] = [None] * B
+    token_ms: list[list[float]] = [[] for _ in range(B)]
+
+    def write(b: int, logits: torch.Tensor, layers: int, stopped: bool, ms: float | None) -> None:
+        if stopped:
+            finish[b] = "stop"
+            return
+        t = transcripts[b]
+        if logits_processor is not None:
+            logits = logits_processor(t.input_ids, logits)
+        finish[b] = t.write(int(logits.argmax(-1)), layers, logits)
+        if ms is not None:
+            token_ms[b].append(ms)
+
+    t0 = time.perf_counter()
+    first = policy.prefill_batch(model, padded, lengths, cache)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    for b, (_, _, allowed, _) in enumerate(rows):
+        logits = first.logits[b:b + 1]
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+        write(b, logits, first.layers[b], first.stop[b], None)
+    while True:
+        live = [b for b in range(B) if finish[b] is None]
+        if not live:
+            break
+        t0 = time.perf_counter()
+        step = policy.step_batch(
+            model,
+            torch.tensor([[transcripts[b].new[-1]] for b in live], device=model.device),
+            cache,
+            torch.tensor([transcripts[b].input_ids.shape[1] - 1 for b in live], device=model.device),
+            torch.tensor([transcripts[b].layers[-1] for b in live], device=model.device),
+            torch.tensor(live, device=model.device),
+        )
+        ms = (time.perf_counter() - t0) * 1e3
+        for i, b in enumerate(live):
+            write(b, step.logits[i:i + 1], step.layers[i], step.stop[i], ms)
+    return [
+        Completion(text=t.final_text(), token_ids=t.new, prompt_tokens=len(ids), finish_reason=finish[b], exit_layers=t.layers,
+                   prefill_ms=prefill_ms, token_ms=token_ms[b], prompt_truncated_tokens=dropped, healed_prefix=healed)
+        for b, (t, (ids, healed, _, dropped)) in enumerate(zip(transcripts, rows))
+    ]
