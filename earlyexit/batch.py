@@ -18,24 +18,10 @@ from typing import Sequence
 
 import torch
 
-from .decoding import Completion, GenerationSettings, Transcript, encode_prompt, fit_context
+from .decoding import Completion, GenerationSettings, Transcript, prepare_prompt
 from .errors import EarlyExitError
 from .model import GPT2
 from .policies import FullDepth
-
-
-def _prepare(tokenizer, model: GPT2, prompt, settings: GenerationSettings):
-    """One row's prompt ids (context-checked, healed) with its healed prefix, allowed first tokens and truncation."""
-    ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids:
-        raise EarlyExitError("prompt is empty: give at least one token to complete")
-    ids, dropped = fit_context(ids, model, settings)
-    healed, allowed = "", None
-    if settings.token_healing:
-        from .healing import heal
-
-        ids, healed, allowed = heal(ids, tokenizer)
-    return ids, healed, allowed, dropped
 
 
 @torch.inference_mode()
@@ -56,7 +42,7 @@ def generate_batch(
         raise EarlyExitError(f"policy {type(policy).__name__} has no batched step")
     if isinstance(prompts, str) or not len(prompts):
         raise EarlyExitError("generate_batch takes a non-empty list of prompts (use generate for one)")
-    rows = [_prepare(tokenizer, model, p, settings) for p in prompts]
+    rows = [prepare_prompt(tokenizer, model, p, settings) for p in prompts]
     B = len(rows)
     lengths = torch.tensor([len(r[0]) for r in rows], device=model.device)
     padded = torch.full((B, int(lengths.max())), tokenizer.eos_token_id, dtype=torch.long, device=model.device)

@@ -98,6 +98,21 @@ def fit_context(ids: list[int], model: GPT2, settings: GenerationSettings) -> tu
     return ids[dropped:], dropped
 
 
+def prepare_prompt(tokenizer, model: GPT2, prompt, settings: GenerationSettings):
+    """A prompt's ids, checked against the context (or left-truncated) and healed when asked:
+    (ids, healed prefix text, allowed first tokens or None, tokens truncated)."""
+    ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise EarlyExitError("prompt is empty: give at least one token to complete")
+    ids, dropped = fit_context(ids, model, settings)
+    healed, allowed = "", None
+    if settings.token_healing:
+        from .healing import heal
+
+        ids, healed, allowed = heal(ids, tokenizer)
+    return ids, healed, allowed, dropped
+
+
 @torch.inference_mode()
 def prefill(model: GPT2, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run the prompt (B, T) through every block at positions 0..T-1: next-token logits (B, V)."""
@@ -179,15 +194,7 @@ def generate(
     """
     settings = settings or GenerationSettings()
     policy = policy or FullDepth()
-    ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids:
-        raise EarlyExitError("prompt is empty: give at least one token to complete")
-    ids, dropped = fit_context(ids, model, settings)
-    healed, allowed = "", None
-    if settings.token_healing:
-        from .healing import heal
-
-        ids, healed, allowed = heal(ids, tokenizer)
+    ids, healed, allowed, dropped = prepare_prompt(tokenizer, model, prompt, settings)
     speculative = getattr(policy, "speculative", False)
     if speculative and logits_processor is not None:
         raise EarlyExitError(f"logits processors change greedy tokens, which {policy.name} mode must reproduce: use full or early-exit")
