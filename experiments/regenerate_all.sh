@@ -15,5 +15,6 @@ run python experiments/threshold_sweep.py --config configs/threshold_sweep.yaml
 run python experiments/stop_analysis.py --config configs/stop_analysis.yaml
 run python experiments/member_completion.py --config configs/member_completion.yaml
 run python experiments/benchmark_generate.py
+run python experiments/decode_profile.py
 run python experiments/head_loss_ablation.py
 run python experiments/summarize.py

@@ -66,7 +66,8 @@ def section(results: Path) -> str:
     out = ["### Results of the default model", "", *study_rows(results), ""]
     runs = [("per_layer_study", "Per-layer study (RQ1)"), ("threshold_sweep", "Threshold sweep (RQ2)"),
             ("stop_analysis", "Stop analysis"), ("member_completion", "Member completion"),
-            ("benchmark_generate", "Speed against other engines"), ("head_loss_ablation", "Head-loss ablation")]
+            ("benchmark_generate", "Speed against other engines"), ("decode_profile", "Decode-step profile, torch.compile"),
+            ("head_loss_ablation", "Head-loss ablation")]
     out += ["| experiment | results | how it ran |", "|---|---|---|"]
     for name, title in runs:
         r = load(results, name)

@@ -167,3 +167,13 @@ def test_scripts_take_other_evaluation_data(model_with_heads, tmp_path):
     result = _json.loads((tmp_path / "results/member_completion/results.json").read_text())
     assert result["stamp"]["config"]["data"] == str(tmp_path / "eval.jsonl") and result["sites_found"] + result["merged_with_dot_skipped"] == 12
     assert member_completion.main(["--model", str(model_with_heads), "--data", str(tmp_path / "none.jsonl")]) == 2
+
+
+def test_decode_profile_limit_run(model_with_heads, tmp_path):
+    import decode_profile
+
+    assert decode_profile.main(["--model", str(model_with_heads), "--no-compile", "--tokens", "3", "--rounds", "1", "--threads", "1"]) == 0
+    result = json.loads((tmp_path / "results/decode_profile/results.json").read_text())
+    assert [r["variant"].split(" (")[0] for r in result["rows"]] == ["eager full-depth step", "early-exit step"]
+    assert result["rows"][0]["vs_eager"] == 1.0 and all(r["median_ms"] > 0 for r in result["rows"])
+    assert result["profile_top_ops"] and abs(sum(t["share"] for t in result["profile_top_ops"])) <= 1.0 + 1e-9
