@@ -59,8 +59,9 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     model_dir = resolve_model_dir(args.model)
     model, tok = load_runtime_model(model_dir)
-    example = token_cut_examples(test_split_files(model_dir), tok, 1, target_tokens=8, max_prompt_tokens=200, seed=0)[0]
-    ids = torch.tensor([tok.encode(example.prompt)[-200:]])
+    room = min(200, model.dims.n_positions - max(args.tokens, 20) - 1)  # prompt + decoded tokens fit the context
+    example = token_cut_examples(test_split_files(model_dir), tok, 1, target_tokens=8, max_prompt_tokens=room, seed=0)[0]
+    ids = torch.tensor([tok.encode(example.prompt)[-room:]])
 
     @torch.inference_mode()
     def eager(token, cache, pos, prev):
