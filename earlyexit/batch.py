@@ -7,8 +7,9 @@ rows still writing, each at its own position of its own cache row, so rows of di
 lengths never shift each other's positions. Under early exit a row exits or stops on its
 own and a layer runs only on the rows still in it; a finished row leaves the batch.
 
-Lossless mode drafts and verifies a different number of tokens per row per round, which
-this loop does not schedule: it is refused here (use `generate`).
+Lossless mode runs its own batched rounds (`Lossless.run_batch`): rows draft together
+for as long as each row's own draft length allows, then every row's window is verified in
+one full-depth pass at its own positions.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ def generate_batch(
 ) -> list[Completion]:
     settings = settings or GenerationSettings()
     policy = policy or FullDepth()
-    if getattr(policy, "speculative", False):
-        raise EarlyExitError(f"{policy.name} mode drafts a different number of tokens per row: decode one prompt at a time with generate")
-    if not hasattr(policy, "step_batch"):
+    speculative = getattr(policy, "speculative", False)
+    if speculative and logits_processor is not None:
+        raise EarlyExitError(f"logits processors change greedy tokens, which {policy.name} mode must reproduce: use full or early-exit")
+    if not hasattr(policy, "step_batch" if not speculative else "run_batch"):
         raise EarlyExitError(f"policy {type(policy).__name__} has no batched step")
     if isinstance(prompts, str) or not len(prompts):
         raise EarlyExitError("generate_batch takes a non-empty list of prompts (use generate for one)")
@@ -48,7 +50,7 @@ def generate_batch(
     padded = torch.full((B, int(lengths.max())), tokenizer.eos_token_id, dtype=torch.long, device=model.device)
     for b, (ids, *_) in enumerate(rows):
         padded[b, :len(ids)] = torch.tensor(ids)
-    cache = model.new_cache(batch=B, capacity=int(lengths.max()) + settings.max_new_tokens)
+    cache = model.new_cache(batch=B, capacity=int(lengths.max()) + settings.max_new_tokens + getattr(policy, "max_draft", 0) + 1)
     transcripts = [Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria, healed)
                    for ids, healed, _, _ in rows]
     finish: list[str | None] = [None] * B
@@ -68,12 +70,18 @@ def generate_batch(
     t0 = time.perf_counter()
     first = policy.prefill_batch(model, padded, lengths, cache)
     prefill_ms = (time.perf_counter() - t0) * 1e3
+    first_logits = first.logits.clone()
     for b, (_, _, allowed, _) in enumerate(rows):
-        logits = first.logits[b:b + 1]
         if allowed is not None:
-            logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
-        write(b, logits, first.layers[b], first.stop[b], None)
-    while True:
+            first_logits[b] = first_logits[b].masked_fill(~allowed.to(first_logits.device), float("-inf"))
+    stats: list[dict] = [{} for _ in range(B)]
+    if speculative:
+        for b, (reason, ms, row_stats) in enumerate(policy.run_batch(model, cache, transcripts, first_logits)):
+            finish[b], token_ms[b], stats[b] = reason, ms, row_stats
+    else:
+        for b in range(B):
+            write(b, first_logits[b:b + 1], first.layers[b], first.stop[b], None)
+    while not speculative:
         live = [b for b in range(B) if finish[b] is None]
         if not live:
             break
@@ -91,6 +99,6 @@ def generate_batch(
             write(b, step.logits[i:i + 1], step.layers[i], step.stop[i], ms)
     return [
         Completion(text=t.final_text(), token_ids=t.new, prompt_tokens=len(ids), finish_reason=finish[b], exit_layers=t.layers,
-                   prefill_ms=prefill_ms, token_ms=token_ms[b], prompt_truncated_tokens=dropped, healed_prefix=healed)
+                   prefill_ms=prefill_ms, token_ms=token_ms[b], prompt_truncated_tokens=dropped, speculation=stats[b], healed_prefix=healed)
         for b, (t, (ids, healed, _, dropped)) in enumerate(zip(transcripts, rows))
     ]

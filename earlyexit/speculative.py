@@ -92,3 +92,72 @@ class Lossless:
         stats = {"drafted": drafted, "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else None,
                  "rounds": rounds, "max_draft": self.max_draft, "adaptive": self.adaptive}
         return finish, token_ms[: max(0, len(transcript.new) - 1)], stats
+
+    # ------------------------------------------------------------------ batched
+
+    def prefill_batch(self, model: GPT2, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache):
+        return FullDepth().prefill_batch(model, ids, lengths, cache)
+
+    @torch.inference_mode()
+    def run_batch(self, model: GPT2, cache: KVCache, transcripts: list, first_logits: torch.Tensor) -> list[tuple]:
+        """`run` for B rows at once (row b is cache row b): per row (finish reason, ms per token, statistics).
+
+        Every row keeps its own draft length, budget and statistics, exactly as `run` would
+        alone; a round drafts with the rows still drafting (a row leaves at its draft count or
+        an EOS), then verifies every row's window in one ragged full-depth pass.
+        """
+        L, B = model.dims.n_layer, len(transcripts)
+        device = model.device
+        eos = transcripts[0].tokenizer.eos_token_id
+        finish = [t.write(int(first_logits[b].argmax(-1)), L) for b, t in enumerate(transcripts)]
+        k = [self.max_draft] * B
+        drafted, accepted, rounds = [0] * B, [0] * B, [0] * B
+        token_ms: list[list[float]] = [[] for _ in range(B)]
+        while any(f is None for f in finish):
+            t0 = time.perf_counter()
+            live = [b for b in range(B) if finish[b] is None]
+            pos = {b: transcripts[b].input_ids.shape[1] - 1 for b in live}
+            want = {b: min(k[b], transcripts[b].settings.max_new_tokens - len(transcripts[b].new)) for b in live}
+            drafts = {b: [] for b in live}
+            layers = {b: [] for b in live}
+            last = {b: transcripts[b].new[-1] for b in live}
+            prev = {b: transcripts[b].layers[-1] for b in live}
+            drafting = [b for b in live if want[b] > 0]
+            while drafting:
+                step = self.drafter.step_batch(
+                    model, torch.tensor([[last[b]] for b in drafting], device=device), cache,
+                    torch.tensor([pos[b] + len(drafts[b]) for b in drafting], device=device),
+                    torch.tensor([prev[b] for b in drafting], device=device), torch.tensor(drafting, device=device))
+                for i, b in enumerate(drafting):
+                    token = int(step.logits[i].argmax(-1))
+                    drafts[b].append(token)
+                    layers[b].append(step.layers[i])
+                    last[b], prev[b] = token, step.layers[i]
+                drafting = [b for b in drafting if len(drafts[b]) < want[b] and drafts[b][-1] != eos]
+            width = 1 + max(len(drafts[b]) for b in live)
+            window = torch.full((len(live), width), eos, dtype=torch.long, device=device)  # padding past a row's window is overwritten later
+            for i, b in enumerate(live):
+                window[i, :1 + len(drafts[b])] = torch.tensor([transcripts[b].new[-1], *drafts[b]])
+            starts = torch.tensor([pos[b] for b in live], device=device)
+            rows = torch.tensor(live, device=device)
+            x = model.embed(window, starts)
+            for layer in range(L):
+                x = model.block(layer, x, cache, starts, rows)
+            truth = model.logits(x).argmax(-1).tolist()  # (live, width): the full model's token after each
+            elapsed = (time.perf_counter() - t0) * 1e3
+            for i, b in enumerate(live):
+                d, g = drafts[b], truth[i]
+                m = next((j for j, (a, t) in enumerate(zip(d, g)) if a != t), len(d))
+                written = 0
+                for token, used in [*zip(d[:m], layers[b][:m]), (g[m], L)]:
+                    finish[b] = transcripts[b].write(token, used)
+                    written += 1
+                    if finish[b] is not None:
+                        break
+                drafted[b], accepted[b], rounds[b] = drafted[b] + len(d), accepted[b] + m, rounds[b] + 1
+                if self.adaptive:
+                    k[b] = min(self.max_draft, k[b] + 1) if m == len(d) else max(1, m + 1)
+                token_ms[b] += [elapsed / written] * written
+        return [(finish[b], token_ms[b][: max(0, len(transcripts[b].new) - 1)],
+                 {"drafted": drafted[b], "accepted": accepted[b], "acceptance_rate": accepted[b] / drafted[b] if drafted[b] else None,
+                  "rounds": rounds[b], "max_draft": self.max_draft, "adaptive": self.adaptive}) for b in range(B)]

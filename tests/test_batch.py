@@ -68,10 +68,28 @@ def test_batch_keeps_settings_per_row(tiny_tokenizer):
     assert all(c.finish_reason in ("stop_string", "max_tokens", "eos") for c in out)
 
 
+@pytest.mark.parametrize("seed,max_draft", [(0, 1), (1, 2), (2, 4), (3, 8)])
+def test_lossless_batch_equals_batch_one_and_full(tiny_tokenizer, seed, max_draft):
+    model = tiny(tiny_tokenizer, seed)
+    heads = random_heads(model, seed)
+    settings = GenerationSettings(max_new_tokens=13)
+    prompts = PROMPTS * 2
+    full = [c.token_ids for c in generate_batch(model, tiny_tokenizer, prompts, settings)]
+    policy = Lossless(model, heads, exit_threshold=0.3, max_draft=max_draft)
+    alone = [generate(model, tiny_tokenizer, p, settings, policy=policy) for p in prompts]
+    together = generate_batch(model, tiny_tokenizer, prompts, settings, policy=policy)
+    for a, b, f in zip(alone, together, full):
+        assert b.token_ids == a.token_ids == f  # the full model's greedy tokens, row for row
+        assert (b.exit_layers, b.speculation, b.finish_reason) == (a.exit_layers, a.speculation, a.finish_reason)
+    assert sum(c.speculation["drafted"] for c in together) > 0
+
+
 def test_batch_refuses_what_it_cannot_do(tiny_tokenizer):
+    from transformers import LogitsProcessorList
+
     model = tiny(tiny_tokenizer, 0)
-    with pytest.raises(EarlyExitError, match="decode one prompt at a time"):
-        generate_batch(model, tiny_tokenizer, PROMPTS, policy=Lossless(model, random_heads(model, 0)))
+    with pytest.raises(EarlyExitError, match="logits processors"):
+        generate_batch(model, tiny_tokenizer, PROMPTS, logits_processor=LogitsProcessorList(), policy=Lossless(model, random_heads(model, 0)))
     with pytest.raises(EarlyExitError, match="non-empty list"):
         generate_batch(model, tiny_tokenizer, [])
     with pytest.raises(EarlyExitError, match="prompt is empty"):
@@ -83,6 +101,9 @@ def test_default_model_batch_equals_batch_one():
     from earlyexit.loading import DEFAULT_MODEL_DIR, load_runtime_model
 
     model, tok = load_runtime_model(DEFAULT_MODEL_DIR)
-    policy = EarlyExit(model, load_heads(DEFAULT_MODEL_DIR, model), Thresholds(exit=0.5, stop=0.9))
+    heads = load_heads(DEFAULT_MODEL_DIR, model)
     prompts = ["import os\n", "def fibonacci(n):\n    ", "class Stack:\n    def __init__(self):\n        self.", "x = [i for i in range("]
-    assert_rows_equal(model, tok, prompts, GenerationSettings(max_new_tokens=12), policy)
+    settings = GenerationSettings(max_new_tokens=12)
+    assert_rows_equal(model, tok, prompts, settings, EarlyExit(model, heads, Thresholds(exit=0.5, stop=0.9)))
+    full = [c.token_ids for c in generate_batch(model, tok, prompts, settings)]
+    assert [c.token_ids for c in generate_batch(model, tok, prompts, settings, policy=Lossless(model, heads, exit_threshold=0.5))] == full
