@@ -58,13 +58,20 @@ def first_layers(model, heads, windows: torch.Tensor, batch: int = 8):
 def acceptance_proxy(model, tok, examples) -> dict:
     from tqdm import tqdm
 
-    from earlyexit.decoding import GenerationSettings, generate
+    from earlyexit.batch import generate_batch
+    from earlyexit.decoding import GenerationSettings
     from earlyexit.metrics import edit_similarity, exact_match
 
     groups = {"first token wrong": [], "first token right": []}
-    for ex in tqdm(examples, desc="completions"):
-        target_ids = tok.encode(ex.target)
-        c = generate(model, tok, ex.prompt, GenerationSettings(max_new_tokens=len(target_ids), truncate_prompt=True))
+    targets = [tok.encode(ex.target) for ex in examples]
+    completions = []
+    for i in tqdm(range(0, len(examples), 16), desc="completions"):  # batched by target length, equal to one at a time
+        for n in sorted({len(t) for t in targets[i:i + 16]}):
+            chunk = [j for j in range(i, min(i + 16, len(examples))) if len(targets[j]) == n]
+            completions += list(zip(chunk, generate_batch(model, tok, [examples[j].prompt for j in chunk],
+                                                          GenerationSettings(max_new_tokens=max(1, n), truncate_prompt=True))))
+    for j, c in sorted(completions, key=lambda jc: jc[0]):
+        ex, target_ids = examples[j], targets[j]
         wrong = not c.token_ids or not target_ids or c.token_ids[0] != target_ids[0]
         groups["first token wrong" if wrong else "first token right"].append((exact_match(c.text, ex.target), edit_similarity(c.text, ex.target)))
     return {name: {"completions": len(v), "exact_match": float(np.mean([e for e, _ in v])) if v else None,

@@ -38,6 +38,7 @@ class StopConfig:
     max_new_tokens: int = 16
     max_prompt_tokens: int = 256
     threads: int = 2
+    batch_size: int = 16
     seed: int = 1
 
 
@@ -110,7 +111,8 @@ def run(args, cfg: StopConfig) -> None:
     from tqdm import tqdm
 
     from earlyexit.data import token_cut_examples
-    from earlyexit.decoding import GenerationSettings, generate
+    from earlyexit.batch import generate_batch
+    from earlyexit.decoding import GenerationSettings
     from earlyexit.heads import Thresholds, load_heads
     from earlyexit.loading import load_runtime_model, resolve_model_dir
     from earlyexit.policies import EarlyExit
@@ -125,19 +127,17 @@ def run(args, cfg: StopConfig) -> None:
     examples = token_cut_examples(test_split_files(model_dir, args.data), tok, cfg.prompts, target_tokens=cfg.max_new_tokens,
                                   max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed)
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens)
-    full, refs, kept = [], [], {t: [] for t in policies}
-    stopped = {t: [] for t in policies}
-    diverged = 0
-    for ex in tqdm(examples, desc="prompts"):
-        ids = tok.encode(ex.prompt)
-        f = generate(model, tok, ids, settings).token_ids
-        full.append(f)
-        refs.append(tok.encode(ex.target)[:cfg.max_new_tokens])
+    prompts = [tok.encode(ex.prompt) for ex in examples]
+    refs = [tok.encode(ex.target)[:cfg.max_new_tokens] for ex in examples]
+    full, kept, stopped = [], {t: [] for t in policies}, {t: [] for t in policies}
+    for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="prompts"):  # batched: equal to one at a time, row for row
+        chunk = prompts[i:i + cfg.batch_size]
+        full += [c.token_ids for c in generate_batch(model, tok, chunk, settings)]
         for t, policy in policies.items():
-            c = generate(model, tok, ids, settings, policy=policy)
-            diverged += c.token_ids != f[:len(c.token_ids)]
-            kept[t].append(c.token_ids)
-            stopped[t].append(c.finish_reason == "stop")
+            for c in generate_batch(model, tok, chunk, settings, policy=policy):
+                kept[t].append(c.token_ids)
+                stopped[t].append(c.finish_reason == "stop")
+    diverged = sum(k != f[:len(k)] for t in policies for k, f in zip(kept[t], full))
     rows = [{"threshold": t, **stop_stats(full, refs, kept[t], stopped[t])} for t in policies]
     chosen = heads.cfg.thresholds.stop
     result = {"stamp": stamp(str(model_dir), {**vars(cfg), "data": args.data or "test split"}), "prompts": len(examples), "chosen_stop_threshold": chosen,
