@@ -86,15 +86,18 @@ def choose_threshold(table: list[dict], target: float, delta: float) -> tuple[fl
 @torch.inference_mode()
 def agreement_row(model, heads, tok, prompts: list[list[int]], threshold: float, max_new_tokens: int) -> dict:
     """Decode every prompt with early exit at `threshold` (stop off); count tokens that disagree with the full model."""
-    from .decoding import GenerationSettings, generate
+    from .batch import generate_batch
+    from .decoding import GenerationSettings
     from .heads import Thresholds
     from .policies import EarlyExit
 
     policy = EarlyExit(model, heads, Thresholds(exit=threshold, stop=1.0))
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     tokens = disagreements = layers = 0
-    for ids in prompts:
-        c = generate(model, tok, ids, settings, policy=policy)
+    completions = []
+    for i in range(0, len(prompts), 16):  # batched: equal to decoding each prompt alone, row for row
+        completions += generate_batch(model, tok, prompts[i:i + 16], settings, policy=policy)
+    for ids, c in zip(prompts, completions):
         written = c.token_ids
         if len(written) < 2:
             continue
