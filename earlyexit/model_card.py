@@ -13,6 +13,7 @@ and ten sample completions. Writes `DIR/eval.json`, `DIR/training_curve.png` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -60,10 +61,10 @@ def corpus_splits(state: dict):
 
     cfg = state["config"]
     splits, stats = read_corpus(cfg["sources"], cfg["validation_fraction"], cfg["test_fraction"])
-    recorded = state["corpus"]["stats"]["file_list_sha256"]
-    if stats.file_list_sha256 != recorded:
-        print(f"warning: corpus file list differs from training ({stats.file_list_sha256[:12]} vs {recorded[:12]}): "
-              "installed package versions changed; held-out figures may include files seen in training", file=sys.stderr)
+    trained_on = Path(cfg.get("work_dir", "")) / "files_train.txt"
+    if trained_on.is_file() and trained_on.read_text() != "".join(r["path"] + "\n" for r in splits["train"]):
+        print("warning: the training files on this machine differ from those the model was trained on (installed package "
+              "versions changed?): held-out figures may include files seen in training", file=sys.stderr)
     return splits, stats
 
 
@@ -161,7 +162,7 @@ def evaluate(model_dir: Path, cfg: ModelCardConfig, log: Path | None = None) -> 
         "parameters": sum(p.numel() for p in hf.parameters()),
         "disk_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
         "training": {k: state[k] for k in ("step", "tokens_seen", "config", "curve") if k in state},
-        "corpus": state["corpus"],
+        "corpus": {**state["corpus"], "stats": dataclasses.asdict(stats)},  # splits as evaluated (the test split's near-duplicates removed)
         "validation": lm_metrics(hf, tok, splits["validation"], cfg.loss_windows, cfg.seq_len),
         "test": lm_metrics(hf, tok, splits["test"], cfg.loss_windows, cfg.seq_len),
     }
@@ -238,7 +239,7 @@ def render_card(r: dict, has_plot: bool) -> str:
         + (f", {stats['near_duplicates_dropped']} test files dropped as near-duplicates of train/validation files (most distinctive lines shared)"
            if "near_duplicates_dropped" in stats else "") + f"; {stats['kept']:,} kept, {stats['bytes_kept'] / 1e6:.0f} MB.",
         f"- Split by a hash of each file's path: train {stats['per_split']['train']:,} files ({tokens['train'] / 1e6:.1f}M tokens), "
-        f"validation {stats['per_split']['validation']} ({tokens['validation'] / 1e6:.2f}M), test {stats['per_split']['test']} ({tokens['test'] / 1e6:.2f}M).",
+        f"validation {stats['per_split']['validation']} ({tokens['validation'] / 1e6:.2f}M), test {stats['per_split']['test']} files.",
         f"- File list hash (sha256 of sorted `path<TAB>content-sha256` lines): `{stats['file_list_sha256']}`.",
         "",
         "## Recipe",
