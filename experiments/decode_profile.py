@@ -31,7 +31,7 @@ def step_timer(model, prompt_ids: torch.Tensor, step, tokens: int, around=None) 
     `around`: a context manager entered after the prefill (a profiler sees only decode steps).
     """
     cache = model.new_cache(1, prompt_ids.shape[1] + tokens + 1)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: torch.compile cannot trace writes into inference tensors
         token = model(prompt_ids, cache, 0)[:, -1].argmax(-1, keepdim=True)
     pos, prev, times = prompt_ids.shape[1], model.dims.n_layer, []
     with around or contextlib.nullcontext():
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     example = token_cut_examples(test_split_files(model_dir), tok, 1, target_tokens=8, max_prompt_tokens=room, seed=0)[0]
     ids = torch.tensor([tok.encode(example.prompt)[-room:]])
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def eager(token, cache, pos, prev):
         return model.logits(model.hidden(token, cache, pos)[:, -1]), model.dims.n_layer
 
