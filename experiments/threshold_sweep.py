@@ -86,11 +86,12 @@ def measure(engines: dict, prompts: list[list[int]], cfg: SweepConfig) -> dict:
     return acc
 
 
-def pareto(rows: list[dict]) -> list[str]:
-    """Points no other point beats on both speed and ROUGE-L."""
+def pareto(rows: list[dict], full_rouge: float) -> list[str]:
+    """Points that neither another point nor `full` (speed 1, its ROUGE-L) beats on both speed and ROUGE-L."""
+    rows_and_full = [*rows, {"point": "full", "speedup": 1.0, "rouge_l": full_rouge}]
     return [r["point"] for r in rows if not any(
         o["speedup"] >= r["speedup"] and o["rouge_l"] >= r["rouge_l"] and (o["speedup"] > r["speedup"] or o["rouge_l"] > r["rouge_l"])
-        for o in rows)]
+        for o in rows_and_full)]
 
 
 def plot(rows: list[dict], full: dict, path: Path) -> None:
@@ -165,7 +166,7 @@ def run(args, cfg: SweepConfig) -> None:
             "identical_to_full": float(np.mean([c.token_ids == f.token_ids for c, f in zip(outs, full_outputs)])),
             **q, "rouge_l_change": q["rouge_l"] / full["rouge_l"] - 1 if full["rouge_l"] else float("nan"),
         })
-    front = set(pareto(rows))
+    front = set(pareto(rows, full["rouge_l"]))
     for r in rows:
         r["pareto"] = r["point"] in front
     result = {"stamp": stamp(str(model_dir), {**vars(cfg), "data": args.data or "test split"}), "n_layer": L, "prompts": len(prompts),
