@@ -239,13 +239,13 @@ class GPT2(nn.Module):
         """Final layer norm and vocabulary projection: (..., d) -> (..., V)."""
         return F.linear(self.ln_f(x), self.head_weight)
 
-    def hidden(self, ids: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        """All blocks over `ids` (B, T) at positions pos..: the last block's output (B, T, d)."""
+    def hidden(self, ids: torch.Tensor, cache: KVCache, pos, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """All blocks over `ids` (B, T) at positions pos.. (per row when pos is (B,), of cache rows `rows`): (B, T, d)."""
         x = self.embed(ids, pos)
         for layer in range(self.dims.n_layer):
-            x = self.block(layer, x, cache, pos)
+            x = self.block(layer, x, cache, pos, rows)
         return x
 
-    def forward(self, ids: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache: KVCache, pos, rows: torch.Tensor | None = None) -> torch.Tensor:
         """All blocks over `ids` (B, T) at positions pos..: logits (B, T, V)."""
-        return self.logits(self.hidden(ids, cache, pos))
+        return self.logits(self.hidden(ids, cache, pos, rows))

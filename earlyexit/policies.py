@@ -55,11 +55,8 @@ class FullDepth:
     def step_batch(self, model: GPT2, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor, prev_layers: torch.Tensor,
                    rows: torch.Tensor) -> BatchStep:
         """One token per row, tokens (B, 1) at per-row positions `pos` of cache rows `rows`."""
-        x = model.embed(tokens, pos)
-        for layer in range(model.dims.n_layer):
-            x = model.block(layer, x, cache, pos, rows)
         B = tokens.shape[0]
-        return BatchStep(model.logits(x[:, -1]), [model.dims.n_layer] * B, [False] * B)
+        return BatchStep(model.logits(model.hidden(tokens, cache, pos, rows)[:, -1]), [model.dims.n_layer] * B, [False] * B)
 
     @torch.inference_mode()
     def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> StepResult:

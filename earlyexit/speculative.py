@@ -65,6 +65,24 @@ class Lossless:
             token = token.new_tensor([[tokens[-1]]])
         return tokens, layers
 
+    @staticmethod
+    def accept(transcript, drafts: list[int], layers: list[int], truth: list[int], n_layer: int) -> tuple[int, int, str | None]:
+        """Write the drafts the full model agrees with, then its own token: (accepted, written, finish reason)."""
+        m = next((i for i, (d, g) in enumerate(zip(drafts, truth)) if d != g), len(drafts))
+        written, finish = 0, None
+        for token, used in [*zip(drafts[:m], layers[:m]), (truth[m], n_layer)]:
+            finish = transcript.write(token, used)
+            written += 1
+            if finish is not None:
+                break
+        return m, written, finish
+
+    def next_draft(self, k: int, accepted: int, drafted: int) -> int:
+        """Adaptive k: one more after a fully accepted round, one past the accepted count after a rejection."""
+        if not self.adaptive:
+            return k
+        return min(self.max_draft, k + 1) if accepted == drafted else max(1, accepted + 1)
+
     def run(self, model: GPT2, cache: KVCache, transcript, first_logits: torch.Tensor):
         """Write tokens into `transcript` until it ends: (finish reason, ms per token, drafting statistics)."""
         L = model.dims.n_layer
@@ -78,16 +96,9 @@ class Lossless:
             drafts, layers = self.draft(model, cache, transcript.new[-1], pos, transcript.layers[-1], min(k, budget), eos)
             window = torch.tensor([[transcript.new[-1], *drafts]], device=model.device)  # (1, n + 1)
             truth = verify(model, window, cache, pos).tolist()  # the full model's token after each
-            m = next((i for i, (d, g) in enumerate(zip(drafts, truth)) if d != g), len(drafts))
-            written = 0
-            for token, used in [*zip(drafts[:m], layers[:m]), (truth[m], L)]:
-                finish = transcript.write(token, used)
-                written += 1
-                if finish is not None:
-                    break
+            m, written, finish = self.accept(transcript, drafts, layers, truth, L)
             drafted, accepted, rounds = drafted + len(drafts), accepted + m, rounds + 1
-            if self.adaptive:
-                k = min(self.max_draft, k + 1) if m == len(drafts) else max(1, m + 1)
+            k = self.next_draft(k, m, len(drafts))
             token_ms += [(time.perf_counter() - t0) * 1e3 / written] * written
         stats = {"drafted": drafted, "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else None,
                  "rounds": rounds, "max_draft": self.max_draft, "adaptive": self.adaptive}
@@ -140,23 +151,12 @@ class Lossless:
                 window[i, :1 + len(drafts[b])] = torch.tensor([transcripts[b].new[-1], *drafts[b]])
             starts = torch.tensor([pos[b] for b in live], device=device)
             rows = torch.tensor(live, device=device)
-            x = model.embed(window, starts)
-            for layer in range(L):
-                x = model.block(layer, x, cache, starts, rows)
-            truth = model.logits(x).argmax(-1).tolist()  # (live, width): the full model's token after each
+            truth = model(window, cache, starts, rows).argmax(-1).tolist()  # (live, width): the full model's token after each
             elapsed = (time.perf_counter() - t0) * 1e3
             for i, b in enumerate(live):
-                d, g = drafts[b], truth[i]
-                m = next((j for j, (a, t) in enumerate(zip(d, g)) if a != t), len(d))
-                written = 0
-                for token, used in [*zip(d[:m], layers[b][:m]), (g[m], L)]:
-                    finish[b] = transcripts[b].write(token, used)
-                    written += 1
-                    if finish[b] is not None:
-                        break
-                drafted[b], accepted[b], rounds[b] = drafted[b] + len(d), accepted[b] + m, rounds[b] + 1
-                if self.adaptive:
-                    k[b] = min(self.max_draft, k[b] + 1) if m == len(d) else max(1, m + 1)
+                m, written, finish[b] = self.accept(transcripts[b], drafts[b], layers[b], truth[i], L)
+                drafted[b], accepted[b], rounds[b] = drafted[b] + len(drafts[b]), accepted[b] + m, rounds[b] + 1
+                k[b] = self.next_draft(k[b], m, len(drafts[b]))
                 token_ms[b] += [elapsed / written] * written
         return [(finish[b], token_ms[b][: max(0, len(transcripts[b].new) - 1)],
                  {"drafted": drafted[b], "accepted": accepted[b], "acceptance_rate": accepted[b] / drafted[b] if drafted[b] else None,
