@@ -55,9 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-token-healing", action="store_true", help="do not back off a prompt's last token (healing is on by default)")
     p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt too long for the context instead of refusing it")
     p.add_argument("--mode", choices=("full", "early-exit", "lossless"),
-                   help="early-exit (the default when the model has exit heads), full depth, or lossless (full's exact tokens, drafted with exits)")
-    p.add_argument("--max-draft", type=int, default=4, help="lossless mode: most tokens drafted per verification (default %(default)s)")
-    p.add_argument("--exit-threshold", type=float, help="exit when p(exit) is the largest and above this, in [0, 1]; 1 disables exits (default: the heads' calibrated value)")
+                   help="early-exit (the default when the model has exit heads), full depth, or lossless (full's exact tokens, drafted cheaply and verified)")
+    p.add_argument("--max-draft", type=int, default=8, help="lossless mode: most tokens drafted per verification (default %(default)s)")
+    p.add_argument("--draft", choices=("auto", "int8", "same"), default="auto",
+                   help="lossless mode: draft with a weight-only int8 copy of the model (auto: for an fp32 model on the CPU) "
+                        "or the model itself; the output is the same either way (default %(default)s)")
+    p.add_argument("--exit-threshold", type=float, help="exit when p(exit) is the largest and above this, in [0, 1]; 1 disables exits (default: the heads' calibrated value; lossless with an int8 draft: 1)")
     p.add_argument("--target-agreement", type=float, metavar="RATE",
                    help="choose the exit threshold from the heads' calibration table so tokens agree with the full model at this rate "
                         "(the fixed-sequence test of earlyexit.calibrate, same confidence); instead of --exit-threshold")
@@ -85,7 +88,7 @@ def build_policy(args: argparse.Namespace, model, model_dir):
     if mode == "lossless":
         if args.stop_threshold is not None:
             raise EarlyExitError("--stop-threshold does not apply to lossless mode, which never stops early")
-        return Lossless(model, heads, args.exit_threshold, max_draft=args.max_draft)
+        return Lossless(model, heads, args.exit_threshold, max_draft=args.max_draft, draft=args.draft)
     thresholds = Thresholds(
         exit=defaults.exit if args.exit_threshold is None else args.exit_threshold,
         stop=defaults.stop if args.stop_threshold is None else args.stop_threshold,
@@ -152,7 +155,7 @@ def format_stats(result: dict) -> str:
     spec = result.get("speculation") or {}
     if spec.get("drafted"):
         lines.append(f"lossless: {spec['accepted']} of {spec['drafted']} drafted tokens accepted ({spec['acceptance_rate']:.0%}) "
-                     f"in {spec['rounds']} verification passes")
+                     f"in {spec['rounds']} verification passes ({spec.get('draft', 'same')} drafts)")
     return "\n".join(lines)
 
 

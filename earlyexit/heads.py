@@ -116,7 +116,7 @@ class ExitHeads(nn.Module):
         """Next-token logits of exit head `layer` (the last layer uses the backbone's own ln_f): (..., V)."""
         if layer == self.cfg.n_layer - 1:
             return model.logits(h)
-        return F.linear(self.head_hidden(layer, h), model.head_weight)
+        return model.project(self.head_hidden(layer, h))
 
     # ------------------------------------------------------------------ controller
 

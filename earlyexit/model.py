@@ -235,9 +235,13 @@ class GPT2(nn.Module):
         """Block `layer` without its final residual add: (x after attention, MLP output), each (B, T, d)."""
         return self.h[layer].branches(x, cache.k[layer], cache.v[layer], pos, rows)
 
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """The vocabulary projection of already-normalised states: (..., d) -> (..., V)."""
+        return F.linear(z, self.head_weight)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final layer norm and vocabulary projection: (..., d) -> (..., V)."""
-        return F.linear(self.ln_f(x), self.head_weight)
+        return self.project(self.ln_f(x))
 
     def hidden(self, ids: torch.Tensor, cache: KVCache, pos, rows: torch.Tensor | None = None) -> torch.Tensor:
         """All blocks over `ids` (B, T) at positions pos.. (per row when pos is (B,), of cache rows `rows`): (B, T, d)."""

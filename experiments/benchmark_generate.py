@@ -5,7 +5,8 @@
 Prompts are the study's: test-split files cut at a random token. Every prompt is completed
 by every engine in turn (interleaved, after warm-up) `--repeats` times: transformers'
 `generate`, our `full` loop and, when the model has exit heads, `early-exit` (heads'
-calibrated thresholds) and `lossless`. Per-token latency is the time between consecutive
+calibrated thresholds) and `lossless`, twice: with its default drafts (a weight-only int8
+copy of the model, earlyexit.quantize) and drafting with the fp32 model's own exits. Per-token latency is the time between consecutive
 generated tokens (transformers' is read from a `StoppingCriteria` that timestamps every
 step; lossless spreads a round's time over the tokens it wrote); tokens/s counts prefill
 too. Quality columns compare each engine's tokens with `full` greedy and its text with the
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--max-draft", type=int, default=4)
+    p.add_argument("--max-draft", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-peers", action="store_true", help="skip ONNX Runtime and GGML (reported as skipped)")
     args = p.parse_args(argv)
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
         heads = load_heads(model_dir, ours)
         thresholds = heads.cfg.thresholds
         engines["earlyexit early-exit"] = our_engine(ours, tok, EarlyExit(ours, heads))
-        engines["earlyexit lossless"] = our_engine(ours, tok, Lossless(ours, heads, max_draft=args.max_draft))
+        engines["earlyexit lossless"] = our_engine(ours, tok, Lossless(ours, heads, max_draft=args.max_draft))  # int8 drafts
+        engines["earlyexit lossless (fp32 exit drafts)"] = our_engine(ours, tok, Lossless(ours, heads, max_draft=args.max_draft, draft="same"))
     examples = token_cut_examples(test_split_files(model_dir, args.data), tok, args.prompts, target_tokens=args.max_new_tokens,
                                   max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
     prompts = [tok.encode(ex.prompt) for ex in examples]

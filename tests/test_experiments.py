@@ -48,9 +48,10 @@ def test_benchmark_limit_run_has_every_mode(model_with_heads, tmp_path):
     result = json.loads((tmp_path / "results/benchmark_generate/results.json").read_text())
     rows = {r["engine"]: r for r in result["rows"]}
     peers = {"onnxruntime", "ggml (ctransformers)"}
-    assert set(rows) - peers == {"transformers generate", "earlyexit full", "earlyexit early-exit", "earlyexit lossless"}
+    ours = {"earlyexit full", "earlyexit early-exit", "earlyexit lossless", "earlyexit lossless (fp32 exit drafts)"}
+    assert set(rows) - peers == {"transformers generate", *ours}
     assert set(rows) & peers | set(result["unavailable"]) == peers  # a peer that cannot run is reported, never dropped
-    for name in ("earlyexit full", "earlyexit lossless", "transformers generate", *(set(rows) & peers)):
+    for name in ("earlyexit full", "earlyexit lossless", "earlyexit lossless (fp32 exit drafts)", "transformers generate", *(set(rows) & peers)):
         assert rows[name]["identical_to_full"] == 1.0 and rows[name]["rouge_l_vs_full"] == 1.0, name
     assert all(r["tokens_per_s"] > 0 for r in rows.values()) and result["stamp"]["commit"]
     assert (tmp_path / "results/benchmark_generate/ms_per_token.png").stat().st_size > 0

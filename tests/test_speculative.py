@@ -23,19 +23,22 @@ def random_heads(model, seed):
     return heads
 
 
+@pytest.mark.parametrize("draft", ["same", "int8"])
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 @pytest.mark.parametrize("seed", range(6))
-def test_lossless_equals_full_greedy(tiny_tokenizer, seed, k):
+def test_lossless_equals_full_greedy(tiny_tokenizer, seed, k, draft):
     g = torch.Generator().manual_seed(100 + seed)
     n_layer = [2, 3, 5][seed % 3]
-    model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=n_layer, seed=seed, eos=tiny_tokenizer.eos_token_id))
+    n_embd = [48, 40][seed % 2]  # 40: the int8 draft's unfused fallback (earlyexit.quantize)
+    model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=n_layer, n_embd=n_embd, seed=seed, eos=tiny_tokenizer.eos_token_id))
     prompt = torch.randint(1, len(tiny_tokenizer), (1 + 7 * seed % 23,), generator=g).tolist()  # odd lengths
     settings = GenerationSettings(max_new_tokens=25 + seed)
     full = generate(model, tiny_tokenizer, prompt, settings)
-    lossless = Lossless(model, random_heads(model, seed), exit_threshold=0.3, max_draft=k, adaptive=seed % 2 == 0)
+    lossless = Lossless(model, random_heads(model, seed), exit_threshold=0.3, max_draft=k, adaptive=seed % 2 == 0, draft=draft)
     got = generate(model, tiny_tokenizer, prompt, settings, policy=lossless)
     assert got.token_ids == full.token_ids and got.finish_reason == full.finish_reason
     s = got.speculation
+    assert s["draft"] == draft
     assert s["drafted"] >= s["accepted"] >= 0 and s["rounds"] >= 1
     assert len(got.exit_layers) == len(got.token_ids) and len(got.token_ms) == len(got.token_ids) - 1
 
@@ -43,7 +46,7 @@ def test_lossless_equals_full_greedy(tiny_tokenizer, seed, k):
 def test_a_perfect_drafter_is_accepted_whole(tiny_tokenizer):
     model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=3, seed=4))
     heads = ExitHeads.for_backbone(model, rank=0)  # never exits: drafts are full-depth, hence always right
-    got = generate(model, tiny_tokenizer, "def add(", GenerationSettings(max_new_tokens=17), policy=Lossless(model, heads, 1.0, max_draft=4))
+    got = generate(model, tiny_tokenizer, "def add(", GenerationSettings(max_new_tokens=17), policy=Lossless(model, heads, 1.0, max_draft=4, draft="same"))
     full = generate(model, tiny_tokenizer, "def add(", GenerationSettings(max_new_tokens=17))
     assert got.token_ids == full.token_ids
     # the first token comes from the prefill; then rounds of 4 accepted drafts + 1 bonus: 5 + 5 + 5 + the last one
@@ -55,5 +58,9 @@ def test_lossless_refuses_logits_processors_and_bad_draft_lengths(tiny_tokenizer
     heads = ExitHeads.for_backbone(model, rank=0)
     with pytest.raises(EarlyExitError, match="max_draft"):
         Lossless(model, heads, max_draft=0)
+    with pytest.raises(EarlyExitError, match="draft must be one of"):
+        Lossless(model, heads, draft="fp8")
+    with pytest.raises(EarlyExitError, match="fp32 model"):
+        Lossless(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2, seed=1), dtype=torch.float64), heads, draft="int8")
     with pytest.raises(EarlyExitError, match="logits processors"):
         generate(model, tiny_tokenizer, "x", policy=Lossless(model, heads), logits_processor=lambda ids, s: s)

@@ -1,0 +1,99 @@
+"""Weight-only int8 copies of the backbone: cheap drafts for lossless mode.
+
+Decoding one token at batch 1 is bound by reading the weights: the default model's fp32
+weights (47 MB) do not fit this CPU's 32 MB L3 cache, its int8 weights (12 MB) do. An
+`Int8Linear` keeps each projection as int8 with one bf16 scale per output channel
+(symmetric, round to nearest) and multiplies bf16 activations by it in one fused op
+(`torch._weight_int8pack_mm`, the kernel behind weight-only int8 in PyTorch's gpt-fast and
+torchao), 5-10x faster than the fp32 `addmm` here. Everything else (layer norms, attention,
+the residual stream, the KV cache) stays fp32, so a quantized copy can write into, and read
+from, the same cache as the fp32 model.
+
+Quantized tokens are not the fp32 model's tokens: lossless mode drafts with the int8 copy
+and verifies every draft with the fp32 model, so its output stays exactly fp32 greedy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import GPT2
+
+_FUSED_OP = getattr(torch, "_weight_int8pack_mm", None)
+
+
+def _fused_ok(in_features: int, x: torch.Tensor) -> bool:
+    """Whether the fused op handles this call. On CPU it reads the input dimension in blocks of
+    16 and returns wrong numbers (or crashes) otherwise; other devices need it on CUDA."""
+    return _FUSED_OP is not None and in_features % 16 == 0 and x.device.type in ("cpu", "cuda")
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight -> int8 weight (out, in) and bf16 scales (out,), symmetric per row."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)  # rounded to bf16 before use, so
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # int8 * scale is what runs
+    return q.contiguous(), scale
+
+
+class Int8Linear(nn.Module):
+    """A drop-in `nn.Linear` (fp32 in, fp32 out) over int8 weights and bf16 arithmetic."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        q, scale = quantize_rows(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        return cls(linear.weight, linear.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer actually multiplies by, dequantized to fp32 (out, in): for
+        code that reads weights directly (state copying's K/V projection)."""
+        return self.qweight.float() * self.scale.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        if _fused_ok(self.in_features, x2):
+            y = _FUSED_OP(x2, self.qweight, self.scale)
+        else:
+            y = F.linear(x2, self.weight.to(torch.bfloat16))
+        y = y.view(*lead, self.out_features)
+        return y.float() if self.bias is None else torch.add(self.bias, y)  # bf16 + fp32 bias -> fp32 in one op
+
+
+class Int8GPT2(GPT2):
+    """`GPT2` whose projections and vocabulary head are `Int8Linear`; embeddings and norms stay fp32."""
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        return super().project(z) if self.int8_head is None else self.int8_head(z)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return super().head_weight if self.int8_head is None else self.int8_head.weight
+
+
+def quantize_int8(model: GPT2, head: bool = True) -> Int8GPT2:
+    """A weight-only int8 copy of an fp32 `GPT2` (the original is left untouched); `head=False`
+    keeps the vocabulary projection in fp32."""
+    if model.dtype != torch.float32:
+        raise ValueError(f"int8 quantization starts from an fp32 model, got {model.dtype}")
+    q = copy.deepcopy(model)
+    q.__class__ = Int8GPT2
+    for block in q.h:
+        for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+            setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))
+    q.int8_head = Int8Linear(model.head_weight, None) if head else None
+    if head and hasattr(q, "lm_head_weight"):
+        del q.lm_head_weight
+    return q.eval().requires_grad_(False)

@@ -1,0 +1,58 @@
+"""Weight-only int8 copies (earlyexit.quantize): close to fp32, never touching the original."""
+
+import pytest
+import torch
+
+from earlyexit.model import GPT2
+from earlyexit.quantize import Int8GPT2, Int8Linear, quantize_int8, quantize_rows
+from earlyexit.speculative import draft_model
+
+from conftest import make_tiny_hf
+
+
+@pytest.mark.parametrize("in_features", [16, 24, 37, 48, 256])  # multiples of 16 take the fused op, others the fallback
+@pytest.mark.parametrize("lead", [(1, 1), (2, 3), (5,)])
+def test_int8_linear_is_close_to_fp32(in_features, lead):
+    g = torch.Generator().manual_seed(in_features)
+    linear = torch.nn.Linear(in_features, 3 * in_features + 5)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g))
+    x = torch.randn(*lead, in_features, generator=g)
+    q = Int8Linear.from_linear(linear)
+    y, ref = q(x), linear(x).detach()
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    # int8 weights (per-row scale) and bf16 activations: about 1% of the output's scale
+    assert (y - ref).abs().max() <= 0.03 * ref.abs().max()
+    # what runs is exactly int8 * scale: the dequantized weight reproduces it up to bf16 rounding of x
+    exact = torch.nn.functional.linear(x.bfloat16().float(), q.weight, q.bias)
+    assert torch.allclose(y, exact, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
+
+
+def test_quantize_rows_is_symmetric_per_row():
+    w = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [127.0, 1.0, -127.0]])
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    assert q[1].abs().sum() == 0  # an all-zero row stays zero, no division by zero
+    assert torch.allclose(q.float() * scale.float()[:, None], w, atol=0.02)
+
+
+def test_quantized_model_is_close_and_leaves_the_original_alone(tiny_tokenizer):
+    model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=3, seed=3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = quantize_int8(model)
+    assert isinstance(q, Int8GPT2) and type(model) is GPT2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ids = torch.randint(1, len(tiny_tokenizer), (2, 11), generator=torch.Generator().manual_seed(0))
+    ref = model(ids, model.new_cache(2, 32), 0)
+    got = q(ids, q.new_cache(2, 32), 0)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
+
+
+def test_draft_model_choice(tiny_tokenizer):
+    model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2, seed=1))
+    assert draft_model(model, "same") is model
+    assert isinstance(draft_model(model, "auto"), Int8GPT2)  # fp32 on the CPU: int8 drafts
+    wide = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2, seed=1), dtype=torch.float64)
+    assert draft_model(wide, "auto") is wide
