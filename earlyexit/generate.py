@@ -56,10 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt too long for the context instead of refusing it")
     p.add_argument("--mode", choices=("full", "early-exit", "lossless"),
                    help="early-exit (the default when the model has exit heads), full depth, or lossless (full's exact tokens, drafted cheaply and verified)")
-    p.add_argument("--max-draft", type=int, default=8, help="lossless mode: most tokens drafted per verification (default %(default)s)")
+    p.add_argument("--max-draft", type=int, default=12, help="lossless mode: most tokens drafted per verification (default %(default)s)")
     p.add_argument("--draft", choices=("auto", "int8", "same"), default="auto",
                    help="lossless mode: draft with a weight-only int8 copy of the model (auto: for an fp32 model on the CPU) "
                         "or the model itself; the output is the same either way (default %(default)s)")
+    p.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
+                   help="full and early-exit modes: run a weight-only int8 copy of the model (faster on a CPU, tokens may differ "
+                        "from fp32; lossless mode always verifies in fp32) (default %(default)s)")
     p.add_argument("--exit-threshold", type=float, help="exit when p(exit) is the largest and above this, in [0, 1]; 1 disables exits (default: the heads' calibrated value; lossless with an int8 draft: 1)")
     p.add_argument("--target-agreement", type=float, metavar="RATE",
                    help="choose the exit threshold from the heads' calibration table so tokens agree with the full model at this rate "
@@ -70,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_policy(args: argparse.Namespace, model, model_dir):
-    """The decoding policy the flags ask for; early-exit by default when the model has heads."""
+def build_policy(args: argparse.Namespace, model, model_dir, backbone=None):
+    """The decoding policy the flags ask for; early-exit by default when the model has heads.
+    `backbone`: the fp32 model the heads are checked against when `model` is a quantized copy."""
     from .heads import Thresholds, heads_available, load_heads
     from .policies import EarlyExit, FullDepth
     from .speculative import Lossless
@@ -81,7 +85,7 @@ def build_policy(args: argparse.Namespace, model, model_dir):
         if args.exit_threshold is not None or args.stop_threshold is not None or args.target_agreement is not None:
             raise EarlyExitError("--exit-threshold, --target-agreement and --stop-threshold apply to --mode early-exit only")
         return FullDepth()
-    heads = load_heads(model_dir, model)
+    heads = load_heads(model_dir, backbone or model)
     defaults = heads.cfg.thresholds
     if args.target_agreement is not None:
         args.exit_threshold = calibrated_exit(heads, args.target_agreement)
@@ -124,18 +128,25 @@ def run(args: argparse.Namespace) -> dict:
             raise EarlyExitError(f"--target-agreement must be in (0, 1), got {args.target_agreement}")
     if args.max_draft < 1:
         raise EarlyExitError(f"--max-draft must be a positive integer, got {args.max_draft}")
+    if args.weights == "int8" and args.mode == "lossless":
+        raise EarlyExitError("--weights int8 does not apply to lossless mode: it verifies with the fp32 model (its drafts are int8 already, see --draft)")
     prompt = read_prompt(args)
     if not prompt:  # checked before the model loads: no reason to wait seconds for this error
         raise EarlyExitError("prompt is empty: give at least one character of code to complete")
     model_dir = resolve_model_dir(args.model)
     model, tokenizer = load_runtime_model(model_dir)
-    policy = build_policy(args, model, model_dir)
+    backbone = model  # what the exit heads were trained on (their checkpoint names its weights' hash)
+    if args.weights == "int8":
+        from .quantize import quantize_int8
+
+        model = quantize_int8(model)
+    policy = build_policy(args, model, model_dir, backbone)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         completion = generate(model, tokenizer, prompt, settings, policy=policy)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    result = {"prompt": prompt, "mode": policy.name, "n_layer": model.dims.n_layer, **completion.to_dict()}
+    result = {"prompt": prompt, "mode": policy.name, "weights": args.weights, "n_layer": model.dims.n_layer, **completion.to_dict()}
     if hasattr(policy, "thresholds"):
         result["thresholds"] = asdict(policy.thresholds)
     result["tokens"] = [tokenizer.decode([t]) for t in completion.token_ids]

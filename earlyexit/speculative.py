@@ -67,7 +67,7 @@ class Lossless:
     name = "lossless"
     speculative = True
 
-    def __init__(self, model: GPT2, heads: ExitHeads, exit_threshold: float | None = None, max_draft: int = 8,
+    def __init__(self, model: GPT2, heads: ExitHeads, exit_threshold: float | None = None, max_draft: int = 12,
                  adaptive: bool = True, kernel_backend: str = "auto", draft: str = "auto"):
         if not isinstance(max_draft, int) or max_draft < 1:
             raise EarlyExitError(f"max_draft must be a positive integer, got {max_draft!r}")

@@ -6,7 +6,8 @@ Prompts are the study's: test-split files cut at a random token. Every prompt is
 by every engine in turn (interleaved, after warm-up) `--repeats` times: transformers'
 `generate`, our `full` loop and, when the model has exit heads, `early-exit` (heads'
 calibrated thresholds) and `lossless`, twice: with its default drafts (a weight-only int8
-copy of the model, earlyexit.quantize) and drafting with the fp32 model's own exits. Per-token latency is the time between consecutive
+copy of the model, earlyexit.quantize) and drafting with the fp32 model's own exits; and
+`full` and `early-exit` over the int8 copy (`--weights int8`), whose tokens may differ. Per-token latency is the time between consecutive
 generated tokens (transformers' is read from a `StoppingCriteria` that timestamps every
 step; lossless spreads a round's time over the tokens it wrote); tokens/s counts prefill
 too. Quality columns compare each engine's tokens with `full` greedy and its text with the
@@ -16,9 +17,11 @@ reference continuation (ROUGE-L). Writes experiments/results/benchmark_generate/
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +81,94 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+class EngineParts:
+    """What the engines are built from, loaded on first use: a memory probe builds only its engine's parts."""
+
+    def __init__(self, model_dir: Path, tok, args):
+        from earlyexit.heads import heads_available
+
+        self.model_dir, self.tok, self.args = model_dir, tok, args
+        self.has_heads = heads_available(model_dir)
+        self.work = Path(tempfile.mkdtemp(prefix="earlyexit-peers-"))
+
+    @cached_property
+    def hf(self):
+        from earlyexit.loading import load_hf_model
+
+        return load_hf_model(self.model_dir)
+
+    @cached_property
+    def ours(self):
+        from earlyexit.loading import load_runtime_model
+
+        return load_runtime_model(self.model_dir)[0]
+
+    @cached_property
+    def heads(self):
+        from earlyexit.heads import load_heads
+
+        return load_heads(self.model_dir, self.ours)
+
+    @cached_property
+    def int8(self):
+        from earlyexit.quantize import quantize_int8
+
+        return quantize_int8(self.ours)
+
+    def factories(self) -> dict:
+        """Engine name -> a function building its runner (a peer's raises PeerUnavailable saying why), in table order."""
+        from earlyexit.policies import EarlyExit, FullDepth
+        from earlyexit.speculative import Lossless
+
+        a, tok = self.args, self.tok
+
+        def skipped():
+            raise PeerUnavailable("skipped (--no-peers)")
+
+        f = {"transformers generate": lambda: hf_engine(self.hf, tok.eos_token_id),
+             "onnxruntime": skipped if a.no_peers else lambda: ort_engine(self.ours, tok.eos_token_id, self.work, a.threads),
+             "ggml (ctransformers)": skipped if a.no_peers else lambda: ggml_engine(self.ours, tok, self.work, a.threads),
+             "earlyexit full": lambda: our_engine(self.ours, tok, FullDepth())}
+        if self.has_heads:
+            f |= {
+                "earlyexit early-exit": lambda: our_engine(self.ours, tok, EarlyExit(self.ours, self.heads)),
+                "earlyexit lossless": lambda: our_engine(self.ours, tok, Lossless(self.ours, self.heads, max_draft=a.max_draft)),  # int8 drafts
+                "earlyexit lossless (fp32 exit drafts)": lambda: our_engine(
+                    self.ours, tok, Lossless(self.ours, self.heads, max_draft=a.max_draft, draft="same")),
+                # --weights int8 on the command line: faster, not fp32's tokens
+                "earlyexit full (int8 weights)": lambda: our_engine(self.int8, tok, FullDepth()),
+                "earlyexit early-exit (int8 weights)": lambda: our_engine(self.int8, tok, EarlyExit(self.int8, self.heads)),
+            }
+        return f
+
+
+def probe_memory(parts: EngineParts, name: str) -> float:
+    """Peak resident memory (MB) of this process after building engine `name` and completing one prompt with
+    it; "baseline" builds nothing (Python, torch, transformers and the tokenizer: every engine pays that here)."""
+    import resource
+
+    if name != "baseline":
+        run = parts.factories()[name]()
+        prompt = parts.tok.encode("import os\n\n\ndef read_config(path):\n    ")
+        run(prompt, parts.args.max_new_tokens)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def measure_memory(args, names: list[str]) -> dict[str, float | None]:
+    """`probe_memory` of each engine in a fresh process (peaks do not mix), plus the baseline."""
+    import json as _json
+    import subprocess
+
+    out = {}
+    for name in ["baseline", *names]:
+        cmd = [sys.executable, __file__, "--memory-of", name, "--threads", str(args.threads), "--max-new-tokens", str(args.max_new_tokens)]
+        cmd += ["--model", args.model] if args.model else []
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        out[name] = _json.loads(lines[-1])["peak_rss_mb"] if done.returncode == 0 and lines else None
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="GPT-2 checkpoint directory (default: the embedded model)")
@@ -88,44 +179,33 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--max-draft", type=int, default=8)
+    p.add_argument("--max-draft", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-peers", action="store_true", help="skip ONNX Runtime and GGML (reported as skipped)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (one process per engine)")
+    p.add_argument("--memory-of", metavar="ENGINE", help=argparse.SUPPRESS)  # the probe run in a subprocess
     args = p.parse_args(argv)
     from tqdm import tqdm
 
     from earlyexit.data import token_cut_examples
-    from earlyexit.heads import heads_available, load_heads
-    from earlyexit.loading import load_hf_model, load_tokenizer, resolve_model_dir
+    from earlyexit.loading import load_tokenizer, resolve_model_dir
     from earlyexit.metrics import rouge_l
-    from earlyexit.model import GPT2
-    from earlyexit.policies import EarlyExit, FullDepth
-    from earlyexit.speculative import Lossless
 
     set_threads(args.threads)
     model_dir = resolve_model_dir(args.model)
-    hf, tok = load_hf_model(model_dir), load_tokenizer(model_dir)
-    ours = GPT2.from_hf(hf)
-    engines = {"transformers generate": hf_engine(hf, tok.eos_token_id)}
-    unavailable: dict[str, str] = {}
-    work = Path(tempfile.mkdtemp(prefix="earlyexit-peers-"))
-    for name, make in (("onnxruntime", lambda: ort_engine(ours, tok.eos_token_id, work, args.threads)),
-                       ("ggml (ctransformers)", lambda: ggml_engine(ours, tok, work, args.threads))):
-        if args.no_peers:
-            unavailable[name] = "skipped (--no-peers)"
-            continue
+    tok = load_tokenizer(model_dir)
+    parts = EngineParts(model_dir, tok, args)
+    if args.memory_of:
+        print(json.dumps({"peak_rss_mb": probe_memory(parts, args.memory_of)}))
+        return 0
+    ours = parts.ours
+    engines, unavailable = {}, {}
+    for name, make in parts.factories().items():
         try:
             engines[name] = make()
         except PeerUnavailable as e:
             unavailable[name] = str(e)
-    engines["earlyexit full"] = our_engine(ours, tok, FullDepth())
-    thresholds = None
-    if heads_available(model_dir):
-        heads = load_heads(model_dir, ours)
-        thresholds = heads.cfg.thresholds
-        engines["earlyexit early-exit"] = our_engine(ours, tok, EarlyExit(ours, heads))
-        engines["earlyexit lossless"] = our_engine(ours, tok, Lossless(ours, heads, max_draft=args.max_draft))  # int8 drafts
-        engines["earlyexit lossless (fp32 exit drafts)"] = our_engine(ours, tok, Lossless(ours, heads, max_draft=args.max_draft, draft="same"))
+    thresholds = parts.heads.cfg.thresholds if parts.has_heads else None
     examples = token_cut_examples(test_split_files(model_dir, args.data), tok, args.prompts, target_tokens=args.max_new_tokens,
                                   max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
     prompts = [tok.encode(ex.prompt) for ex in examples]
@@ -167,29 +247,35 @@ def main(argv=None) -> int:
             "mean_layers": float(np.mean(a["layers"])) if a["layers"] else float(ours.dims.n_layer),
             "acceptance_rate": a["accepted"] / a["drafted"] if a["drafted"] else None,
         })
+    memory = {} if args.no_memory else measure_memory(args, [r["engine"] for r in rows])
+    for r in rows:
+        r["peak_rss_mb"] = memory.get(r["engine"])
     base = rows[0]
     for r in rows:
         r["speedup_tokens_per_s"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["speedup_median_ms"] = base["median_ms_per_token"] / r["median_ms_per_token"]
     result = {"stamp": stamp(str(model_dir), vars(args)), "thresholds": thresholds and vars(thresholds), "rows": rows,
-              "unavailable": unavailable}
+              "unavailable": unavailable, "baseline_rss_mb": memory.get("baseline")}
     L = ours.dims.n_layer
     table = [
         f"Greedy completion of {args.prompts} test-split prompts (≤ {args.max_prompt_tokens} tokens) × {args.repeats} repeats, "
         f"up to {args.max_new_tokens} new tokens, batch 1, {args.threads} threads; reference for ROUGE-L: the file's next "
-        f"{args.max_new_tokens} tokens." + (f" Early-exit thresholds: exit {thresholds.exit}, stop {thresholds.stop}." if thresholds else ""),
+        f"{args.max_new_tokens} tokens." + (f" Early-exit thresholds: exit {thresholds.exit}, stop {thresholds.stop}." if thresholds else "")
+        + (f" Peak RSS: one process per engine building it and completing one prompt; the same process building no "
+           f"engine (Python, torch, transformers, tokenizer) peaks at {memory['baseline']:.0f} MB." if memory.get("baseline") else ""),
         "",
         "| engine | tokens/s | median ms/token | p95 ms/token | tokens/s vs generate | ms/token vs generate | identical to full | "
-        f"ROUGE-L vs reference | ROUGE-L vs full | mean layers (of {L}) | drafts accepted |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"ROUGE-L vs reference | ROUGE-L vs full | mean layers (of {L}) | drafts accepted | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         accepted = f"{r['acceptance_rate']:.0%}" if r["acceptance_rate"] is not None else "-"
+        rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "-"
         table.append(f"| {r['engine']} | {r['tokens_per_s']:.1f} | {r['median_ms_per_token']:.2f} | {r['p95_ms_per_token']:.2f} | "
                      f"{r['speedup_tokens_per_s']:.2f}× | {r['speedup_median_ms']:.2f}× | {r['identical_to_full']:.0%} | {r['rouge_l']:.3f} | "
-                     f"{r['rouge_l_vs_full']:.3f} | {r['mean_layers']:.2f} | {accepted} |")
+                     f"{r['rouge_l_vs_full']:.3f} | {r['mean_layers']:.2f} | {accepted} | {rss} |")
     for name, why in unavailable.items():
-        table.append(f"| {name} | not run: {why} | | | | | | | | | |")
+        table.append(f"| {name} | not run: {why} | | | | | | | | | | |")
     table += ["", "![median ms per token by engine](ms_per_token.png)"]
     out = write_results("benchmark_generate", result, "\n".join(table))
     plot(rows, out / "ms_per_token.png")

@@ -82,6 +82,7 @@ def llama_dir(tmp_path):
         ("no_heads", ["x", "--mode", "early-exit"], "no exit heads"),
         ("no_heads_lossless", ["x", "--mode", "lossless"], "no exit heads"),
         ("max_draft", ["x", "--max-draft", "0"], "--max-draft must be a positive integer"),
+        ("int8_lossless", ["x", "--mode", "lossless", "--weights", "int8"], "--weights int8 does not apply to lossless"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(capsys, tmp_path, tiny_model_dir, case, args, message):
@@ -144,6 +145,17 @@ def test_lossless_mode_gives_full_modes_tokens(capsys, tiny_model_dir):
         outs[mode] = json.loads(out)
     assert outs["lossless"]["token_ids"] == outs["full"]["token_ids"]
     assert outs["lossless"]["speculation"]["drafted"] > 0 and outs["full"]["speculation"] == {}
+    assert outs["lossless"]["speculation"]["draft"] == "int8"  # the default draft of an fp32 model on the CPU
+
+
+def test_int8_weights_run_full_and_early_exit(capsys, tiny_model_dir):
+    heads_for(tiny_model_dir).save(tiny_model_dir)
+    for mode in ("full", "early-exit"):
+        code, out, err = run_cli(capsys, "class Stack:", "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--json",
+                                 "--mode", mode, "--weights", "int8")
+        assert code == 0, err
+        result = json.loads(out)
+        assert code == 0 and result["weights"] == "int8" and len(result["token_ids"]) == 6 and result["mode"] == mode
 
 
 def test_heads_of_another_backbone_are_refused(capsys, tmp_path, tiny_model_dir):

@@ -44,17 +44,27 @@ def test_benchmark_limit_run_has_every_mode(model_with_heads, tmp_path):
     import benchmark_generate
 
     assert benchmark_generate.main(["--model", str(model_with_heads), "--prompts", "2", "--repeats", "1", "--warmup", "0",
-                                    "--max-new-tokens", "5", "--max-prompt-tokens", "20", "--threads", "1"]) == 0
+                                    "--max-new-tokens", "5", "--max-prompt-tokens", "20", "--threads", "1", "--no-memory"]) == 0
     result = json.loads((tmp_path / "results/benchmark_generate/results.json").read_text())
     rows = {r["engine"]: r for r in result["rows"]}
     peers = {"onnxruntime", "ggml (ctransformers)"}
-    ours = {"earlyexit full", "earlyexit early-exit", "earlyexit lossless", "earlyexit lossless (fp32 exit drafts)"}
+    ours = {"earlyexit full", "earlyexit early-exit", "earlyexit lossless", "earlyexit lossless (fp32 exit drafts)",
+            "earlyexit full (int8 weights)", "earlyexit early-exit (int8 weights)"}
     assert set(rows) - peers == {"transformers generate", *ours}
     assert set(rows) & peers | set(result["unavailable"]) == peers  # a peer that cannot run is reported, never dropped
     for name in ("earlyexit full", "earlyexit lossless", "earlyexit lossless (fp32 exit drafts)", "transformers generate", *(set(rows) & peers)):
         assert rows[name]["identical_to_full"] == 1.0 and rows[name]["rouge_l_vs_full"] == 1.0, name
     assert all(r["tokens_per_s"] > 0 for r in rows.values()) and result["stamp"]["commit"]
     assert (tmp_path / "results/benchmark_generate/ms_per_token.png").stat().st_size > 0
+    assert all(r["peak_rss_mb"] is None for r in rows.values()) and "peak RSS MB" in (tmp_path / "results/benchmark_generate/results.md").read_text()
+
+
+def test_benchmark_memory_probe_runs_one_engine(model_with_heads, capsys):
+    import benchmark_generate
+
+    capsys.readouterr()
+    assert benchmark_generate.main(["--model", str(model_with_heads), "--memory-of", "earlyexit lossless", "--max-new-tokens", "3"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_rss_mb"] > 0
 
 
 def steer_heads(model_dir: Path, action: int, logit: float, layer: int = 0) -> None:

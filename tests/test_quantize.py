@@ -56,3 +56,14 @@ def test_draft_model_choice(tiny_tokenizer):
     assert isinstance(draft_model(model, "auto"), Int8GPT2)  # fp32 on the CPU: int8 drafts
     wide = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2, seed=1), dtype=torch.float64)
     assert draft_model(wide, "auto") is wide
+
+
+def test_rerank_gives_the_fp32_heads_argmax(tiny_tokenizer):
+    model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2, seed=5))
+    z = torch.randn(64, model.dims.n_embd, generator=torch.Generator().manual_seed(1))
+    exact = model.project(z)
+    plain, reranked = quantize_int8(model, rerank=0), quantize_int8(model, rerank=8)
+    assert torch.equal(reranked.project(z).argmax(-1), exact.argmax(-1))
+    # the winning logit is the fp32 one itself; the rest stay int8
+    assert torch.allclose(reranked.project(z).max(-1).values, exact.max(-1).values, atol=1e-6)
+    assert not torch.equal(plain.project(z), exact)
