@@ -4,8 +4,9 @@
 
 On one test-split prompt, after prefill: the median ms per full-depth decode step for our
 eager step, the same step under `torch.compile(dynamic=True)` (compile time reported
-apart), and the early-exit step at the heads' thresholds with stopping off (the
-controller's per-layer cost); each in alternation, after warm-up. Then a torch.profiler
+apart), the same step over the weight-only int8 copy (lossless mode's draft), and the
+early-exit step at the heads' thresholds with stopping off (the controller's per-layer
+cost); each in alternation, after warm-up. Then a torch.profiler
 trace of 20 eager full-depth steps, summarised by operator (self CPU time per token).
 Writes experiments/results/decode_profile/.
 """
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     from earlyexit.heads import Thresholds, heads_available, load_heads
     from earlyexit.loading import load_runtime_model, resolve_model_dir
     from earlyexit.policies import EarlyExit
+    from earlyexit.quantize import quantize_int8
 
     set_threads(args.threads)
     model_dir = resolve_model_dir(args.model)
@@ -67,7 +69,13 @@ def main(argv=None) -> int:
     def eager(token, cache, pos, prev):
         return model.logits(model.hidden(token, cache, pos)[:, -1]), model.dims.n_layer
 
-    variants = {"eager full-depth step": eager}
+    int8 = quantize_int8(model)
+
+    @torch.no_grad()
+    def int8_step(token, cache, pos, prev):
+        return int8.logits(int8.hidden(token, cache, pos)[:, -1]), model.dims.n_layer
+
+    variants = {"eager full-depth step": eager, "int8-weight full-depth step (lossless mode's draft)": int8_step}
     compile_seconds = None
     if not args.no_compile:
         compiled_fn = torch.compile(eager, dynamic=True)

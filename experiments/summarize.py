@@ -91,8 +91,10 @@ def section(results: Path) -> str:
                                        f"{chosen['mrr']:.3f} with {chosen['mean_layers']:.2f} layers." if chosen else ".")]
     bench = load(results, "benchmark_generate")
     if bench:
-        out += ["", "Speed (batch 1, median ms per generated token, ratio to `transformers` `generate`): "
-                + "; ".join(f"{r['engine']} {r['median_ms_per_token']:.2f} ms ({r['speedup_median_ms']:.2f}×)" for r in bench["rows"]) + "."]
+        out += ["", "Speed (batch 1; median ms per generated token and its ratio to `transformers` `generate`; tokens/s with "
+                "prefill, ratio to `generate`; identical tokens to `full`): "
+                + "; ".join(f"{r['engine']} {r['median_ms_per_token']:.2f} ms ({r['speedup_median_ms']:.2f}×), "
+                            f"{r['speedup_tokens_per_s']:.2f}× tokens/s, {r['identical_to_full']:.0%} identical" for r in bench["rows"]) + "."]
     return "\n".join(out)
 
 
