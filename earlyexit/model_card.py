@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the recipe's configs, in a source checkout
+
 import numpy as np
 import torch
 
@@ -187,19 +189,42 @@ def evaluate(model_dir: Path, cfg: ModelCardConfig, log: Path | None = None) -> 
     return result
 
 
-def schedule_lines(tc: dict) -> list[str]:
-    """The learning-rate schedule in words; a continued (re-warmed) run names both phases' configs."""
-    if tc.get("rewarm_at"):
-        return [
-            f"- Phase 1 (`configs/default_lm.yaml`): warm-up, cosine to step {tc['rewarm_at']:,}. Phase 2 "
-            f"(`configs/default_lm_continue.yaml`, `--resume`): re-warm from {tc['min_lr']:g} to {tc['lr']:g} over "
-            f"{tc['warmup_steps']} steps, stable, then linear decay over the last {tc.get('decay_steps', 0):,} steps to {tc['min_lr']:g} "
-            f"({tc.get('schedule', 'cosine')}); `checkpoint_stable.pt` keeps the end of the stable phase to train longer from.",
-            "- Reproduce: `python -m earlyexit.train_lm --config configs/default_lm.yaml`, then "
-            "`python -m earlyexit.train_lm --config configs/default_lm_continue.yaml --resume`.",
-        ]
-    return [f"- Peak LR {tc['lr']:g} after {tc['warmup_steps']} warm-up steps, {tc.get('schedule', 'cosine')} to {tc['min_lr']:g}.",
-            "- Reproduce: `python -m earlyexit.train_lm --config configs/default_lm.yaml` (add `--resume` to continue from the last checkpoint)."]
+def recipe_phases(tc: dict, config_dir: Path = CONFIG_DIR) -> list[tuple[str, dict]]:
+    """The training phases that led to this model, oldest first: (config path, config). Each
+    continued phase re-warms at `rewarm_at` = the previous phase's `max_steps`; the chain is
+    rebuilt from the `configs/*.yaml` files training into the same work_dir."""
+    import yaml
+
+    configs = []
+    for path in sorted(config_dir.glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text()) or {}
+        if isinstance(cfg, dict) and cfg.get("work_dir") == tc.get("work_dir") and "max_steps" in cfg:
+            configs.append((f"configs/{path.name}", cfg))
+    chain, step = [], tc.get("max_steps")
+    while step:
+        match = next(((p, c) for p, c in configs if c["max_steps"] == step and (chain or c.get("rewarm_at", 0) == tc.get("rewarm_at", 0))), None)
+        if match is None:
+            return []
+        chain.insert(0, match)
+        step = match[1].get("rewarm_at", 0)
+    return chain
+
+
+def schedule_lines(tc: dict, config_dir: Path = CONFIG_DIR) -> list[str]:
+    """The learning-rate schedule in words, phase by phase for a continued (re-warmed) run."""
+    phases = recipe_phases(tc, config_dir)
+    if not phases:
+        return [f"- Peak LR {tc['lr']:g} after {tc['warmup_steps']} warm-up steps, {tc.get('schedule', 'cosine')} to {tc['min_lr']:g}, "
+                f"{tc['max_steps']:,} steps."]
+    lines = []
+    for i, (path, c) in enumerate(phases, 1):
+        start = c.get("rewarm_at", 0)
+        warm = (f"re-warm at step {start:,} from {c['min_lr']:g} to {c['lr']:g}" if start else f"warm-up to {c['lr']:g}") + f" over {c['warmup_steps']} steps"
+        shape = (f"stable, then linear decay over the last {c['decay_steps']:,} steps" if c.get("schedule") == "wsd" else "cosine")
+        lines.append(f"- Phase {i} (`{path}`{', `--resume`' if start else ''}): {warm}, {shape} to {c['min_lr']:g} at step {c['max_steps']:,}.")
+    lines.append("- Reproduce: " + ", then ".join(f"`python -m earlyexit.train_lm --config {p}{' --resume' if c.get('rewarm_at') else ''}`"
+                                                   for p, c in phases) + ".")
+    return lines
 
 
 def throughput_lines(rows: list[dict] | None) -> list[str]:

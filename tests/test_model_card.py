@@ -1,6 +1,7 @@
 """The model card is computed by its script from a real (tiny) training run, not written by hand."""
 
 import json
+import yaml
 
 from earlyexit import model_card
 from earlyexit.train_lm import main as train_main
@@ -27,3 +28,18 @@ def test_model_card_from_a_tiny_run(tmp_path):
 def test_model_card_refuses_a_model_without_training_state(tmp_path, tiny_model_dir, capsys):
     assert model_card.main(["--model", str(tiny_model_dir)]) == 2
     assert "training_state.json" in capsys.readouterr().err
+
+
+def test_recipe_names_every_phase_in_order(tmp_path):
+    from earlyexit.model_card import recipe_phases, schedule_lines
+
+    base = {"work_dir": "runs/x", "lr": 1e-3, "min_lr": 1e-5, "warmup_steps": 10}
+    for name, extra in {"a.yaml": {"max_steps": 100}, "b.yaml": {"max_steps": 300, "rewarm_at": 100, "schedule": "wsd", "decay_steps": 50},
+                        "c.yaml": {"max_steps": 500, "rewarm_at": 300, "schedule": "wsd", "decay_steps": 50},
+                        "other.yaml": {"max_steps": 300, "work_dir": "runs/y"}}.items():
+        (tmp_path / name).write_text(yaml.safe_dump({**base, **extra}))
+    shipped = {**base, "max_steps": 500, "rewarm_at": 300}
+    assert [p for p, _ in recipe_phases(shipped, tmp_path)] == ["configs/a.yaml", "configs/b.yaml", "configs/c.yaml"]
+    lines = schedule_lines(shipped, tmp_path)
+    assert lines[2].startswith("- Phase 3 (`configs/c.yaml`, `--resume`): re-warm at step 300") and "c.yaml --resume`." in lines[-1]
+    assert recipe_phases({**shipped, "max_steps": 700}, tmp_path) == []  # no config ends there: no made-up recipe
