@@ -80,6 +80,14 @@ class EarlyExit:
         self.thresholds = thresholds or heads.cfg.thresholds
         self.state_copy_weights = stack_state_copy_weights(model.h)
         self.kernel_backend = kernel_backend
+        # The classifier's whole bias for every (layer, previous exit) pair, computed once from the heads as they
+        # are now: bias_table[l, p] = cls.bias + E_layer[l] + E_prev for p (0: no previous token).
+        L = heads.cfg.n_layer
+        with torch.no_grad():
+            table = heads.cls.bias + heads.extra_bias(torch.arange(L)[:, None], torch.arange(L + 1)[None, :])
+        self.bias_table = table.detach().float().contiguous()  # (L, L + 1, 3)
+        self._bias_rows = [list(self.bias_table[layer]) for layer in range(L)]  # views: no indexing per call
+        self._no_bias = torch.zeros_like(self.bias_table[0, 0])
 
     def check(self, layer: int, x_mid: torch.Tensor, mlp_out: torch.Tensor, prev_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Finish block `layer` for the newest token and ask the controller, in one fused call.
@@ -94,8 +102,11 @@ class EarlyExit:
         from .kernels import layer_check
 
         heads = self.heads
-        extra = heads.extra_bias(layer, prev_layers).expand(x_mid.shape[0], -1)
-        return layer_check(x_mid, mlp_out, heads.cls_ln.weight, heads.cls_ln.bias, heads.cls.weight, heads.cls.bias,
+        if isinstance(prev_layers, int):  # one bias for every row
+            bias, extra = self._bias_rows[layer][prev_layers], None
+        else:
+            bias, extra = self._no_bias, self.bias_table[layer][prev_layers]  # (B, 3)
+        return layer_check(x_mid, mlp_out, heads.cls_ln.weight, heads.cls_ln.bias, heads.cls.weight, bias,
                            extra, heads.cls_ln.eps, backend=self.kernel_backend)
 
     def decide(self, probs, allow_exit: bool) -> int | None:

@@ -142,3 +142,23 @@ def test_early_exit_through_the_triton_kernels_matches_the_reference_path(model,
     assert runs["triton"].token_ids == runs["torch"].token_ids
     assert runs["triton"].exit_layers == runs["torch"].exit_layers
     assert runs["torch"].exit_layers == [4] + [2] * 7
+
+
+def test_the_policys_precomputed_bias_gives_the_heads_own_probabilities(model):
+    heads = ExitHeads.for_backbone(model, rank=2)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    policy = EarlyExit(model, heads)
+    d = model.dims.n_embd
+    x, delta = torch.randn(3, d, generator=g), torch.randn(3, d, generator=g)
+    for layer in range(model.dims.n_layer):
+        for prev in (0, 1, model.dims.n_layer):  # no previous token, shallowest, deepest
+            h, probs = policy.check_rows(layer, x, delta, prev)
+            assert torch.allclose(h, x + delta)
+            assert torch.allclose(probs, heads.action_logits(layer, x + delta, prev).softmax(-1), atol=1e-5)
+        prevs = torch.tensor([0, 2, model.dims.n_layer])  # per row, as in batched decoding
+        _, probs = policy.check_rows(layer, x, delta, prevs)
+        want = torch.stack([heads.action_logits(layer, x[i] + delta[i], int(p)).softmax(-1) for i, p in enumerate(prevs)])
+        assert torch.allclose(probs, want, atol=1e-5)
