@@ -21,14 +21,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import EarlyExitError
 from .model import GPT2
 
 _FUSED_OP = getattr(torch, "_weight_int8pack_mm", None)
 
 
 def _fused_ok(in_features: int, x: torch.Tensor) -> bool:
-    """Whether the fused op handles this call. On CPU it reads the input dimension in blocks of
-    16 and returns wrong numbers (or crashes) otherwise; other devices need it on CUDA."""
+    """Whether the fused op handles this call: only CPU and CUDA implement it, and on the CPU it
+    reads the input dimension in blocks of 16, returning wrong numbers (or crashing) otherwise."""
     return _FUSED_OP is not None and in_features % 16 == 0 and x.device.type in ("cpu", "cuda")
 
 
@@ -102,7 +103,7 @@ def quantize_int8(model: GPT2, head: bool = True, rerank: int = 8) -> Int8GPT2:
     """A weight-only int8 copy of an fp32 `GPT2` (the original is left untouched); `head=False`
     keeps the vocabulary projection in fp32, `rerank` (int8 head) recomputes that many top logits in fp32."""
     if model.dtype != torch.float32:
-        raise ValueError(f"int8 quantization starts from an fp32 model, got {model.dtype}")
+        raise EarlyExitError(f"int8 quantization starts from an fp32 model, got {model.dtype}")
     q = copy.deepcopy(model)
     q.__class__ = Int8GPT2
     for block in q.h:
