@@ -215,11 +215,18 @@ def read_curve(log_path: Path) -> list[dict]:
 
 
 def export(model, tok, cfg: LMTrainConfig, step: int, tokens_seen: int, meta: dict, last_eval: dict) -> None:
-    """fp16 safetensors + tokenizer + training_state.json: what ships as the default model."""
+    """fp16 safetensors + tokenizer + training_state.json: what ships as the default model.
+
+    The exported context is `seq_len`, not `n_positions`: position embeddings past the
+    training windows never received a gradient (weight decay only shrinks them), and a
+    prompt reaching into them makes the model degenerate. Cropping them turns such a prompt
+    into the runtime's clear "longer than the context" error or its left-truncation.
+    """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    half = build_model(cfg, tok)
-    half.load_state_dict(model.state_dict())
+    half = build_model(dataclasses.replace(cfg, n_positions=cfg.seq_len), tok)
+    state = {k: v[:cfg.seq_len] if k.endswith("wpe.weight") else v for k, v in model.state_dict().items()}
+    half.load_state_dict(state)
     half.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     state = {
@@ -256,6 +263,10 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
         optimizer.load_state_dict(state["optimizer"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         print(f"resumed at step {step} ({tokens_seen:,} tokens seen)", file=sys.stderr)
+    if step >= cfg.max_steps:  # a finished run: export it again (what `export` writes may have changed since)
+        export(model, tok, cfg, step, tokens_seen, meta, evaluate(model, tokens["validation"], cfg))
+        print(f"already at max_steps ({cfg.max_steps}): re-exported to {cfg.out_dir}", file=sys.stderr)
+        return
     step_fn = torch.compile(model) if cfg.compile else model
     model.train()
     log = open(work / "log.jsonl", "a")

@@ -47,6 +47,12 @@ def test_train_checkpoint_resume_and_export(tmp_path):
     tok = AutoTokenizer.from_pretrained(export)
     assert model.config.n_layer == 2 and len(tok) == model.config.vocab_size
     assert json.loads((export / "training_state.json").read_text())["tokens_seen"] == 256
+    # the exported context is the training window: positions past it were never trained
+    assert model.config.n_positions == 32 and model.transformer.wpe.weight.shape[0] == 32
+    (export / "model.safetensors").unlink()
+    assert main(["--resume", *tiny_recipe(tmp_path, corpus)]) == 0  # a finished run is re-exported, not trained further
+    assert torch.load(tmp_path / "run/checkpoint.pt")["step"] == 4
+    assert AutoModelForCausalLM.from_pretrained(export).config.n_positions == 32
 
 
 def test_bad_config_is_one_line(tmp_path, capsys):
