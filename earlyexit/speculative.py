@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from .draft_step import LeanDraft
 from .errors import EarlyExitError
 from .heads import ExitHeads, Thresholds
 from .model import GPT2, KVCache
@@ -75,6 +76,8 @@ class Lossless:
         self.thresholds = Thresholds(exit=exit_threshold, stop=1.0)  # a draft never stops the completion
         # with no exit possible the controller's checks would only cost time
         self.drafter = EarlyExit(self.draft_model, heads, self.thresholds, kernel_backend) if exit_threshold < 1 else FullDepth()
+        # a full-depth int8 draft (the default) takes the lean single-token path
+        self.lean = LeanDraft(self.draft_model) if isinstance(self.drafter, FullDepth) and LeanDraft.supports(self.draft_model) else None
         self.max_draft, self.adaptive = max_draft, adaptive
 
     def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> StepResult:
@@ -83,6 +86,12 @@ class Lossless:
     def draft(self, model: GPT2, cache: KVCache, last: int, pos: int, prev_layers: int, n: int, eos: int) -> tuple[list[int], list[int]]:
         """Up to n draft tokens after `last` (at `pos`), with the layers each one used."""
         tokens, layers = [], []
+        if self.lean is not None:
+            for i in range(n):
+                tokens.append(self.lean.draft(tokens[-1] if tokens else last, cache, pos + i))
+                if tokens[-1] == eos:
+                    break
+            return tokens, [model.dims.n_layer] * len(tokens)
         token = torch.tensor([[last]], device=model.device)
         for i in range(n):
             r = self.drafter.step(self.draft_model, token, cache, pos + i, prev_layers)

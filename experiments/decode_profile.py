@@ -4,7 +4,8 @@
 
 On one test-split prompt, after prefill: the median ms per full-depth decode step for our
 eager step, the same step under `torch.compile(dynamic=True)` (compile time reported
-apart), the same step over the weight-only int8 copy (lossless mode's draft), and the
+apart), the same step over the weight-only int8 copy, generic and lean (earlyexit.draft_step:
+lossless mode's draft), and the
 early-exit step at the heads' thresholds with stopping off (the controller's per-layer
 cost); each in alternation, after warm-up. Then a torch.profiler
 trace of 20 eager full-depth steps, summarised by operator (self CPU time per token).
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
     from earlyexit.heads import Thresholds, heads_available, load_heads
     from earlyexit.loading import load_runtime_model, resolve_model_dir
     from earlyexit.policies import EarlyExit
+    from earlyexit.draft_step import LeanDraft
     from earlyexit.quantize import quantize_int8
 
     set_threads(args.threads)
@@ -75,7 +77,14 @@ def main(argv=None) -> int:
     def int8_step(token, cache, pos, prev):
         return int8.logits(int8.hidden(token, cache, pos)[:, -1]), model.dims.n_layer
 
-    variants = {"eager full-depth step": eager, "int8-weight full-depth step (lossless mode's draft)": int8_step}
+    variants = {"eager full-depth step": eager, "int8-weight full-depth step (generic path)": int8_step}
+    if LeanDraft.supports(int8):
+        lean = LeanDraft(int8)
+
+        def lean_step(token, cache, pos, prev):  # returns the greedy token's one-hot "logits": step_timer takes their argmax
+            return torch.nn.functional.one_hot(torch.tensor([lean.draft(int(token), cache, pos)]), model.dims.vocab_size), model.dims.n_layer
+
+        variants["int8-weight lean draft step (lossless mode's draft)"] = lean_step
     compile_seconds = None
     if not args.no_compile:
         compiled_fn = torch.compile(eager, dynamic=True)

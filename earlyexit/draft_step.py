@@ -1,0 +1,89 @@
+"""A lean greedy step over an int8 draft model: what lossless mode runs for almost every token.
+
+`GPT2.hidden` is general (batches, ragged positions, T new tokens, per-layer hooks for the
+exit controller) and goes through `Int8Linear`, whose fp32-in/fp32-out contract costs a
+conversion, a reshape and a promoting add per projection. One drafted token at batch 1
+needs none of that: measured on the default model (2 threads), 48 int8 projections take
+0.7 ms as bare `_weight_int8pack_mm` calls and 2.1 ms as modules; the generic int8 step
+takes ~4.5 ms, this one ~3.0 ms (experiments/decode_profile.py).
+
+`LeanDraft` holds each layer's tensors in a flat tuple and runs the same arithmetic as the
+generic int8 path with as few aten calls as it takes: the residual stream stays fp32, each
+projection reads bf16 activations, K/V go into the shared fp32 cache with one `index_copy_`
+each, and the head returns the greedy token directly (the int8 head's top `rerank` logits
+recomputed with the fp32 rows, as `Int8GPT2.project` does), not a vocabulary of logits.
+Its tokens are the generic int8 path's up to float rounding order; lossless mode verifies
+every draft with the fp32 model anyway, so only the speed rests on this file.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .model import _ACTIVATIONS, KVCache
+from .quantize import _FUSED_OP, Int8GPT2, Int8Linear
+
+_BF16 = torch.bfloat16
+
+
+def _fusable(linear) -> bool:
+    return isinstance(linear, Int8Linear) and linear.in_features % 16 == 0 and linear.bias is not None
+
+
+class LeanDraft:
+    """`draft(token, cache, pos) -> next greedy token` of an `Int8GPT2` (batch 1, one token, CPU or CUDA)."""
+
+    def __init__(self, model: Int8GPT2):
+        self.model = model
+        d = model.dims
+        self.d, self.n_head, self.hs, self.eps = d.n_embd, d.n_head, d.head_size, d.layer_norm_epsilon
+        self.act = _ACTIVATIONS[d.activation]
+        self.layers = []
+        for block in model.h:
+            a, m = block.attn, block.mlp
+            self.layers.append((
+                block.ln_1.weight, block.ln_1.bias, a.c_attn.qweight, a.c_attn.scale, a.c_attn.bias, a.scale,
+                a.c_proj.qweight, a.c_proj.scale, a.c_proj.bias,
+                block.ln_2.weight, block.ln_2.bias, m.c_fc.qweight, m.c_fc.scale, m.c_fc.bias,
+                m.c_proj.qweight, m.c_proj.scale, m.c_proj.bias,
+            ))
+        self.head = model.int8_head
+        self.head_rows = _fp32_head_rows(model)
+        self.rerank = max(1, model.rerank)
+
+    @staticmethod
+    def supports(model) -> bool:
+        """Whether `model` can take the lean path: an int8 copy whose every projection (and head) runs the fused op."""
+        if _FUSED_OP is None or not isinstance(model, Int8GPT2) or model.int8_head is None:
+            return False
+        linears = [lin for b in model.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        return all(_fusable(lin) for lin in linears) and model.int8_head.in_features % 16 == 0
+
+    @torch.inference_mode()
+    def draft(self, token: int, cache: KVCache, pos: int) -> int:
+        d, nh, hs, eps = self.d, self.n_head, self.hs, self.eps
+        m = self.model
+        x = (m.wte.weight[token] + m.wpe.weight[pos]).view(1, d)  # fp32 residual stream
+        at = torch.tensor([pos], device=x.device)
+        for i, (w1, b1, qa, sa, ba, scale, qp, sp, bp, w2, b2, qf, sf, bf, qm, sm, bm) in enumerate(self.layers):
+            h = F.layer_norm(x, (d,), w1, b1, eps).to(_BF16)
+            qkv = torch.add(ba, _FUSED_OP(h, qa, sa))  # fp32 (1, 3d)
+            keys, values = cache.k[i], cache.v[i]  # (1, nh, S, hs)
+            keys.index_copy_(2, at, qkv[:, d:2 * d].view(1, nh, 1, hs))
+            values.index_copy_(2, at, qkv[:, 2 * d:].view(1, nh, 1, hs))
+            # 4-d: with 3-d inputs SDPA takes its unfused math path, several times slower here
+            y = F.scaled_dot_product_attention(qkv[:, :d].view(1, nh, 1, hs), keys[:, :, :pos + 1], values[:, :, :pos + 1], scale=scale)
+            x = x + torch.add(bp, _FUSED_OP(y.view(1, d).to(_BF16), qp, sp))
+            h = F.layer_norm(x, (d,), w2, b2, eps).to(_BF16)
+            h = self.act(torch.add(bf, _FUSED_OP(h, qf, sf))).to(_BF16)  # (1, 4d)
+            x = x + torch.add(bm, _FUSED_OP(h, qm, sm))
+        z = F.layer_norm(x, (d,), m.ln_f.weight, m.ln_f.bias, eps)
+        top = _FUSED_OP(z.to(_BF16), self.head.qweight, self.head.scale)[0].topk(self.rerank).indices  # (r,)
+        exact = self.head_rows[top] @ z[0]  # the candidates' fp32 logits
+        return int(top[exact.argmax()])
+
+
+def _fp32_head_rows(model: Int8GPT2) -> torch.Tensor:
+    """The fp32 vocabulary rows (V, d) the rerank reads: the tied embedding, or the untied head."""
+    return getattr(model, "lm_head_weight", model.wte.weight)
