@@ -56,7 +56,7 @@ def test_benchmark_limit_run_has_every_mode(model_with_heads, tmp_path):
         assert rows[name]["identical_to_full"] == 1.0 and rows[name]["rouge_l_vs_full"] == 1.0, name
     assert all(r["tokens_per_s"] > 0 for r in rows.values()) and result["stamp"]["commit"]
     assert (tmp_path / "results/benchmark_generate/ms_per_token.png").stat().st_size > 0
-    assert all(r["peak_rss_mb"] is None for r in rows.values()) and "peak RSS MB" in (tmp_path / "results/benchmark_generate/results.md").read_text()
+    assert all(r["memory_added_mb"] is None for r in rows.values()) and "memory added MB" in (tmp_path / "results/benchmark_generate/results.md").read_text()
 
 
 def test_benchmark_memory_probe_runs_one_engine(model_with_heads, capsys):
@@ -64,7 +64,11 @@ def test_benchmark_memory_probe_runs_one_engine(model_with_heads, capsys):
 
     capsys.readouterr()
     assert benchmark_generate.main(["--model", str(model_with_heads), "--memory-of", "earlyexit lossless", "--max-new-tokens", "3"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_rss_mb"] > 0
+    probe = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert probe["peak_rss_mb"] >= probe["added_mb"] > 0  # the engine's own weights at least
+    capsys.readouterr()
+    assert benchmark_generate.main(["--model", str(model_with_heads), "--memory-of", "baseline"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["added_mb"] < probe["added_mb"]
 
 
 def steer_heads(model_dir: Path, action: int, logit: float, layer: int = 0) -> None:
