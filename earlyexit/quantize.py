@@ -83,6 +83,7 @@ class Int8GPT2(GPT2):
     """
 
     rerank: int = 0
+    lean = None  # the single-token fast path (earlyexit.lean_step.LeanInt8Step), where the fused op takes every projection
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
         if self.int8_head is None:
@@ -111,4 +112,7 @@ def quantize_int8(model: GPT2, head: bool = True, rerank: int = 8) -> Int8GPT2:
             setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))
     q.int8_head = Int8Linear(model.head_weight, None) if head else None
     q.rerank = rerank if head else 0
+    from .lean_step import LeanInt8Step  # which imports this module
+
+    q.lean = LeanInt8Step(q) if LeanInt8Step.supports(q) else None
     return q.eval().requires_grad_(False)

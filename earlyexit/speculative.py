@@ -26,7 +26,6 @@ import time
 
 import torch
 
-from .draft_step import LeanDraft
 from .errors import EarlyExitError
 from .heads import ExitHeads, Thresholds
 from .model import GPT2, KVCache
@@ -76,8 +75,8 @@ class Lossless:
         self.thresholds = Thresholds(exit=exit_threshold, stop=1.0)  # a draft never stops the completion
         # with no exit possible the controller's checks would only cost time
         self.drafter = EarlyExit(self.draft_model, heads, self.thresholds, kernel_backend) if exit_threshold < 1 else FullDepth()
-        # a full-depth int8 draft (the default) takes the lean single-token path
-        self.lean = LeanDraft(self.draft_model) if isinstance(self.drafter, FullDepth) and LeanDraft.supports(self.draft_model) else None
+        # a full-depth int8 draft (the default) takes the lean single-token path (earlyexit.lean_step)
+        self.lean = getattr(self.draft_model, "lean", None) if isinstance(self.drafter, FullDepth) else None
         self.max_draft, self.adaptive = max_draft, adaptive
 
     def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> StepResult:
@@ -88,7 +87,7 @@ class Lossless:
         tokens, layers = [], []
         if self.lean is not None:
             for i in range(n):
-                tokens.append(self.lean.draft(tokens[-1] if tokens else last, cache, pos + i))
+                tokens.append(self.lean.greedy(tokens[-1] if tokens else last, cache, pos + i))
                 if tokens[-1] == eos:
                     break
             return tokens, [model.dims.n_layer] * len(tokens)

@@ -4,7 +4,7 @@
 
 On one test-split prompt, after prefill: the median ms per full-depth decode step for our
 eager step, the same step under `torch.compile(dynamic=True)` (compile time reported
-apart), the same step over the weight-only int8 copy, generic and lean (earlyexit.draft_step:
+apart), the same step over the weight-only int8 copy, generic and lean (earlyexit.lean_step:
 lossless mode's draft), and the
 early-exit step at the heads' thresholds with stopping off (the controller's per-layer
 cost); each in alternation, after warm-up. Then a torch.profiler
@@ -57,7 +57,6 @@ def main(argv=None) -> int:
     from earlyexit.heads import Thresholds, heads_available, load_heads
     from earlyexit.loading import load_runtime_model, resolve_model_dir
     from earlyexit.policies import EarlyExit
-    from earlyexit.draft_step import LeanDraft
     from earlyexit.quantize import quantize_int8
 
     set_threads(args.threads)
@@ -74,17 +73,15 @@ def main(argv=None) -> int:
     int8 = quantize_int8(model)
 
     @torch.no_grad()
-    def int8_step(token, cache, pos, prev):
+    def int8_step(token, cache, pos, prev):  # GPT2.hidden: the generic path, not the lean one FullDepth takes
         return int8.logits(int8.hidden(token, cache, pos)[:, -1]), model.dims.n_layer
 
     variants = {"eager full-depth step": eager, "int8-weight full-depth step (generic path)": int8_step}
-    if LeanDraft.supports(int8):
-        lean = LeanDraft(int8)
-
+    if int8.lean is not None:
         def lean_step(token, cache, pos, prev):  # returns the greedy token's one-hot "logits": step_timer takes their argmax
-            return torch.nn.functional.one_hot(torch.tensor([lean.draft(int(token), cache, pos)]), model.dims.vocab_size), model.dims.n_layer
+            return torch.nn.functional.one_hot(torch.tensor([int8.lean.greedy(int(token), cache, pos)]), model.dims.vocab_size), model.dims.n_layer
 
-        variants["int8-weight lean draft step (lossless mode's draft)"] = lean_step
+        variants["int8-weight lean greedy step (lossless mode's draft)"] = lean_step
     compile_seconds = None
     if not args.no_compile:
         compiled_fn = torch.compile(eager, dynamic=True)

@@ -1,4 +1,4 @@
-"""A lean greedy step over an int8 draft model: what lossless mode runs for almost every token.
+"""A lean single-token step over an int8 model: lossless mode's drafts and `--weights int8` decoding.
 
 `GPT2.hidden` is general (batches, ragged positions, T new tokens, per-layer hooks for the
 exit controller) and goes through `Int8Linear`, whose fp32-in/fp32-out contract costs a
@@ -7,13 +7,14 @@ needs none of that: measured on the default model (2 threads), 48 int8 projectio
 0.7 ms as bare `_weight_int8pack_mm` calls and 2.1 ms as modules; the generic int8 step
 takes ~4.5 ms, this one ~3.0 ms (experiments/decode_profile.py).
 
-`LeanDraft` holds each layer's tensors in a flat tuple and runs the same arithmetic as the
-generic int8 path with as few aten calls as it takes: the residual stream stays fp32, each
-projection reads bf16 activations, K/V go into the shared fp32 cache with one `index_copy_`
-each, and the head returns the greedy token directly (the int8 head's top `rerank` logits
-recomputed with the fp32 rows, as `Int8GPT2.project` does), not a vocabulary of logits.
-Its tokens are the generic int8 path's up to float rounding order; lossless mode verifies
-every draft with the fp32 model anyway, so only the speed rests on this file.
+`LeanInt8Step` holds each layer's tensors in a flat tuple and runs the same arithmetic as
+the generic int8 path with as few aten calls as it takes: the residual stream stays fp32,
+each projection reads bf16 activations, K/V go into the shared fp32 cache with one
+`index_copy_` each. `logits` ends with the model's own head (`Int8GPT2.project`, with its
+fp32 rerank); `greedy`, for drafts, returns the token directly: the int8 head's top
+`rerank` candidates rescored with the fp32 rows, without a vocabulary of logits. The cache
+and logits equal the generic path's (tested); lossless mode verifies every draft with the
+fp32 model anyway.
 """
 
 from __future__ import annotations
@@ -31,14 +32,22 @@ def _fusable(linear) -> bool:
     return isinstance(linear, Int8Linear) and linear.in_features % 16 == 0 and linear.bias is not None
 
 
-class LeanDraft:
-    """`draft(token, cache, pos) -> next greedy token` of an `Int8GPT2` (batch 1, one token, CPU or CUDA)."""
+class LeanInt8Step:
+    """One token at batch 1 through every block of an `Int8GPT2`: its logits, or just its greedy token.
+
+    The per-layer tensors are gathered once; `model.to(...)` replaces them, so they are
+    gathered again whenever the embedding the model holds is no longer the one seen.
+    """
 
     def __init__(self, model: Int8GPT2):
-        self.model = model
+        self.model, self._seen = model, None
         d = model.dims
         self.d, self.n_head, self.hs, self.eps = d.n_embd, d.n_head, d.head_size, d.layer_norm_epsilon
         self.act = _ACTIVATIONS[d.activation]
+        self.rerank = max(1, model.rerank)
+
+    def _gather(self) -> None:
+        model = self.model
         self.layers = []
         for block in model.h:
             a, m = block.attn, block.mlp
@@ -50,7 +59,7 @@ class LeanDraft:
             ))
         self.head = model.int8_head
         self.head_rows = _fp32_head_rows(model)
-        self.rerank = max(1, model.rerank)
+        self._seen = model.wte.weight
 
     @staticmethod
     def supports(model) -> bool:
@@ -60,8 +69,10 @@ class LeanDraft:
         linears = [lin for b in model.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
         return all(_fusable(lin) for lin in linears) and model.int8_head.in_features % 16 == 0
 
-    @torch.inference_mode()
-    def draft(self, token: int, cache: KVCache, pos: int) -> int:
+    def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
+        """The residual stream (1, d) after the last block, for `token` at `pos` (its K/V written into `cache`)."""
+        if self.model.wte.weight is not self._seen:
+            self._gather()
         d, nh, hs, eps = self.d, self.n_head, self.hs, self.eps
         m = self.model
         x = (m.wte.weight[token] + m.wpe.weight[pos]).view(1, d)  # fp32 residual stream
@@ -78,7 +89,18 @@ class LeanDraft:
             h = F.layer_norm(x, (d,), w2, b2, eps).to(_BF16)
             h = self.act(torch.add(bf, _FUSED_OP(h, qf, sf))).to(_BF16)  # (1, 4d)
             x = x + torch.add(bm, _FUSED_OP(h, qm, sm))
-        z = F.layer_norm(x, (d,), m.ln_f.weight, m.ln_f.bias, eps)
+        return x
+
+    @torch.inference_mode()
+    def logits(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
+        """Next-token logits (1, V): the generic int8 path's, from fewer ops."""
+        return self.model.logits(self.residual(token, cache, pos))
+
+    @torch.inference_mode()
+    def greedy(self, token: int, cache: KVCache, pos: int) -> int:
+        """The next greedy token, without materialising the vocabulary's logits in fp32."""
+        m = self.model
+        z = F.layer_norm(self.residual(token, cache, pos), (self.d,), m.ln_f.weight, m.ln_f.bias, self.eps)
         top = _FUSED_OP(z.to(_BF16), self.head.qweight, self.head.scale)[0].topk(self.rerank).indices  # (r,)
         exact = self.head_rows[top] @ z[0]  # the candidates' fp32 logits
         return int(top[exact.argmax()])

@@ -1,0 +1,62 @@
+"""The lean int8 single-token step (earlyexit.lean_step): the generic int8 path's logits, tokens and cache."""
+
+import pytest
+import torch
+
+from earlyexit.lean_step import LeanInt8Step
+from earlyexit.model import GPT2
+from earlyexit.policies import FullDepth
+from earlyexit.quantize import quantize_int8
+
+from conftest import make_tiny_hf
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lean_step_matches_the_generic_int8_path(tiny_tokenizer, seed):
+    model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=3, n_embd=48, seed=seed))
+    q = quantize_int8(model)
+    assert isinstance(q.lean, LeanInt8Step)
+    prompt = torch.randint(0, len(tiny_tokenizer), (1, 7 + seed), generator=torch.Generator().manual_seed(seed))
+    caches = {name: model.new_cache(1, 40) for name in ("generic", "logits", "greedy")}
+    with torch.inference_mode():
+        for cache in caches.values():
+            model(prompt, cache, 0)
+        tok = {name: int(prompt[0, -1]) for name in caches}
+        for pos in range(prompt.shape[1], prompt.shape[1] + 20):
+            ref = q(torch.tensor([[tok["generic"]]]), caches["generic"], pos)[0, -1]  # GPT2.forward: the generic path
+            lean = q.lean.logits(tok["logits"], caches["logits"], pos)[0]
+            assert torch.allclose(lean, ref, atol=1e-4, rtol=1e-4)
+            tok["generic"], tok["logits"] = int(ref.argmax()), int(lean.argmax())
+            tok["greedy"] = q.lean.greedy(tok["greedy"], caches["greedy"], pos)
+            assert tok["generic"] == tok["logits"] == tok["greedy"]
+    written = slice(0, prompt.shape[1] + 20)
+    for name in ("logits", "greedy"):
+        assert torch.allclose(caches[name].k[:, :, :, written], caches["generic"].k[:, :, :, written], atol=1e-5)
+        assert torch.allclose(caches[name].v[:, :, :, written], caches["generic"].v[:, :, :, written], atol=1e-5)
+
+
+def test_full_depth_decoding_of_an_int8_copy_takes_the_lean_path(tiny_tokenizer, monkeypatch):
+    q = quantize_int8(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2)))
+    calls = []
+    monkeypatch.setattr(q.lean, "logits", lambda *a: calls.append(a) or torch.zeros(1, q.dims.vocab_size))
+    cache = q.new_cache(1, 16)
+    FullDepth().step(q, torch.tensor([[3]]), cache, 5, 2)
+    assert len(calls) == 1
+    FullDepth().step(q, torch.tensor([[3, 4]]), cache, 5, 2)  # two tokens: the generic path
+    assert len(calls) == 1
+
+
+def test_the_lean_path_follows_the_model_to_new_tensors(tiny_tokenizer):
+    q = quantize_int8(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2)))
+    cache = q.new_cache(1, 16)
+    before = q.lean.logits(3, cache, 0)
+    q.wte.weight = torch.nn.Parameter(q.wte.weight.detach() * 2, requires_grad=False)  # what a move to another device does
+    after = q.lean.logits(3, q.new_cache(1, 16), 0)
+    assert not torch.allclose(before, after)
+
+
+def test_models_the_fused_op_cannot_take_have_no_lean_path(tiny_tokenizer):
+    odd = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2, n_embd=40, n_head=4))  # 40 % 16 != 0
+    assert quantize_int8(odd).lean is None
+    assert not LeanInt8Step.supports(odd)  # fp32: not an int8 copy
+    assert quantize_int8(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer))), head=False).lean is None
