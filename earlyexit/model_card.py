@@ -216,12 +216,15 @@ def schedule_lines(tc: dict, config_dir: Path = CONFIG_DIR) -> list[str]:
     if not phases:
         return [f"- Peak LR {tc['lr']:g} after {tc['warmup_steps']} warm-up steps, {tc.get('schedule', 'cosine')} to {tc['min_lr']:g}, "
                 f"{tc['max_steps']:,} steps."]
-    lines = []
+    from .train_lm import LMTrainConfig
+
+    defaults, lines = LMTrainConfig(), []
     for i, (path, c) in enumerate(phases, 1):
         start = c.get("rewarm_at", 0)
         warm = (f"re-warm at step {start:,} from {c['min_lr']:g} to {c['lr']:g}" if start else f"warm-up to {c['lr']:g}") + f" over {c['warmup_steps']} steps"
         shape = (f"stable, then linear decay over the last {c['decay_steps']:,} steps" if c.get("schedule") == "wsd" else "cosine")
-        lines.append(f"- Phase {i} (`{path}`{', `--resume`' if start else ''}): {warm}, {shape} to {c['min_lr']:g} at step {c['max_steps']:,}.")
+        window = f"{c.get('batch_size', defaults.batch_size)} × {c.get('seq_len', defaults.seq_len)}-token windows"
+        lines.append(f"- Phase {i} (`{path}`{', `--resume`' if start else ''}): {window}; {warm}, {shape} to {c['min_lr']:g} at step {c['max_steps']:,}.")
     lines.append("- Reproduce: " + ", then ".join(f"`python -m earlyexit.train_lm --config {p}{' --resume' if c.get('rewarm_at') else ''}`"
                                                    for p, c in phases) + ".")
     return lines
@@ -268,8 +271,9 @@ def render_card(r: dict, has_plot: bool) -> str:
         f"- File list hash (sha256 of sorted `path<TAB>content-sha256` lines): `{stats['file_list_sha256']}`.",
         "",
         "## Recipe",
-        f"- {r['training']['step']:,} steps of {tc['batch_size']} × {tc['seq_len']} tokens (× {tc['grad_accum']} accumulation): "
-        f"**{r['training']['tokens_seen'] / 1e6:.1f}M tokens seen**.",
+        f"- {r['training']['step']:,} steps, the last phase's of {tc['batch_size']} × {tc['seq_len']} tokens (× {tc['grad_accum']} accumulation): "
+        f"**{r['training']['tokens_seen'] / 1e6:.1f}M tokens seen**. Context: {tc['seq_len']} tokens, the last phase's window "
+        "(position embeddings past it never trained, so the export drops them).",
         f"- AdamW (fused, betas 0.9/0.95, weight decay {tc['weight_decay']}), gradient clip {tc['grad_clip']}; bf16 autocast: {tc['bf16']}; "
         f"`torch.compile`: {tc['compile']}.",
         *schedule_lines(tc),

@@ -41,5 +41,5 @@ def test_recipe_names_every_phase_in_order(tmp_path):
     shipped = {**base, "max_steps": 500, "rewarm_at": 300}
     assert [p for p, _ in recipe_phases(shipped, tmp_path)] == ["configs/a.yaml", "configs/b.yaml", "configs/c.yaml"]
     lines = schedule_lines(shipped, tmp_path)
-    assert lines[2].startswith("- Phase 3 (`configs/c.yaml`, `--resume`): re-warm at step 300") and "c.yaml --resume`." in lines[-1]
+    assert lines[2].startswith("- Phase 3 (`configs/c.yaml`, `--resume`): 16 × 256-token windows; re-warm at step 300") and "c.yaml --resume`." in lines[-1]
     assert recipe_phases({**shipped, "max_steps": 700}, tmp_path) == []  # no config ends there: no made-up recipe
