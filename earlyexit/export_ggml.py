@@ -63,7 +63,8 @@ def ggml_tensors(model) -> list[tuple[str, np.ndarray]]:
              "mlp.c_proj.weight": "mlp/c_proj/w", "mlp.c_proj.bias": "mlp/c_proj/b"}
     for i in range(model.dims.n_layer):
         for ours, theirs in names.items():
-            out.append((f"model/h{i}/{theirs}", sd[f"h.{i}.{ours}"]))  # nn.Linear is already (out, in)
+            w = sd[f"h.{i}.{ours}"]
+            out.append((f"model/h{i}/{theirs}", np.ascontiguousarray(w.T) if w.ndim == 2 else w))  # Conv1D (in, out) -> ggml's (out, in)
     return out
 
 

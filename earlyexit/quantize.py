@@ -54,14 +54,22 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        return cls(linear.weight, linear.bias)
+    def from_linear(cls, linear: nn.Module) -> "Int8Linear":
+        """From an `nn.Linear` (weight (out, in)) or a GPT-2 `Conv1D` (weight (in, out))."""
+        return cls(getattr(linear, "weight_out_in", linear.weight), linear.bias)
 
     @property
     def weight(self) -> torch.Tensor:
         """The weight this layer actually multiplies by, dequantized to fp32 (out, in): for
         code that reads weights directly (state copying's K/V projection)."""
         return self.qweight.float() * self.scale.float()[:, None]
+
+    weight_out_in = weight  # the name `Conv1D` gives its (out, in) view: the kernels read either
+
+    def outputs(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Output features start:stop only, from the dequantized rows (state copying's K/V)."""
+        bias = None if self.bias is None else self.bias[start:stop]
+        return F.linear(x, self.weight[start:stop], bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -38,7 +38,7 @@ def stack_state_copy_weights(blocks) -> StateCopyWeights:
     return StateCopyWeights(
         torch.stack([b.ln_1.weight for b in blocks]).contiguous(),
         torch.stack([b.ln_1.bias for b in blocks]).contiguous(),
-        torch.stack([b.attn.c_attn.weight[d:] for b in blocks]).contiguous(),
+        torch.stack([b.attn.c_attn.weight_out_in[d:] for b in blocks]).contiguous(),
         torch.stack([b.attn.c_attn.bias[d:] for b in blocks]).contiguous(),
         blocks[0].ln_1.eps,
     )

@@ -103,13 +103,23 @@ def test_threshold_sweep_limit_run(model_with_heads, tmp_path):
     assert 1 < rows["exit 0.5"]["mean_layers"] < L and rows["exit 0.5"]["layers_skipped"] > 0
     assert rows["exit off"]["mean_layers"] == L and rows["exit off"]["identical_to_full"] == 1.0
     assert all(r["speedup"] > 0 and 0 <= r["rouge_l"] <= 1 and isinstance(r["pareto"], bool) for r in rows.values())
-    assert any(r["pareto"] for r in rows.values())
+    # (whether any point is on the front depends on timings: under load every point can be slower than full)
     assert (out / "pareto.png").stat().st_size > 0 and "layers skipped" in (out / "results.md").read_text()
     import summarize
 
     summary = summarize.section(tmp_path / "results")  # the README section is built from these files, not typed
     assert "layers skipped at the chosen thresholds" in summary and "Stop analysis | [stop_analysis/results.md]" in summary
     assert f"{rows[next(p for p in rows if p.startswith('chosen ('))]['layers_skipped']:.2f}/{L}" in summary
+
+
+def test_pareto_front_counts_full_as_a_competitor():
+    from threshold_sweep import pareto
+
+    rows = [{"point": "a", "speedup": 1.2, "rouge_l": 0.5}, {"point": "b", "speedup": 1.1, "rouge_l": 0.4},
+            {"point": "c", "speedup": 0.9, "rouge_l": 0.6}, {"point": "d", "speedup": 1.3, "rouge_l": 0.3},
+            {"point": "e", "speedup": 0.95, "rouge_l": 0.5}]
+    # b is beaten by a; e by full itself (speed 1, ROUGE-L 0.55); c is slower than full but scores higher
+    assert pareto(rows, full_rouge=0.55) == ["a", "c", "d"]
 
 
 def test_threshold_sweep_refuses_bad_threshold(model_with_heads, capsys):

@@ -58,9 +58,9 @@ def test_ggml_file_holds_every_weight_in_ggml_order(tmp_path, model, tiny_tokeni
     assert len(tensors) == 5 + 12 * d.n_layer
     np.testing.assert_array_equal(tensors["model/wte"], model.wte.weight.numpy())
     np.testing.assert_array_equal(tensors["model/lm_head"], model.head_weight.numpy())
-    # ggml multiplies by (out, in) rows: nn.Linear's own layout, i.e. Hugging Face's Conv1D transposed
-    np.testing.assert_array_equal(tensors["model/h1/attn/c_attn/w"], model.h[1].attn.c_attn.weight.numpy())
-    np.testing.assert_array_equal(tensors["model/h0/mlp/c_proj/w"], model.h[0].mlp.c_proj.weight.numpy())
+    # ggml multiplies by (out, in) rows: Hugging Face's (and our) Conv1D (in, out) transposed
+    np.testing.assert_array_equal(tensors["model/h1/attn/c_attn/w"], model.h[1].attn.c_attn.weight.numpy().T)
+    np.testing.assert_array_equal(tensors["model/h0/mlp/c_proj/w"], model.h[0].mlp.c_proj.weight.numpy().T)
     assert tensors["model/h0/mlp/c_fc/w"].shape == (4 * d.n_embd, d.n_embd)
 
 
