@@ -282,6 +282,8 @@ def render_card(r: dict, has_plot: bool) -> str:
         *throughput_lines(r.get("train_throughput")),
         "",
         "## Held-out quality",
+        f"Loss and top-1 over {r['config']['loss_windows']} evenly spaced windows of {r['config']['seq_len']} tokens per split.",
+        "",
         "| split | loss (nats/token) | perplexity | next-token top-1 | tokens scored |",
         "|---|---|---|---|---|",
         f"| validation | {v['loss']:.3f} | {v['perplexity']:.1f} | {v['top1']:.1%} | {v['tokens']:,} |",
