@@ -179,7 +179,8 @@ def evaluate(model_dir: Path, cfg: ModelCardConfig, log: Path | None = None) -> 
 
     result["samples"] = []
     for prompt in cfg.sample_prompts:
-        c = generate(model, tok, prompt, GenerationSettings(max_new_tokens=cfg.sample_max_new_tokens))
+        # as the CLI runs them: a prompt ending in a newline cut the model's usual ":\n    " token, which healing restores
+        c = generate(model, tok, prompt, GenerationSettings(max_new_tokens=cfg.sample_max_new_tokens, token_healing=True))
         result["samples"].append({"prompt": prompt, "completion": c.text, "degenerate": is_degenerate(c.token_ids)})
     result["samples_degenerate_rate"] = sum(s["degenerate"] for s in result["samples"]) / max(1, len(result["samples"]))
     throughput = Path(__file__).resolve().parents[1] / "experiments/results/train_throughput/results.json"
@@ -307,7 +308,7 @@ def render_card(r: dict, has_plot: bool) -> str:
               f"| line completion edit similarity (healed) | ≥ 0.60 | {lc['edit_similarity']:.3f} |",
               f"| sample completions with degenerate repetition | 0 of {len(r['samples'])} | "
               f"{sum(s.get('degenerate', False) for s in r['samples'])} of {len(r['samples'])} |", ""]
-    lines += ["## Ten sample completions", "", "Greedy, the prompt then the model's continuation after `⟨…⟩` "
+    lines += ["## Ten sample completions", "", "Greedy with token healing (the CLI default), the prompt then the model's continuation after `⟨…⟩` "
               "(*degenerate*: the last 8 tokens repeat a cycle of at most 4):", ""]
     for s in r["samples"]:
         lines += (["*degenerate*"] if s.get("degenerate") else []) + ["```python", s["prompt"] + "⟨…⟩" + s["completion"], "```", ""]
