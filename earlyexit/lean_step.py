@@ -4,8 +4,9 @@
 exit controller) and goes through `Int8Linear`, whose fp32-in/fp32-out contract costs a
 conversion, a reshape and a promoting add per projection. One drafted token at batch 1
 needs none of that: measured on the default model (2 threads), 48 int8 projections take
-0.7 ms as bare `_weight_int8pack_mm` calls and 2.1 ms as modules; the generic int8 step
-takes ~4.5 ms, this one ~3.0 ms (experiments/decode_profile.py).
+0.7 ms as bare `_weight_int8pack_mm` calls and 2.1 ms as modules; a whole token takes
+7.05 ms through the generic int8 path and 4.36 ms through this one
+(experiments/results/decode_profile).
 
 `LeanInt8Step` holds each layer's tensors in a flat tuple and runs the same arithmetic as
 the generic int8 path with as few aten calls as it takes: the residual stream stays fp32,
@@ -22,14 +23,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import _ACTIVATIONS, KVCache
-from .quantize import _FUSED_OP, Int8GPT2, Int8Linear
+from .model import _ACTIVATIONS, GPT2, KVCache
+from .quantize import _FUSED_OP, Int8GPT2, Int8Linear, _fused_ok
 
 _BF16 = torch.bfloat16
 
 
 def _fusable(linear) -> bool:
-    return isinstance(linear, Int8Linear) and linear.in_features % 16 == 0 and linear.bias is not None
+    return isinstance(linear, Int8Linear) and linear.bias is not None and _fused_ok(linear.in_features, linear.qweight)
 
 
 class LeanInt8Step:
@@ -58,7 +59,7 @@ class LeanInt8Step:
                 m.c_proj.qweight, m.c_proj.scale, m.c_proj.bias,
             ))
         self.head = model.int8_head
-        self.head_rows = _fp32_head_rows(model)
+        self.head_rows = GPT2.head_weight.fget(model)  # the fp32 rows the rerank reads (Int8GPT2 overrides the property)
         self._seen = model.wte.weight
 
     @staticmethod
@@ -67,7 +68,7 @@ class LeanInt8Step:
         if _FUSED_OP is None or not isinstance(model, Int8GPT2) or model.int8_head is None:
             return False
         linears = [lin for b in model.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-        return all(_fusable(lin) for lin in linears) and model.int8_head.in_features % 16 == 0
+        return all(_fusable(lin) for lin in linears) and _fused_ok(model.int8_head.in_features, model.int8_head.qweight)
 
     def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
         """The residual stream (1, d) after the last block, for `token` at `pos` (its K/V written into `cache`)."""
@@ -105,7 +106,3 @@ class LeanInt8Step:
         exact = self.head_rows[top] @ z[0]  # the candidates' fp32 logits
         return int(top[exact.argmax()])
 
-
-def _fp32_head_rows(model: Int8GPT2) -> torch.Tensor:
-    """The fp32 vocabulary rows (V, d) the rerank reads: the tied embedding, or the untied head."""
-    return getattr(model, "lm_head_weight", model.wte.weight)
