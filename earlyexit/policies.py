@@ -64,7 +64,7 @@ class FullDepth:
 
     @torch.inference_mode()
     def step(self, model: GPT2, token: torch.Tensor, cache: KVCache, pos: int, prev_layers: int) -> StepResult:
-        lean = getattr(model, "lean", None)  # an int8 copy's single-token path: the same logits, fewer ops
+        lean = model.lean  # an int8 copy's single-token path: the same logits, fewer ops
         if lean is not None and token.shape == (1, 1) and isinstance(pos, int):
             return StepResult(lean.logits(int(token), cache, pos), model.dims.n_layer)
         # only the newest position needs the vocabulary projection

@@ -92,7 +92,6 @@ class Int8GPT2(GPT2):
     """
 
     rerank: int = 0
-    lean = None  # the single-token fast path (earlyexit.lean_step.LeanInt8Step), where the fused op takes every projection
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
         if self.int8_head is None:

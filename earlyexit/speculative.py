@@ -76,7 +76,7 @@ class Lossless:
         # with no exit possible the controller's checks would only cost time
         self.drafter = EarlyExit(self.draft_model, heads, self.thresholds, kernel_backend) if exit_threshold < 1 else FullDepth()
         # a full-depth int8 draft (the default) takes the lean single-token path (earlyexit.lean_step)
-        self.lean = getattr(self.draft_model, "lean", None) if isinstance(self.drafter, FullDepth) else None
+        self.lean = self.draft_model.lean if isinstance(self.drafter, FullDepth) else None
         self.max_draft, self.adaptive = max_draft, adaptive
 
     def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> StepResult:
