@@ -67,19 +67,35 @@ class Int8Linear(nn.Module):
     weight_out_in = weight  # the name `Conv1D` gives its (out, in) view: the kernels read either
 
     def outputs(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Output features start:stop only, from the dequantized rows (state copying's K/V)."""
-        bias = None if self.bias is None else self.bias[start:stop]
-        return F.linear(x, self.weight[start:stop], bias)
+        """Output features start:stop only, through the same int8 rows as `forward` (state copying's K/V)."""
+        return self._multiply(x, self.qweight[start:stop], self.scale[start:stop], None if self.bias is None else self.bias[start:stop])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._multiply(x, self.qweight, self.scale, self.bias)
+
+    def _multiply(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         if _fused_ok(self.in_features, x2):
-            y = _FUSED_OP(x2, self.qweight, self.scale)
+            y = _FUSED_OP(x2, qweight, scale)
         else:
-            y = F.linear(x2, self.weight.to(torch.bfloat16))
-        y = y.view(*lead, self.out_features)
-        return y.float() if self.bias is None else torch.add(self.bias, y)  # bf16 + fp32 bias -> fp32 in one op
+            y = F.linear(x2, (qweight.float() * scale.float()[:, None]).to(torch.bfloat16))
+        y = y.view(*lead, qweight.shape[0])
+        return y.float() if bias is None else torch.add(bias, y)  # bf16 + fp32 bias -> fp32 in one op
+
+    def _apply(self, fn, recurse=True):
+        _refuse_dtype_change(fn, torch.bfloat16, "an Int8Linear's scales")
+        return super()._apply(fn, recurse)
+
+
+def _refuse_dtype_change(fn, dtype: torch.dtype, what: str) -> None:
+    """`Module.to(dtype)` / `.half()` / `.float()` reach `_apply` with a converting `fn`: refuse those, keep device moves."""
+    probe = fn(torch.zeros(1, dtype=dtype))
+    if probe.dtype != dtype:
+        raise EarlyExitError(
+            f"{what} must stay {dtype} (the int8 op's contract); converting to {probe.dtype} would break it: "
+            "quantize an fp32 model in the dtype you want instead"
+        )
 
 
 class Int8GPT2(GPT2):
@@ -105,7 +121,19 @@ class Int8GPT2(GPT2):
 
     @property
     def head_weight(self) -> torch.Tensor:
-        return super().head_weight if self.int8_head is None else self.int8_head.weight
+        """The head as it multiplies (dequantized int8 rows), computed once: export and GPU kernels read it."""
+        if self.int8_head is None:
+            return super().head_weight
+        if self._dequantized_head is None:
+            self._dequantized_head = self.int8_head.weight
+        return self._dequantized_head
+
+    _dequantized_head: torch.Tensor | None = None
+
+    def _apply(self, fn, recurse=True):
+        _refuse_dtype_change(fn, torch.float32, "an int8 copy's embeddings, norms and residual stream")
+        self._dequantized_head = None  # a device move would leave the cached copy behind
+        return super()._apply(fn, recurse)
 
 
 def quantize_int8(model: GPT2, head: bool = True, rerank: int = 8) -> Int8GPT2:

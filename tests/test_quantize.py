@@ -67,3 +67,25 @@ def test_rerank_gives_the_fp32_heads_argmax(tiny_tokenizer):
     # the winning logit is the fp32 one itself; the rest stay int8
     assert torch.allclose(reranked.project(z).max(-1).values, exact.max(-1).values, atol=1e-6)
     assert not torch.equal(plain.project(z), exact)
+
+
+@pytest.mark.parametrize("in_features", [37, 48])  # the fallback and the fused op
+def test_int8_outputs_are_the_forward_rows(in_features):
+    linear = torch.nn.Linear(in_features, 3 * in_features)
+    q = Int8Linear.from_linear(linear)
+    x = torch.randn(2, 3, in_features, generator=torch.Generator().manual_seed(1))
+    # state copying asks for the K/V rows only: the same int8 arithmetic as the whole projection, sliced
+    assert torch.equal(q.outputs(x, in_features, 3 * in_features), q(x)[..., in_features:])
+
+
+def test_int8_copy_refuses_a_dtype_change_but_moves_devices(tiny_tokenizer):
+    from earlyexit.errors import EarlyExitError
+
+    q = quantize_int8(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2, seed=1)))
+    for convert in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.h[0].attn.c_attn.float()):
+        with pytest.raises(EarlyExitError, match="must stay"):
+            convert(q)
+    assert q.h[0].attn.c_attn.scale.dtype == torch.bfloat16 and q.wte.weight.dtype == torch.float32
+    head = q.head_weight
+    assert q.head_weight is head and torch.equal(head, q.int8_head.weight)  # dequantized once
+    assert q.to("cpu") is q and q.head_weight is not head  # a device move drops the cached copy
