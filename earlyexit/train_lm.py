@@ -62,7 +62,11 @@ class LMTrainConfig:
     bf16: bool = True
     compile: bool = False
     threads: int = 0  # 0: all cores
+    device: str = "cpu"  # cpu, cuda or cuda:N: where the steps run (checkpoints and exports load on any device)
     seed: int = 0
+    # start from an exported model (a directory `export` wrote, e.g. earlyexit/default_model) instead of random
+    # weights: same shape and tokenizer; its step and tokens seen continue; a fresh optimizer (pair with rewarm_at)
+    init_from: str = ""
     # bookkeeping
     eval_interval: int = 200
     eval_windows: int = 128
@@ -76,6 +80,8 @@ class LMTrainConfig:
             raise EarlyExitError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.seq_len > self.n_positions:
             raise EarlyExitError(f"seq_len ({self.seq_len}) exceeds n_positions ({self.n_positions})")
+        if self.device != "cpu" and not self.device.split(":")[0] == "cuda":
+            raise EarlyExitError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.vocab_size > 65535:
             raise EarlyExitError("vocab_size must fit uint16 token storage (< 65536)")
         for name in ("batch_size", "grad_accum", "max_steps", "n_layer"):
@@ -188,13 +194,40 @@ def evaluate(model, tokens: np.ndarray, cfg: LMTrainConfig) -> dict[str, float]:
     loss_sum, correct, count = 0.0, 0, 0
     for chunk in np.array_split(picks, max(1, len(picks) // cfg.batch_size)):
         x = torch.from_numpy(np.stack([np.asarray(tokens[i * cfg.seq_len:i * cfg.seq_len + cfg.seq_len + 1], dtype=np.int64) for i in chunk]))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        x = x.to(cfg.device)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = model(x[:, :-1]).logits.float()
         loss_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
         correct += (logits.argmax(-1) == x[:, 1:]).sum().item()
         count += x[:, 1:].numel()
     model.train()
     return {"val_loss": loss_sum / count, "val_top1": correct / count}
+
+
+def init_from_export(model, tok, path: Path) -> tuple[int, int]:
+    """Load an exported model's weights into `model` (built from this recipe); returns its (step, tokens seen).
+
+    Position embeddings past the export's context (it keeps `seq_len` rows) stay as initialised.
+    """
+    from .loading import load_hf_model, load_tokenizer
+
+    if load_tokenizer(path).get_vocab() != tok.get_vocab():
+        raise EarlyExitError(f"init_from: {path} has a different tokenizer from {tok.name_or_path}")
+    source = load_hf_model(path).state_dict()
+    target = model.state_dict()
+    for name, value in target.items():
+        if name not in source:
+            raise EarlyExitError(f"init_from: {path} has no tensor {name}: not a model of this recipe's shape")
+        got = source[name]
+        if name.endswith("wpe.weight") and got.shape[1:] == value.shape[1:] and got.shape[0] <= value.shape[0]:
+            value[:got.shape[0]] = got
+        elif got.shape != value.shape:
+            raise EarlyExitError(f"init_from: {name} is {tuple(got.shape)} in {path}, the recipe builds {tuple(value.shape)}")
+        else:
+            value.copy_(got)
+    state_path = path / "training_state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    return int(state.get("step", 0)), int(state.get("tokens_seen", 0))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -245,7 +278,15 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     tok, tokens, meta = prepare_data(cfg)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EarlyExitError(f"device={cfg.device} but torch sees no CUDA device on this machine")
     model = build_model(cfg, tok)
+    step, tokens_seen = 0, 0
+    if cfg.init_from and not (resume and (work / "checkpoint.pt").exists()) and not resume_from:
+        step, tokens_seen = init_from_export(model, tok, Path(cfg.init_from))
+        print(f"initialised from {cfg.init_from} (step {step}, {tokens_seen:,} tokens seen)", file=sys.stderr)
+    model.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -256,7 +297,6 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
     start_path = Path(resume_from) if resume_from else ckpt_path
     if resume_from and not start_path.is_file():
         raise EarlyExitError(f"--resume-from: no checkpoint at {start_path}")
-    step, tokens_seen = 0, 0
     if (resume or resume_from) and start_path.exists():
         state = torch.load(start_path, map_location="cpu")
         model.load_state_dict(state["model"])
@@ -279,8 +319,8 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
             g["lr"] = lr_at(cfg, step)
         loss_total = 0.0
         for micro in range(cfg.grad_accum):
-            x = batch_at(tokens["train"], cfg, step, micro)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            x = batch_at(tokens["train"], cfg, step, micro).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = step_fn(x[:, :-1]).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()) / cfg.grad_accum
             loss.backward()

@@ -1,6 +1,7 @@
 """The training recipe end to end on a tiny corpus: tokenizer, steps, checkpoint, resume, export."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -108,3 +109,33 @@ def test_missing_token_caches_are_rebuilt_with_the_same_tokenizer(tmp_path):
         f.unlink()
     assert main(["--resume", *tiny_recipe(tmp_path, corpus, max_steps=2)]) == 0
     assert np.array_equal(np.load(tmp_path / "run/tokens_train.npy"), before)
+
+
+def test_init_from_an_export_continues_its_step_and_tokens(tmp_path):
+    corpus = make_corpus(tmp_path)
+    assert main(tiny_recipe(tmp_path, corpus, max_steps=2)) == 0
+    first = tmp_path / "run/export"
+    # a new run in another work_dir with the same tokenizer and shape starts from the export, not from random weights
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copytree(tmp_path / "run/tokenizer", second / "tokenizer")
+    for name in ("corpus.json", *(f"{kind}_{split}.{ext}" for split in ("train", "validation", "test")
+                                  for kind, ext in (("tokens", "npy"), ("files", "txt")))):
+        shutil.copy(tmp_path / "run" / name, second / name)
+    recipe = tiny_recipe(tmp_path, corpus, max_steps=3, init_from=first, work_dir=second, out_dir=second / "export",
+                         n_positions=48, rewarm_at=2)
+    assert main(recipe) == 0
+    state = torch.load(second / "checkpoint.pt")
+    assert state["step"] == 3 and state["tokens_seen"] == 3 * 2 * 32
+    start = AutoModelForCausalLM.from_pretrained(first).state_dict()
+    # the export's 32 positions were copied into the 48-row table; the weights moved on from the export's
+    grown = state["model"]["transformer.wpe.weight"]
+    assert grown.shape[0] == 48 and not torch.equal(grown[:32], start["transformer.wpe.weight"].float())
+
+
+def test_init_from_rejects_another_shape(tmp_path, capsys):
+    corpus = make_corpus(tmp_path)
+    assert main(tiny_recipe(tmp_path, corpus, max_steps=2)) == 0
+    assert main(tiny_recipe(tmp_path, corpus, max_steps=2, n_embd=48, init_from=tmp_path / "run/export",
+                            work_dir=tmp_path / "run")) == 2
+    assert "init_from" in capsys.readouterr().err
