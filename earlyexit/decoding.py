@@ -22,8 +22,10 @@ import torch
 from .errors import EarlyExitError
 from .model import GPT2, KVCache
 from .policies import FullDepth
+from .repetition import loop_tail
 
-FINISH_REASONS = ("eos", "max_tokens", "stop", "stop_string", "stopping_criteria")  # "stop": the controller halted
+# "stop": the controller halted; "repetition": the tail repeated a line, block or phrase (earlyexit.repetition), cut to one copy
+FINISH_REASONS = ("eos", "max_tokens", "stop", "stop_string", "repetition", "stopping_criteria")
 
 
 @dataclass
@@ -34,6 +36,7 @@ class GenerationSettings:
     stop_strings: Sequence[str] = ()
     truncate_prompt: bool = False
     token_healing: bool = False  # back off a prompt's last token and make the first new token extend it (earlyexit.healing)
+    stop_on_repetition: bool = False  # end a completion that loops, keeping one copy of the loop (earlyexit.repetition)
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -158,6 +161,12 @@ class Transcript:
             if cut is not None:
                 self.text = text[:cut]
                 return "stop_string"
+        if self.settings.stop_on_repetition:
+            drop = loop_tail(self.new, self.tokenizer.decode)
+            if drop:
+                del self.new[-drop:], self.layers[-drop:]
+                self.input_ids = self.input_ids[:, :-drop]
+                return "repetition"
         if self.stopping_criteria is not None and bool(self.stopping_criteria(self.input_ids, scores).all()):
             return "stopping_criteria"
         if self.full:

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="at most this many tokens (default %(default)s)")
     p.add_argument("--stop", action="append", default=[], metavar="STRING", help="end the completion before this string (repeatable)")
     p.add_argument("--no-token-healing", action="store_true", help="do not back off a prompt's last token (healing is on by default)")
+    p.add_argument("--no-repetition-stop", action="store_true",
+                   help="let a completion that loops (a line, block or phrase written again) run on (by default it ends with one copy)")
     p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt too long for the context instead of refusing it")
     p.add_argument("--mode", choices=("full", "early-exit", "lossless"),
                    help="early-exit (the default when the model has exit heads), full depth, or lossless (full's exact tokens, drafted cheaply and verified)")
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
     from .loading import load_runtime_model, resolve_model_dir
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop), truncate_prompt=args.truncate_prompt,
-                                  token_healing=not args.no_token_healing)
+                                  token_healing=not args.no_token_healing, stop_on_repetition=not args.no_repetition_stop)
     Thresholds(exit=1.0 if args.exit_threshold is None else args.exit_threshold,
                stop=1.0 if args.stop_threshold is None else args.stop_threshold)  # validate before loading anything
     if args.target_agreement is not None:

@@ -166,3 +166,14 @@ def test_heads_of_another_backbone_are_refused(capsys, tmp_path, tiny_model_dir)
     heads_for(other).save(tiny_model_dir)
     code, out, err = run_cli(capsys, "x", "--model", str(tiny_model_dir), "--mode", "early-exit")
     assert code == 2 and "different backbone weights" in err and err.count("\n") == 1
+
+
+def test_repetition_stop_is_on_by_default_with_a_flag_to_turn_it_off(capsys, tiny_model_dir):
+    # the tiny random model writes blank lines without end: a loop the CLI cuts
+    code, out, _ = run_cli(capsys, "import os\n", "--model", str(tiny_model_dir), "--max-new-tokens", "30", "--json", "--mode", "full")
+    stopped = json.loads(out)
+    assert code == 0 and stopped["finish_reason"] == "repetition"
+    code, out, _ = run_cli(capsys, "import os\n", "--model", str(tiny_model_dir), "--max-new-tokens", "30", "--json", "--mode", "full",
+                           "--no-repetition-stop")
+    ran_on = json.loads(out)
+    assert ran_on["finish_reason"] == "max_tokens" and ran_on["token_ids"][:len(stopped["token_ids"])] == stopped["token_ids"]

@@ -21,6 +21,8 @@ def test_model_card_from_a_tiny_run(tmp_path):
         assert result[split]["loss"] > 0 and 0 <= result[split]["top1"] <= 1 and result[split]["tokens"] > 0
     assert result["line_completion"]["examples"] == 3 and result["token_completion"]["examples"] == 3
     assert [s["prompt"] for s in result["samples"]] == ["def f(", "class A:"]
+    # each sample twice: the model alone and as the CLI writes it (repetition stop), which only ever cuts
+    assert all(s["completion"].startswith(s["cli_completion"]) and s["cli_finish"] for s in result["samples"])
     card = (export / "MODEL_CARD.md").read_text()
     assert f"{result['validation']['loss']:.3f}" in card and (export / "training_curve.png").exists()
 
