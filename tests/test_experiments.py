@@ -202,3 +202,28 @@ def test_decode_profile_limit_run(model_with_heads, tmp_path):
     assert [r["variant"].split(" (")[0] for r in result["rows"]] == ["eager full-depth step", "int8-weight full-depth step", "int8-weight lean greedy step", "early-exit step"]
     assert result["rows"][0]["vs_eager"] == 1.0 and all(r["median_ms"] > 0 for r in result["rows"])
     assert result["profile_top_ops"] and abs(sum(t["share"] for t in result["profile_top_ops"])) <= 1.0 + 1e-9
+
+
+def test_recipe_sweep_runs_train_lm_per_point(tmp_path, monkeypatch, capsys):
+    import recipe_sweep
+    import yaml
+
+    from earlyexit.train_lm import main as train_lm
+    from test_train_lm import tiny_recipe
+
+    corpus = make_corpus(tmp_path)
+    assert train_lm(tiny_recipe(tmp_path, corpus, max_steps=1)) == 0  # builds the tokenizer and token caches
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"sources": [str(corpus)], "vocab_size": 300, "validation_fraction": 0.2, "test_fraction": 0.2}))
+    monkeypatch.setenv("EARLYEXIT_RESULTS", str(tmp_path / "results"))
+    args = [f"data_dir={tmp_path / 'run'}", f"recipe={recipe}", "steps=3", "warmup_steps=1", "seq_len=16", "batch_size=2",
+            "eval_windows=2", "base_shape=1x32", "learning_rates=[0.001, 0.01]", "shapes=[2x32]", "threads=1"]
+    assert recipe_sweep.main(args) == 0
+    result = json.loads((tmp_path / "results/recipe_sweep/results.json").read_text())
+    rows = result["rows"]
+    assert [(r["sweep"], r["shape"]) for r in rows] == [("learning rate", "1x32")] * 2 + [("shape", "2x32")]
+    assert len({r["val_loss"] for r in rows}) == 3 and all(r["tokens"] == 3 * 2 * 16 for r in rows)
+    assert result["best_lr"] == min(rows[:2], key=lambda r: r["val_loss"])["lr"] == rows[2]["lr"]
+    assert (tmp_path / "results/recipe_sweep/recipe_sweep.png").stat().st_size > 0
+    capsys.readouterr()
+    assert recipe_sweep.main([*args, "shapes=[7x40]"]) == 2 and "multiple of 32" in capsys.readouterr().err
