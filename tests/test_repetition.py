@@ -90,3 +90,15 @@ def test_repetition_stop_is_off_by_default_and_lossless_cuts_the_same(tiny_hf, t
         raw = generate(model, tiny_tokenizer, prompt, GenerationSettings(max_new_tokens=max_new))
         assert raw.token_ids[:len(full.token_ids)] == full.token_ids  # the stop only ever cuts greedy's tokens
     assert reasons == {"max_tokens", "repetition"}  # the random model writes blank lines: a loop by 40 tokens, not by 6
+
+
+def test_batched_completions_cut_loops_as_one_at_a_time(tiny_hf, tiny_tokenizer):
+    from earlyexit.batch import generate_batch
+
+    model = GPT2.from_hf(tiny_hf)
+    prompts = ["import os\n", "def add(a, b):\n", "x"]
+    settings = GenerationSettings(max_new_tokens=30, stop_on_repetition=True)
+    batched = generate_batch(model, tiny_tokenizer, prompts, settings)
+    single = [generate(model, tiny_tokenizer, p, settings) for p in prompts]
+    assert [(c.token_ids, c.finish_reason) for c in batched] == [(c.token_ids, c.finish_reason) for c in single]
+    assert "repetition" in {c.finish_reason for c in single}
