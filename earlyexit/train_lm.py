@@ -247,6 +247,13 @@ def read_curve(log_path: Path) -> list[dict]:
     return [{k: r[k] for k in keep if k in r} for r in rows if "val_loss" in r]
 
 
+def trained_context_model(state: dict, tok, cfg: LMTrainConfig):
+    """A `GPT2LMHeadModel` of the recipe's shape holding `state`, its context cut to the `seq_len` positions it trained."""
+    model = build_model(dataclasses.replace(cfg, n_positions=cfg.seq_len), tok)
+    model.load_state_dict({k: v[:cfg.seq_len] if k.endswith("wpe.weight") else v for k, v in state.items()})
+    return model
+
+
 def export(model, tok, cfg: LMTrainConfig, step: int, tokens_seen: int, meta: dict, last_eval: dict) -> None:
     """fp16 safetensors + tokenizer + training_state.json: what ships as the default model.
 
@@ -257,10 +264,7 @@ def export(model, tok, cfg: LMTrainConfig, step: int, tokens_seen: int, meta: di
     """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    half = build_model(dataclasses.replace(cfg, n_positions=cfg.seq_len), tok)
-    state = {k: v[:cfg.seq_len] if k.endswith("wpe.weight") else v for k, v in model.state_dict().items()}
-    half.load_state_dict(state)
-    half.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
+    trained_context_model(model.state_dict(), tok, cfg).to(torch.float16).save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     state = {
         "step": step, "tokens_seen": tokens_seen, "config": to_dict(cfg), "corpus": meta, "last_eval": last_eval,

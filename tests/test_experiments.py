@@ -227,3 +227,29 @@ def test_recipe_sweep_runs_train_lm_per_point(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "results/recipe_sweep/recipe_sweep.png").stat().st_size > 0
     capsys.readouterr()
     assert recipe_sweep.main([*args, "shapes=[7x40]"]) == 2 and "multiple of 32" in capsys.readouterr().err
+
+
+def test_quality_curve_scores_each_checkpoint(tmp_path, monkeypatch, capsys):
+    import quality_curve
+    import yaml
+
+    from earlyexit.train_lm import main as train_lm
+    from test_train_lm import tiny_recipe
+
+    corpus = make_corpus(tmp_path)
+    recipe = tiny_recipe(tmp_path, corpus, max_steps=2)
+    assert train_lm(recipe) == 0
+    first = tmp_path / "first.pt"
+    (tmp_path / "run/checkpoint.pt").rename(first)
+    assert train_lm(["--resume-from", str(first), *recipe, "max_steps=4"]) == 0
+    config = tmp_path / "recipe.yaml"  # the recipe as a config file, as the phases' configs are
+    config.write_text(yaml.safe_dump({k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in recipe)} | {"sources": [str(corpus)]}))
+    monkeypatch.setenv("EARLYEXIT_RESULTS", str(tmp_path / "results"))
+    points = f"points=[[{config}, {first}], [{config}, {tmp_path / 'run/checkpoint.pt'}]]"
+    assert quality_curve.main([points, "line_examples=4", "max_line_tokens=3"]) == 0
+    rows = json.loads((tmp_path / "results/quality_curve/results.json").read_text())["rows"]
+    assert [r["step"] for r in rows] == [2, 4] and all(r["examples"] == 4 and 0 <= r["exact_match"] <= 1 for r in rows)
+    assert (tmp_path / "results/quality_curve/quality_curve.png").stat().st_size > 0
+    capsys.readouterr()
+    assert quality_curve.main([f"points=[[{config}, {tmp_path / 'missing.pt'}]]", "line_examples=4"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
