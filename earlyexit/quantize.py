@@ -42,6 +42,11 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
+def _dequantize(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 rows times their bf16 scales, in fp32: the weight the fused op multiplies by."""
+    return qweight.float() * scale.float()[:, None]
+
+
 class Int8Linear(nn.Module):
     """A drop-in `nn.Linear` (fp32 in, fp32 out) over int8 weights and bf16 arithmetic."""
 
@@ -62,7 +67,7 @@ class Int8Linear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The weight this layer actually multiplies by, dequantized to fp32 (out, in): for
         code that reads weights directly (state copying's K/V projection)."""
-        return self.qweight.float() * self.scale.float()[:, None]
+        return _dequantize(self.qweight, self.scale)
 
     weight_out_in = weight  # the name `Conv1D` gives its (out, in) view: the kernels read either
 
@@ -79,7 +84,7 @@ class Int8Linear(nn.Module):
         if _fused_ok(self.in_features, x2):
             y = _FUSED_OP(x2, qweight, scale)
         else:
-            y = F.linear(x2, (qweight.float() * scale.float()[:, None]).to(torch.bfloat16))
+            y = F.linear(x2, _dequantize(qweight, scale).to(torch.bfloat16))
         y = y.view(*lead, qweight.shape[0])
         return y.float() if bias is None else torch.add(bias, y)  # bf16 + fp32 bias -> fp32 in one op
 
