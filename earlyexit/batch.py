@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .decoding import Completion, GenerationSettings, Transcript, prepare_prompt
+from .decoding import Completion, GenerationSettings, Transcript, per_kept_token, prepare_prompt
 from .errors import EarlyExitError
 from .model import GPT2
 from .policies import FullDepth
@@ -99,6 +99,6 @@ def generate_batch(
             write(b, step.logits[i:i + 1], step.layers[i], step.stop[i], ms)
     return [
         Completion(text=t.final_text(), token_ids=t.new, prompt_tokens=len(ids), finish_reason=finish[b], exit_layers=t.layers,
-                   prefill_ms=prefill_ms, token_ms=token_ms[b], prompt_truncated_tokens=dropped, speculation=stats[b], healed_prefix=healed)
+                   prefill_ms=prefill_ms, token_ms=per_kept_token(token_ms[b], len(t.new)), prompt_truncated_tokens=dropped, speculation=stats[b], healed_prefix=healed)
         for b, (t, (ids, healed, _, dropped)) in enumerate(zip(transcripts, rows))
     ]

@@ -55,7 +55,7 @@ class Completion:
     finish_reason: str
     exit_layers: list[int]  # per generated token, the number of blocks it went through
     prefill_ms: float
-    token_ms: list[float] = field(default_factory=list)  # per generated token after the first
+    token_ms: list[float] = field(default_factory=list)  # per generated token after the first (see `per_kept_token`)
     prompt_truncated_tokens: int = 0
     speculation: dict = field(default_factory=dict)  # lossless mode: drafted, accepted, acceptance rate, rounds
     healed_prefix: str = ""  # token healing: the prompt's backed-off end, rewritten by the first token
@@ -182,6 +182,23 @@ class Transcript:
         return self.text if self.text is not None else self.decoded()
 
 
+def per_kept_token(token_ms: list[float], kept: int) -> list[float]:
+    """Timings of the tokens written after the first, one per token the completion kept.
+
+    A repetition cut or a speculative round past the end removes tokens whose work was done:
+    their time is charged to the last kept token, so the list stays one entry per kept token
+    and `Completion.total_ms` stays the time the completion took (a completion of one token has
+    no entry to charge).
+    """
+    n = max(0, kept - 1)
+    if len(token_ms) <= n:
+        return token_ms
+    out = token_ms[:n]
+    if out:
+        out[-1] += sum(token_ms[n:])
+    return out
+
+
 @torch.inference_mode()
 def generate(
     model: GPT2,
@@ -238,6 +255,7 @@ def generate(
                 token_ms.append((time.perf_counter() - t0) * 1e3)
     return Completion(
         text=transcript.final_text(), token_ids=transcript.new, prompt_tokens=len(ids), finish_reason=finish,
-        exit_layers=transcript.layers, prefill_ms=prefill_ms, token_ms=token_ms, prompt_truncated_tokens=dropped,
+        exit_layers=transcript.layers, prefill_ms=prefill_ms, token_ms=per_kept_token(token_ms, len(transcript.new)),
+        prompt_truncated_tokens=dropped,
         speculation=stats, healed_prefix=healed,
     )

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from .decoding import per_kept_token
 from .errors import EarlyExitError
 from .heads import ExitHeads, Thresholds
 from .model import GPT2, KVCache
@@ -139,7 +140,7 @@ class Lossless:
             token_ms += [(time.perf_counter() - t0) * 1e3 / written] * written
         stats = {"drafted": drafted, "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else None,
                  "rounds": rounds, "max_draft": self.max_draft, "adaptive": self.adaptive, "draft": self.draft_kind}
-        return finish, token_ms[: max(0, len(transcript.new) - 1)], stats
+        return finish, per_kept_token(token_ms, len(transcript.new)), stats
 
     # ------------------------------------------------------------------ batched
 
@@ -195,6 +196,6 @@ class Lossless:
                 drafted[b], accepted[b], rounds[b] = drafted[b] + len(drafts[b]), accepted[b] + m, rounds[b] + 1
                 k[b] = self.next_draft(k[b], m, len(drafts[b]))
                 token_ms[b] += [elapsed / written] * written
-        return [(finish[b], token_ms[b][: max(0, len(transcripts[b].new) - 1)],
+        return [(finish[b], per_kept_token(token_ms[b], len(transcripts[b].new)),
                  {"drafted": drafted[b], "accepted": accepted[b], "acceptance_rate": accepted[b] / drafted[b] if drafted[b] else None,
                   "rounds": rounds[b], "max_draft": self.max_draft, "adaptive": self.adaptive, "draft": self.draft_kind}) for b in range(B)]

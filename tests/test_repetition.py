@@ -70,6 +70,7 @@ def test_a_looping_completion_ends_with_one_copy(tiny_hf, tiny_tokenizer):
     on = generate(model, tiny_tokenizer, "def f(n):\n", GenerationSettings(max_new_tokens=60, stop_on_repetition=True), ForceCycle(cycle))
     assert on.finish_reason == "repetition"
     assert on.token_ids == cycle and len(on.exit_layers) == len(cycle)
+    assert len(on.token_ms) == len(cycle) - 1  # the cut tokens' time is charged to the last kept one
     assert on.text == "    if n < 2:\n        return False\n"  # a whole copy: this tokenizer ends a line with "\n"
 
 
@@ -86,6 +87,7 @@ def test_repetition_stop_is_off_by_default_and_lossless_cuts_the_same(tiny_hf, t
         full = generate(model, tiny_tokenizer, prompt, settings)
         lossless = generate(model, tiny_tokenizer, prompt, settings, policy=Lossless(model, heads, exit_threshold=0.1, draft="same"))
         assert (lossless.token_ids, lossless.finish_reason) == (full.token_ids, full.finish_reason)
+        assert len(full.token_ms) == len(lossless.token_ms) == len(full.token_ids) - 1
         reasons.add(full.finish_reason)
         raw = generate(model, tiny_tokenizer, prompt, GenerationSettings(max_new_tokens=max_new))
         assert raw.token_ids[:len(full.token_ids)] == full.token_ids  # the stop only ever cuts greedy's tokens
@@ -101,4 +103,13 @@ def test_batched_completions_cut_loops_as_one_at_a_time(tiny_hf, tiny_tokenizer)
     batched = generate_batch(model, tiny_tokenizer, prompts, settings)
     single = [generate(model, tiny_tokenizer, p, settings) for p in prompts]
     assert [(c.token_ids, c.finish_reason) for c in batched] == [(c.token_ids, c.finish_reason) for c in single]
+    assert all(len(c.token_ms) == len(c.token_ids) - 1 for c in batched)
     assert "repetition" in {c.finish_reason for c in single}
+
+
+def test_timings_of_cut_tokens_are_charged_to_the_last_kept_token():
+    from earlyexit.decoding import per_kept_token
+
+    assert per_kept_token([1.0, 2.0, 3.0, 4.0], kept=3) == [1.0, 9.0]
+    assert per_kept_token([1.0, 2.0], kept=3) == [1.0, 2.0]  # nothing was cut
+    assert per_kept_token([1.0, 2.0], kept=1) == []  # one token: no entry to charge
