@@ -8,6 +8,7 @@ are refused, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -68,10 +69,8 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def config_parser(description: str, cls: type) -> "argparse.ArgumentParser":
+def config_parser(description: str, cls: type) -> argparse.ArgumentParser:
     """An argparse parser with the `--config FILE` and `key=value` overrides every script takes."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help=f"YAML file with {cls.__name__} fields")
     parser.add_argument("overrides", nargs="*", help=f"key=value overrides of {cls.__name__} fields")

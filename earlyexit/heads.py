@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .errors import EarlyExitError
 from .model import GPT2

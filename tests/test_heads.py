@@ -1,7 +1,5 @@
 """Exit heads, the controller, early-exit decoding with state copying, and the heads' files."""
 
-import json
-
 import pytest
 import torch
 

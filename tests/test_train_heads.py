@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from earlyexit.heads import load_heads
 from earlyexit.loading import load_runtime_model
 from earlyexit.train_heads import main
