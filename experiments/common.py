@@ -81,3 +81,24 @@ def experiment_main(argv, doc: str, config_cls: type, run, limit_help: str) -> i
     parser.add_argument("--limit", type=int, help=limit_help)
     args = parser.parse_args(argv)
     return exit_code(lambda: run(args, load_config(config_cls, args.config, args.overrides)))
+
+
+def training_experiment_main(argv, doc: str, config_cls: type, name: str, model: str, compute, render, plot) -> int:
+    """The command line of an experiment that trains models or reads training checkpoints instead of loading a
+    runtime model: --config and key=value overrides. `compute(config)` returns the result (a dict), written
+    as results/<name>/ with `render(config, result)` as its table and `plot(result, out)` unless plot=false;
+    `model` says what was measured, for the stamp. A bad input is one `error:` line and exit code 2."""
+    from earlyexit.config import config_parser, exit_code, load_config, to_dict
+
+    args = config_parser(doc.split("\n\n")[0], config_cls).parse_args(argv)
+
+    def body():
+        cfg = load_config(config_cls, args.config, args.overrides)
+        result = {"stamp": stamp(model, to_dict(cfg)), **compute(cfg)}
+        out = write_results(name, result, render(cfg, result))
+        if cfg.plot:
+            plot(result, out)
+        print(render(cfg, result))
+        print(f"wrote {out}")
+
+    return exit_code(body)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import stamp, write_results  # noqa: E402
+from common import training_experiment_main  # noqa: E402
 
-from earlyexit.config import config_parser, exit_code, load_config, to_dict  # noqa: E402
+from earlyexit.config import load_config, to_dict  # noqa: E402
 from earlyexit.errors import EarlyExitError  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def evaluate_point(recipe: str, checkpoint: str, test_files: list, cfg: QualityC
             "context": lm.seq_len, **metrics}
 
 
-def render(rows: list[dict]) -> str:
+def render_rows(rows: list[dict]) -> str:
     lines = ["Line completion on the test split (random point inside a line, target = rest of the line, greedy, token healing).", "",
              "| checkpoint | recipe | step | tokens seen | context | exact match | edit similarity | ROUGE-L | degenerate |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -92,27 +92,22 @@ def plot(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def compute(cfg: QualityCurveConfig) -> dict:
+    from earlyexit.model_card import corpus_splits
+    from earlyexit.train_lm import LMTrainConfig
+
+    last = to_dict(load_config(LMTrainConfig, cfg.points[-1][0]))
+    splits, _ = corpus_splits({"config": last})  # every phase reads the same corpus and split
+    rows = []
+    for recipe, checkpoint in cfg.points:
+        rows.append(evaluate_point(recipe, checkpoint, splits["test"], cfg))
+        print(render_rows(rows[-1:]).splitlines()[-1], flush=True)
+    return {"rows": rows}
+
+
 def main(argv=None) -> int:
-    args = config_parser(__doc__.split("\n\n")[0], QualityCurveConfig).parse_args(argv)
-
-    def body():
-        from earlyexit.model_card import corpus_splits
-        from earlyexit.train_lm import LMTrainConfig
-
-        cfg = load_config(QualityCurveConfig, args.config, args.overrides)
-        last = to_dict(load_config(LMTrainConfig, cfg.points[-1][0]))
-        splits, _ = corpus_splits({"config": last})  # every phase reads the same corpus and split
-        rows = []
-        for recipe, checkpoint in cfg.points:
-            rows.append(evaluate_point(recipe, checkpoint, splits["test"], cfg))
-            print(render(rows[-1:]).splitlines()[-1], flush=True)
-        out = write_results("quality_curve", {"stamp": stamp("train_lm checkpoints", to_dict(cfg)), "rows": rows}, render(rows))
-        if cfg.plot:
-            plot(rows, out)
-        print(render(rows))
-        print(f"wrote {out}")
-
-    return exit_code(body)
+    return training_experiment_main(argv, __doc__, QualityCurveConfig, "quality_curve", "train_lm checkpoints", compute,
+                                    lambda cfg, result: render_rows(result["rows"]), lambda result, out: plot(result["rows"], out))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ its validation loss at the last step, tokens/s and wall time. Writes
 experiments/results/recipe_sweep/ (JSON, Markdown, a plot of loss against learning rate).
 
 What it cannot say: whether the proxy's best learning rate carries over to the full
-model's width (it usually shrinks as the width grows), and anything about the vocabulary
-size, which would need a new tokenizer and corpus encoding per point.
+model's width (it usually shrinks as the width grows). The vocabulary size, which needs a
+new tokenizer and corpus encoding per point, is experiments/vocab_sweep.py's.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import stamp, write_results  # noqa: E402
+from common import training_experiment_main  # noqa: E402
 
-from earlyexit.config import config_parser, exit_code, load_config, to_dict  # noqa: E402
+from earlyexit.config import load_config  # noqa: E402
 from earlyexit.errors import EarlyExitError  # noqa: E402
 
 CORPUS_FILES = ("corpus.json", "tokens_train.npy", "tokens_validation.npy", "tokens_test.npy",
@@ -36,27 +36,36 @@ CORPUS_FILES = ("corpus.json", "tokens_train.npy", "tokens_validation.npy", "tok
 
 
 @dataclass
-class RecipeSweepConfig:
-    data_dir: str = "runs/default_lm"  # a train_lm work_dir holding the tokenizer and the token caches
+class ProxyRunConfig:
+    """What every proxy run shares (this sweep's and experiments/vocab_sweep.py's)."""
+
     recipe: str = "configs/default_lm_phase4.yaml"  # what the runs share unless swept or overridden below
     steps: int = 300
     warmup_steps: int = 30
     seq_len: int = 256
     batch_size: int = 8
     eval_windows: int = 64
-    base_shape: str = "6x128"  # layers x width; heads = width / 32
-    learning_rates: list[float] = field(default_factory=lambda: [3e-4, 6e-4, 1.2e-3, 2.4e-3])
-    shapes: list[str] = field(default_factory=lambda: ["3x192", "12x96"])  # about base_shape's parameters
     threads: int = 0
     plot: bool = True
 
     def __post_init__(self):
+        if self.steps <= self.warmup_steps:
+            raise EarlyExitError(f"steps ({self.steps}) must exceed warmup_steps ({self.warmup_steps})")
+
+
+@dataclass
+class RecipeSweepConfig(ProxyRunConfig):
+    data_dir: str = "runs/default_lm"  # a train_lm work_dir holding the tokenizer and the token caches
+    base_shape: str = "6x128"  # layers x width; heads = width / 32
+    learning_rates: list[float] = field(default_factory=lambda: [3e-4, 6e-4, 1.2e-3, 2.4e-3])
+    shapes: list[str] = field(default_factory=lambda: ["3x192", "12x96"])  # about base_shape's parameters
+
+    def __post_init__(self):
+        super().__post_init__()
         for s in [self.base_shape, *self.shapes]:
             parse_shape(s)
         if not self.learning_rates or any(not 0 < lr < 1 for lr in self.learning_rates):
             raise EarlyExitError("learning_rates must be a non-empty list of values in (0, 1)")
-        if self.steps <= self.warmup_steps:
-            raise EarlyExitError(f"steps ({self.steps}) must exceed warmup_steps ({self.warmup_steps})")
 
 
 def parse_shape(shape: str) -> tuple[int, int, int]:
@@ -70,15 +79,16 @@ def parse_shape(shape: str) -> tuple[int, int, int]:
     return layers, width, width // 32
 
 
-def run_one(cfg: RecipeSweepConfig, shape: str, lr: float, scratch: Path) -> dict:
-    """One short train_lm run in its own work_dir beside links to the shared corpus: its last evaluation and speed."""
+def run_one(cfg: ProxyRunConfig, shape: str, lr: float, scratch: Path, data_dir: str | Path) -> dict:
+    """One short train_lm run in its own work_dir beside links to the corpus in `data_dir` (a train_lm
+    work_dir: tokenizer and token caches): its last evaluation and speed."""
     from earlyexit.train_lm import LMTrainConfig, train
 
     layers, width, heads = parse_shape(shape)
-    work = scratch / f"{shape}_lr{lr:g}"
+    data = Path(data_dir)
+    work = scratch / f"{data.name}_{shape}_lr{lr:g}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    data = Path(cfg.data_dir)
     for name in CORPUS_FILES:
         (work / name).symlink_to((data / name).resolve())
     (work / "tokenizer").symlink_to((data / "tokenizer").resolve(), target_is_directory=True)
@@ -104,11 +114,11 @@ def sweep(cfg: RecipeSweepConfig) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="recipe_sweep_") as tmp:
         for lr in cfg.learning_rates:
-            rows.append({"sweep": "learning rate", **run_one(cfg, cfg.base_shape, lr, Path(tmp))})
+            rows.append({"sweep": "learning rate", **run_one(cfg, cfg.base_shape, lr, Path(tmp), cfg.data_dir)})
             print(f"{cfg.base_shape} lr {lr:g}: val {rows[-1]['val_loss']:.3f}", flush=True)
         best_lr = min(rows, key=lambda r: r["val_loss"])["lr"]
         for shape in cfg.shapes:
-            rows.append({"sweep": "shape", **run_one(cfg, shape, best_lr, Path(tmp))})
+            rows.append({"sweep": "shape", **run_one(cfg, shape, best_lr, Path(tmp), cfg.data_dir)})
             print(f"{shape} lr {best_lr:g}: val {rows[-1]['val_loss']:.3f}", flush=True)
     return {"rows": rows, "best_lr": best_lr,
             "best_shape": min([r for r in rows if r["lr"] == best_lr], key=lambda r: r["val_loss"])["shape"]}
@@ -147,22 +157,15 @@ def plot(result: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def compute(cfg: RecipeSweepConfig) -> dict:
+    for name in (*CORPUS_FILES, "tokenizer"):
+        if not (Path(cfg.data_dir) / name).exists():
+            raise EarlyExitError(f"{cfg.data_dir} has no {name}: run earlyexit.train_lm once to build the tokenized corpus")
+    return sweep(cfg)
+
+
 def main(argv=None) -> int:
-    args = config_parser(__doc__.split("\n\n")[0], RecipeSweepConfig).parse_args(argv)
-
-    def body():
-        cfg = load_config(RecipeSweepConfig, args.config, args.overrides)
-        for name in (*CORPUS_FILES, "tokenizer"):
-            if not (Path(cfg.data_dir) / name).exists():
-                raise EarlyExitError(f"{cfg.data_dir} has no {name}: run earlyexit.train_lm once to build the tokenized corpus")
-        result = {"stamp": stamp("fresh proxy models", to_dict(cfg)), **sweep(cfg)}
-        out = write_results("recipe_sweep", result, render(cfg, result))
-        if cfg.plot:
-            plot(result, out)
-        print(render(cfg, result))
-        print(f"wrote {out}")
-
-    return exit_code(body)
+    return training_experiment_main(argv, __doc__, RecipeSweepConfig, "recipe_sweep", "fresh proxy models", compute, render, plot)
 
 
 if __name__ == "__main__":

@@ -229,6 +229,29 @@ def test_recipe_sweep_runs_train_lm_per_point(tmp_path, monkeypatch, capsys):
     assert recipe_sweep.main([*args, "shapes=[7x40]"]) == 2 and "multiple of 32" in capsys.readouterr().err
 
 
+def test_vocab_sweep_trains_a_tokenizer_and_a_proxy_per_size(tmp_path, monkeypatch, capsys):
+    import vocab_sweep
+    import yaml
+
+    corpus = make_corpus(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"sources": [str(corpus)], "validation_fraction": 0.2, "test_fraction": 0.2}))
+    monkeypatch.setenv("EARLYEXIT_RESULTS", str(tmp_path / "results"))
+    args = [f"recipe={recipe}", "vocab_sizes=[280, 400]", "sample_bytes=3000", "shape=1x32", "steps=3", "warmup_steps=1",
+            "seq_len=16", "batch_size=2", "eval_windows=2", "threads=1"]
+    assert vocab_sweep.main(args) == 0
+    result = json.loads((tmp_path / "results/vocab_sweep/results.json").read_text())
+    small, large = result["rows"]
+    assert small["vocab_size"] < large["vocab_size"] <= 400  # BPE stops early when the sample runs out of merges
+    assert 1 < small["bytes_per_token"] < large["bytes_per_token"]  # more merges pack more text per token
+    assert small["val_nats_per_byte"] == pytest.approx(small["val_loss"] / small["bytes_per_token"])
+    assert all(r["tokens"] == 3 * 2 * 16 for r in result["rows"]) and small["train_bytes_seen"] < large["train_bytes_seen"]
+    assert 3000 <= result["sample_bytes"] and result["sample_files"] < 30 * 0.6 + 1  # a sample of the training split
+    assert (tmp_path / "results/vocab_sweep/vocab_sweep.png").stat().st_size > 0
+    capsys.readouterr()
+    assert vocab_sweep.main([*args, "vocab_sizes=[100]"]) == 2 and "vocab_sizes" in capsys.readouterr().err
+
+
 def test_quality_curve_scores_each_checkpoint(tmp_path, monkeypatch, capsys):
     import quality_curve
     import yaml
