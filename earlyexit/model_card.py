@@ -187,11 +187,25 @@ def evaluate(model_dir: Path, cfg: ModelCardConfig, log: Path | None = None) -> 
                                   "cli_completion": cli.text, "cli_finish": cli.finish_reason, "cli_degenerate": is_degenerate(cli.token_ids)})
     result["samples_degenerate_rate"] = sum(s["degenerate"] for s in result["samples"]) / max(1, len(result["samples"]))
     result["samples_cli_degenerate_rate"] = sum(s["cli_degenerate"] for s in result["samples"]) / max(1, len(result["samples"]))
-    throughput = Path(__file__).resolve().parents[1] / "experiments/results/train_throughput/results.json"
-    if throughput.is_file():  # a source checkout: the measured training-throughput choices
-        result["train_throughput"] = json.loads(throughput.read_text())["rows"]
+    result.update(recipe_evidence())
     result["eval_seconds"] = time.time() - t0
     return result
+
+
+EXPERIMENT_RESULTS = Path(__file__).resolve().parent.parent / "experiments/results"  # in a source checkout
+
+
+def recipe_evidence(root: Path = EXPERIMENT_RESULTS) -> dict:
+    """What the experiments measured about the recipe, where a source checkout has their results: training
+    throughput per choice, the proxy sweeps (learning rate, shape, vocabulary) and line completion against
+    tokens seen. Each keeps the commit its script ran at."""
+    out = {}
+    for name in ("train_throughput", "recipe_sweep", "vocab_sweep", "quality_curve"):
+        path = root / name / "results.json"
+        if path.is_file():
+            r = json.loads(path.read_text())
+            out[name] = {k: v for k, v in r.items() if k != "stamp"} | {"commit": r["stamp"]["commit"], "config": r["stamp"]["config"]}
+    return out
 
 
 def recipe_phases(tc: dict, config_dir: Path = CONFIG_DIR) -> list[tuple[str, dict]]:
@@ -235,7 +249,8 @@ def schedule_lines(tc: dict, config_dir: Path = CONFIG_DIR) -> list[str]:
     return lines
 
 
-def throughput_lines(rows: list[dict] | None) -> list[str]:
+def throughput_lines(measured: dict | list | None) -> list[str]:
+    rows = measured.get("rows") if isinstance(measured, dict) else measured  # cards before recipe_evidence kept the rows alone
     if not rows:
         return []
     out = ["", "Training throughput of the choices measured on this machine (`experiments/train_throughput.py`):", "",
@@ -246,6 +261,41 @@ def throughput_lines(rows: list[dict] | None) -> list[str]:
         if name is not None and rate is not None:
             out.append(f"| {name} | {rate:,.0f} |")
     return out
+
+
+def sweep_lines(recipe: dict | None, vocab: dict | None) -> list[str]:
+    """The proxy sweeps' outcomes, one line per swept choice."""
+    out = []
+    if recipe:
+        c = recipe["config"]
+        out += ["", f"Choices measured by short proxy runs from scratch ({c['steps']} steps of {c['batch_size']} × {c['seq_len']} tokens, "
+                f"validation loss in nats/token; `experiments/recipe_sweep.py` at commit `{recipe['commit']}`"
+                + (f", `experiments/vocab_sweep.py` at `{vocab['commit']}`" if vocab else "") + "):", ""]
+        lr_rows = [x for x in recipe["rows"] if x["sweep"] == "learning rate"]
+        out.append(f"- Peak learning rate at {c['base_shape']}: " + ", ".join(f"{x['lr']:g} → {x['val_loss']:.2f}" for x in lr_rows)
+                   + f"; best {recipe['best_lr']:g}.")
+        shapes = [x for x in recipe["rows"] if x["lr"] == recipe["best_lr"]]
+        out.append(f"- Depth × width at {recipe['best_lr']:g}, about equal block parameters: "
+                   + ", ".join(f"{x['shape']} → {x['val_loss']:.2f}" for x in shapes) + f"; best {recipe['best_shape']}.")
+    if vocab:
+        c = vocab["config"]
+        out.append(f"- Vocabulary at {c['shape']}, lr {c['lr']:g} (its own BPE per size, in nats per byte of text, comparable across sizes): "
+                   + ", ".join(f"{x['vocab_size']:,} → {x['val_nats_per_byte']:.3f}" for x in vocab["rows"]) + f"; best {vocab['best_vocab_size']:,}.")
+    return out
+
+
+def curve_lines(curve: dict | None, step: int) -> list[str]:
+    """Line completion against tokens seen, one point per phase checkpoint."""
+    if not curve or not curve.get("rows"):
+        return []
+    rows = curve["rows"]
+    out = [f"Line completion (healed) against training tokens seen, one point per phase's last checkpoint "
+           f"(`experiments/quality_curve.py` at commit `{curve['commit']}`, {rows[-1]['examples']} lines):", "",
+           "| step | tokens seen | context | exact match | edit similarity |", "|---|---|---|---|---|"]
+    out += [f"| {x['step']:,} | {x['tokens_seen'] / 1e6:.1f}M | {x['context']} | {x['exact_match']:.1%} | {x['edit_similarity']:.3f} |" for x in rows]
+    if rows[-1]["step"] != step:
+        out += ["", f"The curve ends at step {rows[-1]['step']:,}; this model is step {step:,}: rerun the script."]
+    return out + [""]
 
 
 def render_card(r: dict, has_plot: bool) -> str:
@@ -285,6 +335,7 @@ def render_card(r: dict, has_plot: bool) -> str:
         "- Then copy `runs/default_lm/export/` into `earlyexit/default_model/` and run "
         "`python -m earlyexit.model_card --model earlyexit/default_model --log runs/default_lm/log.jsonl`.",
         *throughput_lines(r.get("train_throughput")),
+        *sweep_lines(r.get("recipe_sweep"), r.get("vocab_sweep")),
         "",
         "## Held-out quality",
         f"Loss and top-1 over {r['config']['loss_windows']} evenly spaced windows of {r['config']['seq_len']} tokens per split.",
@@ -306,6 +357,7 @@ def render_card(r: dict, has_plot: bool) -> str:
     ]
     if has_plot:
         lines += ["![validation curve](training_curve.png)", ""]
+    lines += curve_lines(r.get("quality_curve"), r["training"]["step"])
     n = len(r["samples"])
     lines += ["## Against the targets of issue #6", "", "| measure | target | this model |", "|---|---|---|",
               f"| validation loss (nats/token) | ≤ 2.0 | {v['loss']:.3f} |",

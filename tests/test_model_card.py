@@ -45,3 +45,23 @@ def test_recipe_names_every_phase_in_order(tmp_path):
     lines = schedule_lines(shipped, tmp_path)
     assert lines[2].startswith("- Phase 3 (`configs/c.yaml`, `--resume`): 16 × 256-token windows; re-warm at step 300") and "c.yaml --resume`." in lines[-1]
     assert recipe_phases({**shipped, "max_steps": 700}, tmp_path) == []  # no config ends there: no made-up recipe
+
+
+def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp_path):
+    def write(name, body, config):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"stamp": {"commit": "abc1234", "config": config}, **body}))
+
+    write("recipe_sweep", {"best_lr": 1e-3, "best_shape": "3x192", "rows": [
+        {"sweep": "learning rate", "shape": "6x128", "lr": 1e-3, "val_loss": 5.3},
+        {"sweep": "learning rate", "shape": "6x128", "lr": 3e-3, "val_loss": 5.6},
+        {"sweep": "shape", "shape": "3x192", "lr": 1e-3, "val_loss": 5.1}]},
+        {"steps": 300, "batch_size": 8, "seq_len": 256, "base_shape": "6x128"})
+    write("quality_curve", {"rows": [{"step": 100, "tokens_seen": 4e5, "context": 256, "examples": 9, "exact_match": 0.1,
+                                      "edit_similarity": 0.3}]}, {})
+    evidence = model_card.recipe_evidence(tmp_path)
+    assert set(evidence) == {"recipe_sweep", "quality_curve"} and evidence["recipe_sweep"]["commit"] == "abc1234"
+    sweeps = "\n".join(model_card.sweep_lines(evidence["recipe_sweep"], None))
+    assert "0.001 → 5.30, 0.003 → 5.60; best 0.001" in sweeps and "6x128 → 5.30, 3x192 → 5.10; best 3x192" in sweeps
+    assert "this model is step 200" in "\n".join(model_card.curve_lines(evidence["quality_curve"], step=200))
+    assert "rerun" not in "\n".join(model_card.curve_lines(evidence["quality_curve"], step=100))
