@@ -94,6 +94,8 @@ def training_experiment_main(argv, doc: str, config_cls: type, name: str, model:
 
     def body():
         cfg = load_config(config_cls, args.config, args.overrides)
+        if getattr(cfg, "threads", 0):  # the runs set it themselves; the stamp should name what they ran with
+            set_threads(cfg.threads)
         result = {"stamp": stamp(model, to_dict(cfg)), **compute(cfg)}
         out = write_results(name, result, render(cfg, result))
         if cfg.plot:

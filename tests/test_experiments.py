@@ -247,6 +247,7 @@ def test_vocab_sweep_trains_a_tokenizer_and_a_proxy_per_size(tmp_path, monkeypat
     assert small["val_nats_per_byte"] == pytest.approx(small["val_loss"] / small["bytes_per_token"])
     assert all(r["tokens"] == 3 * 2 * 16 for r in result["rows"]) and small["train_bytes_seen"] < large["train_bytes_seen"]
     assert 3000 <= result["sample_bytes"] and result["sample_files"] < 30 * 0.6 + 1  # a sample of the training split
+    assert ", 1 threads," in result["stamp"]["machine"]  # what the runs used, not the process default
     assert (tmp_path / "results/vocab_sweep/vocab_sweep.png").stat().st_size > 0
     capsys.readouterr()
     assert vocab_sweep.main([*args, "vocab_sizes=[100]"]) == 2 and "vocab_sizes" in capsys.readouterr().err
