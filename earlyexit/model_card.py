@@ -59,10 +59,10 @@ def machine() -> str:
 
 
 def corpus_splits(state: dict):
-    from .data import read_corpus
+    from .data import read_configured_corpus
 
     cfg = state["config"]
-    splits, stats = read_corpus(cfg["sources"], cfg["validation_fraction"], cfg["test_fraction"])
+    splits, stats = read_configured_corpus(cfg)
     trained_on = Path(cfg.get("work_dir", "")) / "files_train.txt"
     if trained_on.is_file() and trained_on.read_text() != "".join(r["path"] + "\n" for r in splits["train"]):
         print("warning: the training files on this machine differ from those the model was trained on (installed package "
@@ -320,7 +320,10 @@ def render_card(r: dict, has_plot: bool) -> str:
         f"- {stats['files_seen']:,} files seen; {stats['non_utf8_skipped']} not UTF-8 and {stats['too_large_skipped']} over 1 MB skipped; "
         f"{stats['duplicates_skipped']} exact duplicates dropped (content hash)"
         + (f", {stats['near_duplicates_dropped']} test files dropped as near-duplicates of train/validation files (most distinctive lines shared)"
-           if "near_duplicates_dropped" in stats else "") + f"; {stats['kept']:,} kept, {stats['bytes_kept'] / 1e6:.0f} MB.",
+           if "near_duplicates_dropped" in stats else "")
+        + (f", {stats['train_near_duplicates_dropped']} training and {stats['validation_near_duplicates_dropped']} validation files dropped "
+           "as near-duplicates of earlier training files" if stats.get("train_near_duplicates_dropped") else "")
+        + f"; {stats['kept']:,} kept, {stats['bytes_kept'] / 1e6:.0f} MB.",
         f"- Split by a hash of each file's path: train {stats['per_split']['train']:,} files ({tokens['train'] / 1e6:.1f}M tokens), "
         f"validation {stats['per_split']['validation']} ({tokens['validation'] / 1e6:.2f}M), test {stats['per_split']['test']} files.",
         f"- File list hash (sha256 of sorted `path<TAB>content-sha256` lines): `{stats['file_list_sha256']}`.",

@@ -38,6 +38,7 @@ class LMTrainConfig:
     sources: list[str] = field(default_factory=lambda: ["stdlib"])
     validation_fraction: float = 0.02
     test_fraction: float = 0.02
+    near_dedup: bool = False  # also drop near-duplicate training and validation files (see data.read_corpus)
     # tokenizer
     vocab_size: int = 8192
     tokenizer_train_bytes: int = 60_000_000
@@ -110,7 +111,7 @@ def prepare_data(cfg: LMTrainConfig):
     """Tokenizer and tokenized splits, built once and cached in work_dir."""
     from transformers import AutoTokenizer
 
-    from .data import read_corpus
+    from .data import read_configured_corpus
     from .tokenizer import train_tokenizer
 
     work = Path(cfg.work_dir)
@@ -118,7 +119,7 @@ def prepare_data(cfg: LMTrainConfig):
     meta_path = work / "corpus.json"
     if not (tok_dir / "tokenizer.json").exists() or not meta_path.exists():
         print(f"reading corpus {cfg.sources} ...", file=sys.stderr)
-        splits, stats = read_corpus(cfg.sources, cfg.validation_fraction, cfg.test_fraction)
+        splits, stats = read_configured_corpus(cfg)
         print(f"corpus: {stats}", file=sys.stderr)
         tok = train_tokenizer([r["text"] for r in splits["train"]], cfg.vocab_size, tok_dir, cfg.tokenizer_train_bytes, cfg.seed)
         for split, rows in splits.items():
@@ -129,7 +130,7 @@ def prepare_data(cfg: LMTrainConfig):
     meta = json.loads(meta_path.read_text())
     if not all((work / f"tokens_{s}.npy").exists() for s in SPLITS):
         print("token caches missing: re-encoding the corpus with the existing tokenizer ...", file=sys.stderr)
-        splits, stats = read_corpus(cfg.sources, cfg.validation_fraction, cfg.test_fraction)
+        splits, stats = read_configured_corpus(cfg)
         for split in ("train", "validation"):  # the test split may have changed (near-duplicate filtering); these may not
             listed = work / f"files_{split}.txt"
             if listed.exists() and listed.read_text() != "".join(r["path"] + "\n" for r in splits[split]):

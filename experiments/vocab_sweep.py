@@ -85,14 +85,14 @@ def encoded_corpus(splits: dict, vocab: int, out: Path, cfg: VocabSweepConfig) -
 
 
 def sweep(cfg: VocabSweepConfig) -> dict:
-    from earlyexit.data import read_corpus
+    from earlyexit.data import read_configured_corpus
     from earlyexit.train_lm import LMTrainConfig
 
     if not Path(cfg.recipe).is_file():
         raise EarlyExitError(f"recipe config not found: {cfg.recipe}")
     lm = load_config(LMTrainConfig, cfg.recipe)
     print(f"reading corpus {lm.sources} ...", flush=True)
-    splits, _ = read_corpus(lm.sources, lm.validation_fraction, lm.test_fraction)
+    splits, _ = read_configured_corpus(lm)
     splits = {**splits, "train": training_sample(splits["train"], cfg.sample_bytes, cfg.seed)}
     sample_bytes = sum(len(r["text"].encode("utf-8")) for r in splits["train"])
     rows = []

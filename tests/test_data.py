@@ -104,3 +104,23 @@ def test_eval_files_from_a_saved_datasetdict(tmp_path):
     assert load_eval_files(str(tmp_path / "saved")) == [{"path": f"{tmp_path / 'saved'}#0", "text": "a = 1\n"}]
     with pytest.raises(EarlyExitError, match="not 'validation'"):
         load_eval_files(str(tmp_path / "saved"), split="validation")
+
+
+def test_near_dedup_drops_copies_within_training_and_validation_copies_of_training(tmp_path):
+    from earlyexit.data import read_configured_corpus
+
+    body = "".join(f"def function_number_{i}(argument):\n    return argument * {i} + {i}\n\n" for i in range(12))
+    for i in range(40):
+        # every file shares `body`; each has only a few lines of its own, so each mostly repeats the others
+        (tmp_path / f"m{i}.py").write_text(body + f"UNIQUE_CONSTANT_{i} = 'distinct value {i}'\n")
+    (tmp_path / "own.py").write_text("".join(f"def only_here_{i}(argument):\n    return argument - {i}\n" for i in range(8)))
+    plain, plain_stats = read_corpus([str(tmp_path)], 0.2, 0.2)
+    deduped, stats = read_corpus([str(tmp_path)], 0.2, 0.2, near_dedup=True)
+    assert plain_stats.train_near_duplicates_dropped == 0 and len(plain["train"]) > 10
+    # one copy of the shared body stays in training (the first in path order), plus the file of its own
+    assert stats.train_near_duplicates_dropped == len(plain["train"]) - len(deduped["train"]) > 10
+    assert all(r in plain["train"] for r in deduped["train"]) and plain["train"][0] in deduped["train"]
+    assert deduped["validation"] == [r for r in plain["validation"] if "own.py" in r["path"]]
+    assert stats.validation_near_duplicates_dropped == len(plain["validation"]) - len(deduped["validation"])
+    assert read_configured_corpus({"sources": [str(tmp_path)], "validation_fraction": 0.2, "test_fraction": 0.2})[0] == plain
+    assert read_configured_corpus({"sources": [str(tmp_path)], "validation_fraction": 0.2, "test_fraction": 0.2, "near_dedup": True})[0] == deduped
