@@ -20,7 +20,6 @@ rank the sizes differently, as it may the learning rates of recipe_sweep.py.
 from __future__ import annotations
 
 import json
-import random
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -53,21 +52,12 @@ class VocabSweepConfig(ProxyRunConfig):
             raise EarlyExitError(f"sample_bytes must be positive, got {self.sample_bytes}")
 
 
-def training_sample(rows: list[dict], budget: int, seed: int) -> list[dict]:
-    """A seeded sample of whole files, about `budget` bytes of text."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    picked, total = [], 0
-    for i in order:
-        if total >= budget:
-            break
-        picked.append(rows[i])
-        total += len(rows[i]["text"].encode("utf-8"))
-    return picked
+def text_bytes(rows: list[dict]) -> int:
+    return sum(len(r["text"].encode("utf-8")) for r in rows)
 
 
 def encoded_corpus(splits: dict, vocab: int, out: Path, cfg: VocabSweepConfig) -> dict:
-    """A train_lm work_dir at `out` with its own tokenizer and token caches: its validation bytes and tokens."""
+    """A train_lm work_dir at `out` with its own tokenizer and token caches: its vocabulary and token counts."""
     import numpy as np
 
     from earlyexit.tokenizer import train_tokenizer
@@ -80,12 +70,12 @@ def encoded_corpus(splits: dict, vocab: int, out: Path, cfg: VocabSweepConfig) -
         encode_split(tok, rows, out, split)
     tokens = {s: int(np.load(out / f"tokens_{s}.npy", mmap_mode="r").shape[0]) for s in splits}
     (out / "corpus.json").write_text(json.dumps({"tokens": tokens, "vocab_size": len(tok)}, indent=2))
-    return {"vocab_size": len(tok), "validation_tokens": tokens["validation"], "train_tokens": tokens["train"],
-            "validation_bytes": sum(len(r["text"].encode("utf-8")) for r in splits["validation"])}
+    return {"vocab_size": len(tok), "validation_tokens": tokens["validation"], "train_tokens": tokens["train"]}
 
 
 def sweep(cfg: VocabSweepConfig) -> dict:
     from earlyexit.data import read_configured_corpus
+    from earlyexit.tokenizer import seeded_sample
     from earlyexit.train_lm import LMTrainConfig
 
     if not Path(cfg.recipe).is_file():
@@ -93,16 +83,18 @@ def sweep(cfg: VocabSweepConfig) -> dict:
     lm = load_config(LMTrainConfig, cfg.recipe)
     print(f"reading corpus {lm.sources} ...", flush=True)
     splits, _ = read_configured_corpus(lm)
-    splits = {**splits, "train": training_sample(splits["train"], cfg.sample_bytes, cfg.seed)}
-    sample_bytes = sum(len(r["text"].encode("utf-8")) for r in splits["train"])
+    # a seeded sample of whole training files, about sample_bytes of text
+    sample = list(seeded_sample(splits["train"], cfg.sample_bytes, cfg.seed, size=lambda r: len(r["text"].encode("utf-8"))))
+    splits = {**splits, "train": sample}
+    sample_bytes, validation_bytes = text_bytes(sample), text_bytes(splits["validation"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="vocab_sweep_") as tmp:
         for vocab in cfg.vocab_sizes:
             data = encoded_corpus(splits, vocab, Path(tmp) / f"vocab{vocab}", cfg)
             run = run_one(cfg, cfg.shape, cfg.lr, Path(tmp), Path(tmp) / f"vocab{vocab}")
-            bytes_per_token = data["validation_bytes"] / data["validation_tokens"]
+            bytes_per_token = validation_bytes / data["validation_tokens"]
             rows.append({**run, **data, "requested_vocab_size": vocab, "bytes_per_token": bytes_per_token,
-                         "val_nats_per_byte": run["val_loss"] / bytes_per_token,
+                         "validation_bytes": validation_bytes, "val_nats_per_byte": run["val_loss"] / bytes_per_token,
                          "train_bytes_seen": run["tokens"] * sample_bytes / data["train_tokens"],
                          "bytes_per_s": run["tokens_per_s"] * sample_bytes / data["train_tokens"],
                          "embedding_parameters": data["vocab_size"] * run["width"]})
