@@ -118,6 +118,17 @@ def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: boo
     }
 
 
+def curve_segments(curve: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The curve cut where its work_dir (and so its validation split) changes: (work_dir, points) in order."""
+    segments: list[tuple[str, list[dict]]] = []
+    for row in curve:
+        where = row.get("work_dir", "")
+        if not segments or segments[-1][0] != where:
+            segments.append((where, []))
+        segments[-1][1].append(row)
+    return segments
+
+
 def plot_curve(curve: list[dict], path: Path) -> bool:
     if not curve:
         return False
@@ -126,15 +137,18 @@ def plot_curve(curve: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tokens = [r["tokens_seen"] / 1e6 for r in curve]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(tokens, [r["val_loss"] for r in curve], marker="o", label="validation loss")
+    ax2 = ax.twinx()
+    segments = curve_segments(curve)
+    for i, (where, rows) in enumerate(segments):
+        tokens = [r["tokens_seen"] / 1e6 for r in rows]
+        corpus = f" ({where})" if len(segments) > 1 else ""
+        ax.plot(tokens, [r["val_loss"] for r in rows], color="tab:blue", marker="o", linestyle=("-", "--")[i % 2], label=f"validation loss{corpus}")
+        ax2.plot(tokens, [r["val_top1"] for r in rows], color="tab:orange", marker="s", linestyle=("-", "--")[i % 2], label=f"validation top-1{corpus}")
     ax.set_xlabel("training tokens seen (millions)")
     ax.set_ylabel("loss (nats/token)")
-    ax2 = ax.twinx()
-    ax2.plot(tokens, [r["val_top1"] for r in curve], color="tab:orange", marker="s", label="validation top-1")
     ax2.set_ylabel("next-token top-1")
-    fig.legend(loc="upper right", bbox_to_anchor=(0.85, 0.85))
+    fig.legend(loc="upper right", bbox_to_anchor=(0.85, 0.85), fontsize="small")
     ax.set_title("Default model: validation curve")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -210,22 +224,30 @@ def recipe_evidence(root: Path = EXPERIMENT_RESULTS) -> dict:
 
 def recipe_phases(tc: dict, config_dir: Path = CONFIG_DIR) -> list[tuple[str, dict]]:
     """The training phases that led to this model, oldest first: (config path, config). Each
-    continued phase re-warms at `rewarm_at` = the previous phase's `max_steps`; the chain is
-    rebuilt from the `configs/*.yaml` files training into the same work_dir."""
+    continued phase re-warms at `rewarm_at` = the previous phase's `max_steps`: a resumed phase
+    continues a config training into the same work_dir, an `init_from` phase the config whose
+    export (`out_dir`) it started from. The chain is rebuilt from the `configs/*.yaml` files."""
     import yaml
 
     configs = []
     for path in sorted(config_dir.glob("*.yaml")):
         cfg = yaml.safe_load(path.read_text()) or {}
-        if isinstance(cfg, dict) and cfg.get("work_dir") == tc.get("work_dir") and "max_steps" in cfg:
+        if isinstance(cfg, dict) and "work_dir" in cfg and "max_steps" in cfg:
             configs.append((f"configs/{path.name}", cfg))
-    chain, step = [], tc.get("max_steps")
-    while step:
-        match = next(((p, c) for p, c in configs if c["max_steps"] == step and (chain or c.get("rewarm_at", 0) == tc.get("rewarm_at", 0))), None)
-        if match is None:
+
+    def before(c: dict) -> tuple[str, dict] | None:
+        if c.get("init_from"):
+            return next(((p, x) for p, x in configs if x.get("out_dir") == c["init_from"] and x["max_steps"] == c["rewarm_at"]), None)
+        return next(((p, x) for p, x in configs if x["work_dir"] == c["work_dir"] and x["max_steps"] == c["rewarm_at"]), None)
+
+    last = next(((p, c) for p, c in configs if c["work_dir"] == tc.get("work_dir") and c["max_steps"] == tc.get("max_steps")
+                 and c.get("rewarm_at", 0) == tc.get("rewarm_at", 0)), None)
+    chain = [last] if last else []
+    while chain and chain[0][1].get("rewarm_at"):
+        previous = before(chain[0][1])
+        if previous is None:
             return []
-        chain.insert(0, match)
-        step = match[1].get("rewarm_at", 0)
+        chain.insert(0, previous)
     return chain
 
 
@@ -243,7 +265,9 @@ def schedule_lines(tc: dict, config_dir: Path = CONFIG_DIR) -> list[str]:
         warm = (f"re-warm at step {start:,} from {c['min_lr']:g} to {c['lr']:g}" if start else f"warm-up to {c['lr']:g}") + f" over {c['warmup_steps']} steps"
         shape = (f"stable, then linear decay over the last {c['decay_steps']:,} steps" if c.get("schedule") == "wsd" else "cosine")
         window = f"{c.get('batch_size', defaults.batch_size)} × {c.get('seq_len', defaults.seq_len)}-token windows"
-        lines.append(f"- Phase {i} (`{path}`{', `--resume`' if start else ''}): {window}; {warm}, {shape} to {c['min_lr']:g} at step {c['max_steps']:,}.")
+        origin = (f"starts from `{c['init_from']}` (the previous phase's export; fresh optimizer) on its own corpus in `{c['work_dir']}`; "
+                  if c.get("init_from") else "")
+        lines.append(f"- Phase {i} (`{path}`{', `--resume`' if start else ''}): {origin}{window}; {warm}, {shape} to {c['min_lr']:g} at step {c['max_steps']:,}.")
     lines.append("- Reproduce: " + ", then ".join(f"`python -m earlyexit.train_lm --config {p}{' --resume' if c.get('rewarm_at') else ''}`"
                                                    for p, c in phases) + ".")
     return lines
@@ -335,8 +359,8 @@ def render_card(r: dict, has_plot: bool) -> str:
         f"- AdamW (fused, betas 0.9/0.95, weight decay {tc['weight_decay']}), gradient clip {tc['grad_clip']}; bf16 autocast: {tc['bf16']}; "
         f"`torch.compile`: {tc['compile']}.",
         *schedule_lines(tc),
-        "- Then copy `runs/default_lm/export/` into `earlyexit/default_model/` and run "
-        "`python -m earlyexit.model_card --model earlyexit/default_model --log runs/default_lm/log.jsonl`.",
+        f"- Then copy `{tc['out_dir']}/` into `earlyexit/default_model/` and run "
+        f"`python -m earlyexit.model_card --model earlyexit/default_model --log {tc['work_dir']}/log.jsonl`.",
         *throughput_lines(r.get("train_throughput")),
         *sweep_lines(r.get("recipe_sweep"), r.get("vocab_sweep")),
         "",
@@ -360,6 +384,11 @@ def render_card(r: dict, has_plot: bool) -> str:
     ]
     if has_plot:
         lines += ["![validation curve](training_curve.png)", ""]
+        segments = curve_segments(r["training"].get("curve", []))
+        if len(segments) > 1:
+            lines += ["The corpus, and with it the validation split, changed at step "
+                      + ", ".join(f"{rows[0]['step']:,} (`{where}`)" for where, rows in segments[1:])
+                      + ": validation losses on either side of a break do not compare; the test-split curve below does.", ""]
     lines += curve_lines(r.get("quality_curve"), r["training"]["step"])
     n = len(r["samples"])
     lines += ["## Against the targets of issue #6", "", "| measure | target | this model |", "|---|---|---|",

@@ -121,7 +121,11 @@ def prepare_data(cfg: LMTrainConfig):
         print(f"reading corpus {cfg.sources} ...", file=sys.stderr)
         splits, stats = read_configured_corpus(cfg)
         print(f"corpus: {stats}", file=sys.stderr)
-        tok = train_tokenizer([r["text"] for r in splits["train"]], cfg.vocab_size, tok_dir, cfg.tokenizer_train_bytes, cfg.seed)
+        if cfg.init_from and not (tok_dir / "tokenizer.json").exists():
+            # the weights to start from fix the tokenizer: a new one trained on this corpus could never match them
+            tok = inherited_tokenizer(Path(cfg.init_from), tok_dir, cfg.vocab_size)
+        else:
+            tok = train_tokenizer([r["text"] for r in splits["train"]], cfg.vocab_size, tok_dir, cfg.tokenizer_train_bytes, cfg.seed)
         for split, rows in splits.items():
             encode_split(tok, rows, work, split)
         meta = {"stats": dataclasses.asdict(stats), "tokens": {s: int(np.load(work / f"tokens_{s}.npy", mmap_mode="r").shape[0]) for s in splits}}
@@ -142,6 +146,17 @@ def prepare_data(cfg: LMTrainConfig):
 
 
 SPLITS = ("train", "validation", "test")
+
+
+def inherited_tokenizer(export_dir: Path, tok_dir: Path, vocab_size: int):
+    """The tokenizer of the export an `init_from` run starts from, saved into this run's tok_dir."""
+    from .loading import load_tokenizer
+
+    tok = load_tokenizer(export_dir)
+    if len(tok) != vocab_size:
+        raise EarlyExitError(f"init_from: {export_dir}'s tokenizer has {len(tok)} tokens, the recipe's vocab_size is {vocab_size}")
+    tok.save_pretrained(str(tok_dir))
+    return tok
 
 
 def encode_split(tok, rows: list[dict], work: Path, split: str) -> None:
@@ -240,12 +255,23 @@ def save_checkpoint(path: Path, model, optimizer, step: int, tokens_seen: int) -
 
 
 def read_curve(log_path: Path) -> list[dict]:
-    """The evaluation points of a training log (step, tokens seen, validation loss and top-1)."""
+    """The evaluation points of a training log (step, tokens seen, validation loss and top-1), each tagged with
+    the log's work_dir: validation is that run's corpus's split, so points of different work_dirs do not compare."""
     if not log_path.exists():
         return []
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     keep = ("step", "tokens_seen", "val_loss", "val_top1", "tok_s")
-    return [{k: r[k] for k in keep if k in r} for r in rows if "val_loss" in r]
+    return [{**{k: r[k] for k in keep if k in r}, "work_dir": str(log_path.parent)} for r in rows if "val_loss" in r]
+
+
+def training_curve(cfg: LMTrainConfig) -> list[dict]:
+    """This run's evaluation points, after those of the export it started from (`init_from`), if any."""
+    inherited = []
+    if cfg.init_from and (Path(cfg.init_from) / "training_state.json").is_file():
+        before = json.loads((Path(cfg.init_from) / "training_state.json").read_text())
+        where = before.get("config", {}).get("work_dir", cfg.init_from)
+        inherited = [{"work_dir": where, **r} for r in before.get("curve", []) if r["step"] <= cfg.rewarm_at]
+    return inherited + read_curve(Path(cfg.work_dir) / "log.jsonl")
 
 
 def trained_context_model(state: dict, tok, cfg: LMTrainConfig):
@@ -269,7 +295,7 @@ def export(model, tok, cfg: LMTrainConfig, step: int, tokens_seen: int, meta: di
     tok.save_pretrained(str(out))
     state = {
         "step": step, "tokens_seen": tokens_seen, "config": to_dict(cfg), "corpus": meta, "last_eval": last_eval,
-        "curve": read_curve(Path(cfg.work_dir) / "log.jsonl"),
+        "curve": training_curve(cfg),
     }
     (out / "training_state.json").write_text(json.dumps(state, indent=2))
 

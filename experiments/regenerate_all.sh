@@ -7,9 +7,7 @@ cd "$(dirname "$0")/.."
 run() { echo "+ $*" >&2; "$@"; }
 run python -m earlyexit.train_heads --config configs/heads.yaml
 run python -m earlyexit.calibrate --config configs/calibrate.yaml
-log=()
-[ -f runs/default_lm/log.jsonl ] && log=(--log runs/default_lm/log.jsonl)
-run python -m earlyexit.model_card --model earlyexit/default_model --config configs/model_card.yaml "${log[@]}"
+run python -m earlyexit.model_card --model earlyexit/default_model --config configs/model_card.yaml
 run python experiments/per_layer_study.py --config configs/per_layer_study.yaml
 run python experiments/threshold_sweep.py --config configs/threshold_sweep.yaml
 run python experiments/stop_analysis.py --config configs/stop_analysis.yaml

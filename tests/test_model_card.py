@@ -45,6 +45,15 @@ def test_recipe_names_every_phase_in_order(tmp_path):
     lines = schedule_lines(shipped, tmp_path)
     assert lines[2].startswith("- Phase 3 (`configs/c.yaml`, `--resume`): 16 × 256-token windows; re-warm at step 300") and "c.yaml --resume`." in lines[-1]
     assert recipe_phases({**shipped, "max_steps": 700}, tmp_path) == []  # no config ends there: no made-up recipe
+    # a phase that starts from an earlier phase's export in a new work_dir continues the chain through that export
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({**base, "work_dir": "runs/z", "max_steps": 600, "rewarm_at": 500,
+                                                     "init_from": "runs/x/export"}))
+    widened = {**base, "work_dir": "runs/z", "max_steps": 600, "rewarm_at": 500, "init_from": "runs/x/export"}
+    assert recipe_phases(widened, tmp_path) == []  # no config exports to runs/x/export yet
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**yaml.safe_load((tmp_path / f"{name}.yaml").read_text()), "out_dir": "runs/x/export"}))
+    assert [p for p, _ in recipe_phases(widened, tmp_path)] == ["configs/a.yaml", "configs/b.yaml", "configs/c.yaml", "configs/d.yaml"]
+    assert "starts from `runs/x/export`" in schedule_lines(widened, tmp_path)[3]
 
 
 def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp_path):

@@ -133,6 +133,25 @@ def test_init_from_an_export_continues_its_step_and_tokens(tmp_path):
     assert grown.shape[0] == 48 and not torch.equal(grown[:32], start["transformer.wpe.weight"].float())
 
 
+def test_init_from_in_a_fresh_work_dir_inherits_the_exports_tokenizer(tmp_path):
+    corpus = make_corpus(tmp_path)
+    assert main(tiny_recipe(tmp_path, corpus, max_steps=2)) == 0
+    (corpus / "extra.py").write_text(SAMPLE_CODE.replace("add", "extend_all"))  # a larger corpus for the new run
+    second = tmp_path / "second"
+    recipe = tiny_recipe(tmp_path, corpus, max_steps=3, init_from=tmp_path / "run/export", work_dir=second,
+                         out_dir=second / "export", rewarm_at=2)
+    assert main(recipe) == 0
+    assert (second / "tokenizer/tokenizer.json").read_text() == (tmp_path / "run/tokenizer/tokenizer.json").read_text()
+    assert torch.load(second / "checkpoint.pt")["step"] == 3
+    assert "extra.py" in "".join((second / f"files_{s}.txt").read_text() for s in ("train", "validation", "test"))
+    # the export's curve keeps the first run's points, tagged with the work_dir (validation split) each was measured on
+    curve = json.loads((second / "export/training_state.json").read_text())["curve"]
+    places = [row["work_dir"] for row in curve]
+    assert places[0] == str(tmp_path / "run") and places[-1] == str(second) and places == sorted(places, key=lambda w: w == str(second))
+    # a recipe whose vocabulary differs from the export's tokenizer is named, not trained
+    assert main(tiny_recipe(tmp_path, corpus, vocab_size=400, init_from=tmp_path / "run/export", work_dir=tmp_path / "third")) == 2
+
+
 def test_init_from_rejects_another_shape(tmp_path, capsys):
     corpus = make_corpus(tmp_path)
     assert main(tiny_recipe(tmp_path, corpus, max_steps=2)) == 0
