@@ -45,6 +45,7 @@ class CorpusStats:
     train_near_duplicates_dropped: int = 0  # near_dedup: training files mostly repeating earlier training files
     validation_near_duplicates_dropped: int = 0  # near_dedup: validation files mostly repeating training files
     bytes_kept: int = 0
+    source_versions: dict[str, str] = dataclasses.field(default_factory=dict)  # what each source was when read
     per_split: dict[str, int] = dataclasses.field(default_factory=dict)
     file_list_sha256: str = ""
 
@@ -61,6 +62,23 @@ def resolve_source(source: str) -> Path:
         if spec is not None and spec.submodule_search_locations:
             return Path(list(spec.submodule_search_locations)[0])
     raise EarlyExitError(f"corpus source {source!r} is neither 'stdlib', an installed package, nor a directory")
+
+
+def source_version(source: str) -> str:
+    """`python 3.11.9` for the stdlib, the installed distribution's version for a package, "" for a directory."""
+    import importlib.metadata
+    import platform
+
+    if source == "stdlib":
+        return f"python {platform.python_version()}"
+    if Path(source).expanduser().is_dir():
+        return ""
+    for dist in importlib.metadata.packages_distributions().get(source, []):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ""
 
 
 def source_name(source: str) -> str:
@@ -107,6 +125,7 @@ def read_corpus(
     records: dict[str, str] = {}
     for source in sources:
         root, name = resolve_source(source), source_name(source)
+        stats.source_versions[name] = source_version(source)
         for file in iter_python_files(root):
             stats.files_seen += 1
             raw = file.read_bytes()

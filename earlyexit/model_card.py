@@ -322,6 +322,14 @@ def curve_lines(curve: dict | None, step: int) -> list[str]:
     return out + [""]
 
 
+def source_list(sources: list[str], stats: dict) -> str:
+    """The sources with the versions they were read at, where the corpus recorded them."""
+    from .data import source_name
+
+    versions = stats.get("source_versions", {})
+    return ", ".join(f"{s} {versions[source_name(s)]}".rstrip() if versions.get(source_name(s)) else s for s in sources)
+
+
 def render_card(r: dict, has_plot: bool) -> str:
     tc = r["training"]["config"]
     v, t, lc, kc = r["validation"], r["test"], r["line_completion"], r["token_completion"]
@@ -340,7 +348,7 @@ def render_card(r: dict, has_plot: bool) -> str:
         f"Every figure below was written by `python -m earlyexit.model_card` at commit `{r['commit']}` on {r['machine']}.",
         "",
         "## Data",
-        f"- Sources: {', '.join(tc['sources'])} (the standard library and the installed packages' own `.py` files, read from disk).",
+        f"- Sources: {source_list(tc['sources'], stats)} (the standard library and the installed packages' own `.py` files, read from disk).",
         f"- {stats['files_seen']:,} files seen; {stats['non_utf8_skipped']} not UTF-8 and {stats['too_large_skipped']} over 1 MB skipped; "
         f"{stats['duplicates_skipped']} exact duplicates dropped (content hash)"
         + (f", {stats['near_duplicates_dropped']} test files dropped as near-duplicates of train/validation files (most distinctive lines shared)"

@@ -29,6 +29,18 @@ def test_splits_are_deterministic_and_skips_are_counted(corpus_dir):
     assert len(paths) == len(set(paths))
     assert all(split_of(r["path"], 0.2, 0.2) == s for s, rows in a.items() for r in rows)
     assert all(len(rows) > 0 for rows in a.values())
+    assert stats.source_versions == {corpus_dir.name: ""}  # a directory has no version to record
+
+
+def test_sources_record_the_version_they_were_read_at():
+    import platform
+
+    import numpy
+
+    from earlyexit.data import source_version
+
+    assert source_version("stdlib") == f"python {platform.python_version()}"
+    assert source_version("numpy") == numpy.__version__
 
 
 def test_load_corpus_gives_a_datasetdict(corpus_dir):
