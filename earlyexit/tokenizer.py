@@ -20,8 +20,8 @@ def seeded_sample(items: Sequence, budget: int, seed: int, size: Callable = len)
         yield items[i]
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path, max_bytes: int = 60_000_000, seed: int = 0):
-    """Train a byte-level BPE on (a seeded sample of at most `max_bytes` of) `texts`.
+def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path, max_bytes: int | None = 60_000_000, seed: int = 0):
+    """Train a byte-level BPE on (a seeded sample of at most `max_bytes` of; None: all) `texts`.
 
     Byte-level means every string round-trips: no unknown tokens, whatever the file holds.
     Saved as a `PreTrainedTokenizerFast` with `<|endoftext|>` as BOS/EOS/UNK, as GPT-2 does.
@@ -30,7 +30,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path, 
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
-    bpe.train_from_iterator(seeded_sample(texts, max_bytes, seed), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=True)
+    bpe.train_from_iterator(seeded_sample(texts, float("inf") if max_bytes is None else max_bytes, seed), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=True)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
     tok.model_max_length = 1_000_000  # the model's context, not the tokenizer, bounds prompts
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def encoded_corpus(splits: dict, vocab: int, out: Path, cfg: VocabSweepConfig) -
 
     out.mkdir(parents=True, exist_ok=True)
     texts = [r["text"] for r in splits["train"]]
-    tok = train_tokenizer(texts, vocab, out / "tokenizer", max_bytes=sum(len(t) for t in texts) + 1, seed=cfg.seed)
+    tok = train_tokenizer(texts, vocab, out / "tokenizer", max_bytes=None, seed=cfg.seed)
     for split, rows in splits.items():
         encode_split(tok, rows, out, split)
     tokens = {s: int(np.load(out / f"tokens_{s}.npy", mmap_mode="r").shape[0]) for s in splits}
