@@ -15,21 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the recipe's configs, in a source checkout
-
-import numpy as np
-import torch
-
+from .backbone_quality import completion_metrics, lm_metrics
 from .config import config_parser, exit_code, load_config, to_dict
 from .errors import EarlyExitError
+from .provenance import git_commit, machine
+from .recipe import schedule_lines
 
 
 @dataclass
@@ -45,19 +40,6 @@ class ModelCardConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["def fibonacci(n):\n"])
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.system()}"
-
-
 def corpus_splits(state: dict):
     from .data import read_configured_corpus
 
@@ -68,54 +50,6 @@ def corpus_splits(state: dict):
         print("warning: the training files on this machine differ from those the model was trained on (installed package "
               "versions changed?): held-out figures may include files seen in training", file=sys.stderr)
     return splits, stats
-
-
-@torch.inference_mode()
-def lm_metrics(hf, tok, files, windows: int, seq_len: int) -> dict:
-    """Next-token loss, perplexity and top-1 over evenly spaced windows of the split's token stream."""
-    encoded = tok([f["text"] for f in files], add_special_tokens=False)["input_ids"]
-    stream = np.fromiter((t for ids in encoded for t in (*ids, tok.eos_token_id)), dtype=np.int64)
-    n = (len(stream) - 1) // seq_len
-    picks = np.linspace(0, n - 1, num=min(windows, n)).astype(int)
-    loss, correct, count = 0.0, 0, 0
-    for chunk in np.array_split(picks, max(1, len(picks) // 8)):
-        x = torch.from_numpy(np.stack([stream[i * seq_len:(i + 1) * seq_len + 1] for i in chunk]))
-        logits = hf(x[:, :-1]).logits
-        loss += torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
-        correct += (logits.argmax(-1) == x[:, 1:]).sum().item()
-        count += x[:, 1:].numel()
-    return {"loss": loss / count, "perplexity": math.exp(loss / count), "top1": correct / count, "tokens": count, "split_tokens": int(len(stream))}
-
-
-def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: bool, desc: str, healing: bool = False,
-                       batch_size: int = 16) -> dict:
-    """Greedy completions of `examples` (batched: equal to one at a time, row for row) scored against their targets."""
-    import warnings
-
-    from tqdm import tqdm
-
-    from .batch import generate_batch
-    from .decoding import GenerationSettings
-    from .metrics import edit_similarity, exact_match, is_degenerate, rouge_l
-
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, stop_strings=("\n",) if line_mode else (), truncate_prompt=True,
-                                  token_healing=healing)
-    em, es, rl, degenerate = [], [], [], 0
-    completions = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # long prompts are left-truncated on purpose
-        for i in tqdm(range(0, len(examples), batch_size), desc=desc, dynamic_ncols=True):
-            completions += generate_batch(model, tok, [ex.prompt for ex in examples[i:i + batch_size]], settings)
-    for ex, c in zip(examples, completions):
-        pred = c.text.split("\n")[0] if line_mode else c.text
-        em.append(exact_match(pred, ex.target))
-        es.append(edit_similarity(pred, ex.target))
-        rl.append(rouge_l(pred, ex.target))
-        degenerate += is_degenerate(c.token_ids)
-    return {
-        "examples": len(examples), "exact_match": float(np.mean(em)), "edit_similarity": float(np.mean(es)),
-        "rouge_l": float(np.mean(rl)), "degenerate_rate": degenerate / len(examples),
-    }
 
 
 def curve_segments(curve: list[dict]) -> list[tuple[str, list[dict]]]:
@@ -220,57 +154,6 @@ def recipe_evidence(root: Path = EXPERIMENT_RESULTS) -> dict:
             r = json.loads(path.read_text())
             out[name] = {k: v for k, v in r.items() if k != "stamp"} | {"commit": r["stamp"]["commit"], "config": r["stamp"]["config"]}
     return out
-
-
-def recipe_phases(tc: dict, config_dir: Path = CONFIG_DIR) -> list[tuple[str, dict]]:
-    """The training phases that led to this model, oldest first: (config path, config). Each
-    continued phase re-warms at `rewarm_at` = the previous phase's `max_steps`: a resumed phase
-    continues a config training into the same work_dir, an `init_from` phase the config whose
-    export (`out_dir`) it started from. The chain is rebuilt from the `configs/*.yaml` files."""
-    import yaml
-
-    configs = []
-    for path in sorted(config_dir.glob("*.yaml")):
-        cfg = yaml.safe_load(path.read_text()) or {}
-        if isinstance(cfg, dict) and "work_dir" in cfg and "max_steps" in cfg:
-            configs.append((f"configs/{path.name}", cfg))
-
-    def before(c: dict) -> tuple[str, dict] | None:
-        if c.get("init_from"):
-            return next(((p, x) for p, x in configs if x.get("out_dir") == c["init_from"] and x["max_steps"] == c["rewarm_at"]), None)
-        return next(((p, x) for p, x in configs if x["work_dir"] == c["work_dir"] and x["max_steps"] == c["rewarm_at"]), None)
-
-    last = next(((p, c) for p, c in configs if c["work_dir"] == tc.get("work_dir") and c["max_steps"] == tc.get("max_steps")
-                 and c.get("rewarm_at", 0) == tc.get("rewarm_at", 0)), None)
-    chain = [last] if last else []
-    while chain and chain[0][1].get("rewarm_at"):
-        previous = before(chain[0][1])
-        if previous is None:
-            return []
-        chain.insert(0, previous)
-    return chain
-
-
-def schedule_lines(tc: dict, config_dir: Path = CONFIG_DIR) -> list[str]:
-    """The learning-rate schedule in words, phase by phase for a continued (re-warmed) run."""
-    phases = recipe_phases(tc, config_dir)
-    if not phases:
-        return [f"- Peak LR {tc['lr']:g} after {tc['warmup_steps']} warm-up steps, {tc.get('schedule', 'cosine')} to {tc['min_lr']:g}, "
-                f"{tc['max_steps']:,} steps."]
-    from .train_lm import LMTrainConfig
-
-    defaults, lines = LMTrainConfig(), []
-    for i, (path, c) in enumerate(phases, 1):
-        start = c.get("rewarm_at", 0)
-        warm = (f"re-warm at step {start:,} from {c['min_lr']:g} to {c['lr']:g}" if start else f"warm-up to {c['lr']:g}") + f" over {c['warmup_steps']} steps"
-        shape = (f"stable, then linear decay over the last {c['decay_steps']:,} steps" if c.get("schedule") == "wsd" else "cosine")
-        window = f"{c.get('batch_size', defaults.batch_size)} × {c.get('seq_len', defaults.seq_len)}-token windows"
-        origin = (f"starts from `{c['init_from']}` (the previous phase's export; fresh optimizer) on its own corpus in `{c['work_dir']}`; "
-                  if c.get("init_from") else "")
-        lines.append(f"- Phase {i} (`{path}`{', `--resume`' if start else ''}): {origin}{window}; {warm}, {shape} to {c['min_lr']:g} at step {c['max_steps']:,}.")
-    lines.append("- Reproduce: " + ", then ".join(f"`python -m earlyexit.train_lm --config {p}{' --resume' if c.get('rewarm_at') else ''}`"
-                                                   for p, c in phases) + ".")
-    return lines
 
 
 def throughput_lines(measured: dict | list | None) -> list[str]:

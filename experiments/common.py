@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from earlyexit.model_card import git_commit, machine
+from earlyexit.provenance import git_commit, machine
 
 RESULTS = Path(__file__).parent / "results"
 STARTED = time.time()  # the wall time a results file reports is counted from here (this module's import)

@@ -45,7 +45,7 @@ def evaluate_point(recipe: str, checkpoint: str, test_files: list, cfg: QualityC
 
     from earlyexit.data import line_cut_examples
     from earlyexit.model import GPT2
-    from earlyexit.model_card import completion_metrics
+    from earlyexit.backbone_quality import completion_metrics
     from earlyexit.train_lm import LMTrainConfig, trained_context_model
 
     lm = load_config(LMTrainConfig, recipe)

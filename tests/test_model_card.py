@@ -33,7 +33,7 @@ def test_model_card_refuses_a_model_without_training_state(tmp_path, tiny_model_
 
 
 def test_recipe_names_every_phase_in_order(tmp_path):
-    from earlyexit.model_card import recipe_phases, schedule_lines
+    from earlyexit.recipe import recipe_phases, schedule_lines
 
     base = {"work_dir": "runs/x", "lr": 1e-3, "min_lr": 1e-5, "warmup_steps": 10}
     for name, extra in {"a.yaml": {"max_steps": 100}, "b.yaml": {"max_steps": 300, "rewarm_at": 100, "schedule": "wsd", "decay_steps": 50},

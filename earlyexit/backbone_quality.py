@@ -1,0 +1,59 @@
+"""How well a backbone predicts held-out code: next-token loss over a split, and scored greedy completions.
+
+The model card and `experiments/quality_curve.py` measure with these, so their figures are the same measure.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+@torch.inference_mode()
+def lm_metrics(hf, tok, files, windows: int, seq_len: int) -> dict:
+    """Next-token loss, perplexity and top-1 over evenly spaced windows of the split's token stream."""
+    encoded = tok([f["text"] for f in files], add_special_tokens=False)["input_ids"]
+    stream = np.fromiter((t for ids in encoded for t in (*ids, tok.eos_token_id)), dtype=np.int64)
+    n = (len(stream) - 1) // seq_len
+    picks = np.linspace(0, n - 1, num=min(windows, n)).astype(int)
+    loss, correct, count = 0.0, 0, 0
+    for chunk in np.array_split(picks, max(1, len(picks) // 8)):
+        x = torch.from_numpy(np.stack([stream[i * seq_len:(i + 1) * seq_len + 1] for i in chunk]))
+        logits = hf(x[:, :-1]).logits
+        loss += torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+        correct += (logits.argmax(-1) == x[:, 1:]).sum().item()
+        count += x[:, 1:].numel()
+    return {"loss": loss / count, "perplexity": math.exp(loss / count), "top1": correct / count, "tokens": count, "split_tokens": int(len(stream))}
+
+
+def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: bool, desc: str, healing: bool = False,
+                       batch_size: int = 16) -> dict:
+    """Greedy completions of `examples` (batched: equal to one at a time, row for row) scored against their targets."""
+    import warnings
+
+    from tqdm import tqdm
+
+    from .batch import generate_batch
+    from .decoding import GenerationSettings
+    from .metrics import edit_similarity, exact_match, is_degenerate, rouge_l
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, stop_strings=("\n",) if line_mode else (), truncate_prompt=True,
+                                  token_healing=healing)
+    em, es, rl, degenerate = [], [], [], 0
+    completions = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # long prompts are left-truncated on purpose
+        for i in tqdm(range(0, len(examples), batch_size), desc=desc, dynamic_ncols=True):
+            completions += generate_batch(model, tok, [ex.prompt for ex in examples[i:i + batch_size]], settings)
+    for ex, c in zip(examples, completions):
+        pred = c.text.split("\n")[0] if line_mode else c.text
+        em.append(exact_match(pred, ex.target))
+        es.append(edit_similarity(pred, ex.target))
+        rl.append(rouge_l(pred, ex.target))
+        degenerate += is_degenerate(c.token_ids)
+    return {
+        "examples": len(examples), "exact_match": float(np.mean(em)), "edit_similarity": float(np.mean(es)),
+        "rouge_l": float(np.mean(rl)), "degenerate_rate": degenerate / len(examples),
+    }
