@@ -136,3 +136,22 @@ def test_near_dedup_drops_copies_within_training_and_validation_copies_of_traini
     assert stats.validation_near_duplicates_dropped == len(plain["validation"]) - len(deduped["validation"])
     assert read_configured_corpus({"sources": [str(tmp_path)], "validation_fraction": 0.2, "test_fraction": 0.2})[0] == plain
     assert read_configured_corpus({"sources": [str(tmp_path)], "validation_fraction": 0.2, "test_fraction": 0.2, "near_dedup": True})[0] == deduped
+
+
+def test_test_split_drops_near_copies_of_training_files_that_near_dedup_dropped(tmp_path):
+    """A training file near_dedup drops still belongs to the training side (an earlier phase may have trained on it):
+    a test file repeating it is no held-out file, with or without near_dedup."""
+    def named(split: str, prefix: str) -> str:
+        return next(f"{prefix}{i}.py" for i in range(1000) if split_of(f"{tmp_path.name}/{prefix}{i}.py", 0.2, 0.2) == split)
+
+    def lines(tag: str, n: int) -> str:
+        return "".join(f"value_{tag}_{i} = compute_something_long({i})\n" for i in range(n))
+
+    first, second, held_out = named("train", "a"), named("train", "b"), named("test", "t")
+    (tmp_path / first).write_text(lines("first", 10))
+    (tmp_path / second).write_text(lines("first", 10) + lines("second", 8))  # 10 of its 18 lines repeat `first`
+    (tmp_path / held_out).write_text(lines("second", 8) + lines("first", 4) + lines("test", 4))  # mostly `second`'s
+    for near_dedup in (False, True):
+        splits, stats = read_corpus([str(tmp_path)], 0.2, 0.2, near_dedup=near_dedup)
+        assert splits["test"] == [] and stats.near_duplicates_dropped == 1
+    assert [r["path"].split("/")[-1] for r in splits["train"]] == [first]  # near_dedup did drop `second`
