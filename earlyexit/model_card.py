@@ -71,20 +71,25 @@ def plot_curve(curve: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 4))
     ax2 = ax.twinx()
     segments = curve_segments(curve)
     for i, (where, rows) in enumerate(segments):
         tokens = [r["tokens_seen"] / 1e6 for r in rows]
-        corpus = f" ({where})" if len(segments) > 1 else ""
-        ax.plot(tokens, [r["val_loss"] for r in rows], color="tab:blue", marker="o", linestyle=("-", "--")[i % 2], label=f"validation loss{corpus}")
-        ax2.plot(tokens, [r["val_top1"] for r in rows], color="tab:orange", marker="s", linestyle=("-", "--")[i % 2], label=f"validation top-1{corpus}")
+        if i:  # a new corpus: its validation split is another one
+            ax.axvline(tokens[0], color="grey", linestyle=":", linewidth=1)
+            ax.annotate(f"corpus: {where}", (tokens[0], 0.5), xycoords=("data", "axes fraction"), xytext=(-4, 0),
+                        textcoords="offset points", ha="right", fontsize="small", color="grey")
+        ax.plot(tokens, [r["val_loss"] for r in rows], color="tab:blue", marker="o", markersize=4,
+                label="validation loss" if i == 0 else None)
+        ax2.plot(tokens, [r["val_top1"] for r in rows], color="tab:orange", marker="s", markersize=4,
+                 label="validation top-1" if i == 0 else None)
     ax.set_xlabel("training tokens seen (millions)")
     ax.set_ylabel("loss (nats/token)")
     ax2.set_ylabel("next-token top-1")
-    fig.legend(loc="upper right", bbox_to_anchor=(0.85, 0.85), fontsize="small")
-    ax.set_title("Default model: validation curve")
-    fig.tight_layout()
+    fig.legend(loc="lower center", ncol=2, fontsize="small")
+    ax.set_title("Default model: validation curve" + (" (breaks where the corpus changed)" if len(segments) > 1 else ""))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -236,7 +241,7 @@ def render_card(r: dict, has_plot: bool) -> str:
         f"{stats['duplicates_skipped']} exact duplicates dropped (content hash)"
         + (f", {stats['near_duplicates_dropped']} test files dropped as near-duplicates of train/validation files (most distinctive lines shared)"
            if "near_duplicates_dropped" in stats else "")
-        + (f", {stats['train_near_duplicates_dropped']} training and {stats['validation_near_duplicates_dropped']} validation files dropped "
+        + (f", {stats['train_near_duplicates_dropped']:,} training and {stats['validation_near_duplicates_dropped']:,} validation files dropped "
            "as near-duplicates of earlier training files" if stats.get("train_near_duplicates_dropped") else "")
         + f"; {stats['kept']:,} kept, {stats['bytes_kept'] / 1e6:.0f} MB.",
         f"- Split by a hash of each file's path: train {stats['per_split']['train']:,} files ({tokens['train'] / 1e6:.1f}M tokens), "
@@ -277,8 +282,8 @@ def render_card(r: dict, has_plot: bool) -> str:
         lines += ["![validation curve](training_curve.png)", ""]
         segments = curve_segments(r["training"].get("curve", []))
         if len(segments) > 1:
-            lines += ["The corpus, and with it the validation split, changed at step "
-                      + ", ".join(f"{rows[0]['step']:,} (`{where}`)" for where, rows in segments[1:])
+            lines += ["The corpus, and with it the validation split, changed "
+                      + ", ".join(f"after step {before[-1]['step']:,} (`{old}` → `{new}`)" for (old, before), (new, _) in zip(segments, segments[1:]))
                       + ": validation losses on either side of a break do not compare; the test-split curve below does.", ""]
     lines += curve_lines(r.get("quality_curve"), r["training"]["step"])
     n = len(r["samples"])
