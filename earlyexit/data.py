@@ -64,6 +64,13 @@ def resolve_source(source: str) -> Path:
     raise EarlyExitError(f"corpus source {source!r} is neither 'stdlib', an installed package, nor a directory")
 
 
+@lru_cache(maxsize=1)
+def _distributions_of_packages() -> dict[str, list[str]]:
+    import importlib.metadata
+
+    return importlib.metadata.packages_distributions()  # scans every installed distribution: once per process
+
+
 def source_version(source: str) -> str:
     """`python 3.11.9` for the stdlib, the installed distribution's version for a package, "" for a directory."""
     import importlib.metadata
@@ -73,7 +80,7 @@ def source_version(source: str) -> str:
         return f"python {platform.python_version()}"
     if Path(source).expanduser().is_dir():
         return ""
-    for dist in importlib.metadata.packages_distributions().get(source, []):
+    for dist in _distributions_of_packages().get(source, []):
         try:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

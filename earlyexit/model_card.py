@@ -256,7 +256,7 @@ def render_card(r: dict, has_plot: bool) -> str:
         f"`torch.compile`: {tc['compile']}.",
         *schedule_lines(tc),
         f"- Then copy `{tc['out_dir']}/` into `earlyexit/default_model/` and run "
-        f"`python -m earlyexit.model_card --model earlyexit/default_model --log {tc['work_dir']}/log.jsonl`.",
+        "`python -m earlyexit.model_card --model earlyexit/default_model` (the export carries the validation curve of every phase).",
         *throughput_lines(r.get("train_throughput")),
         *sweep_lines(r.get("recipe_sweep"), r.get("vocab_sweep")),
         "",
