@@ -155,6 +155,22 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+# What each finish reason means to someone at the command line, and the flag that changes it.
+FINISH_NOTES = {
+    "eos": "the model ended the text",
+    "max_tokens": "--max-new-tokens reached",
+    "stop": "the controller predicted that the next tokens would be wrong (--stop-threshold 1 writes on)",
+    "stop_string": "a --stop string came next",
+    "repetition": "the completion began to loop, one copy kept (--no-repetition-stop writes on)",
+    "stopping_criteria": "a stopping criterion",
+}
+
+
+def ended_by(result: dict) -> str:
+    reason = result["finish_reason"]
+    return f"ended by {reason}: {FINISH_NOTES[reason]}"
+
+
 def format_stats(result: dict) -> str:
     """Each token with the layer it left at, as a bar a terminal can show."""
     L = result["n_layer"]
@@ -164,7 +180,7 @@ def format_stats(result: dict) -> str:
     n = len(result["exit_layers"])
     mean = result["mean_layers"]
     lines.append(f"{n} tokens, mean {mean:.2f} of {L} layers ({1 - mean / L:.1%} skipped), mode {result['mode']}, "
-                 f"ended by {result['finish_reason']}")
+                 f"{ended_by(result)}")
     spec = result.get("speculation") or {}
     if spec.get("drafted"):
         lines.append(f"lossless: {spec['accepted']} of {spec['drafted']} drafted tokens accepted ({spec['acceptance_rate']:.0%}) "
@@ -189,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         n = len(result["token_ids"])
         ms = result["total_ms"]
         print(f"-- {n} tokens in {ms:.0f} ms, mean {result['mean_layers']:.1f}/{result['n_layer']} layers ({result['mode']}), "
-              f"ended by {result['finish_reason']}", file=sys.stderr)
+              f"{ended_by(result)}", file=sys.stderr)
     return 0
 
 

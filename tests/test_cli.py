@@ -31,6 +31,14 @@ def test_plain_output_echoes_prompt_and_completion(capsys, tiny_model_dir):
     code, out, err = run_cli(capsys, "class Stack:", "--model", str(tiny_model_dir), "--max-new-tokens", "3")
     assert code == 0 and out.startswith("class Stack:")
     assert "3 tokens" in err
+    assert "ended by max_tokens: --max-new-tokens reached" in err
+
+
+def test_every_finish_reason_has_a_note_for_the_command_line():
+    from earlyexit.decoding import FINISH_REASONS
+    from earlyexit.generate import FINISH_NOTES
+
+    assert set(FINISH_NOTES) == set(FINISH_REASONS)
 
 
 def test_prompt_from_file_and_stdin(capsys, monkeypatch, tmp_path, tiny_model_dir):
