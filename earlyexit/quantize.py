@@ -1,9 +1,9 @@
 """Weight-only int8 copies of the backbone: cheap drafts for lossless mode.
 
-Decoding one token at batch 1 runs 48 matrix-vector products and the head. Measured on this
-CPU (2 threads), the default model's 48 fp32 projections (38 MB, more than the 32 MB L3)
-take 5.3 ms in sequence, well above the 1.5 ms that reading 38 MB at the measured 25 GB/s
-would cost; the same projections as int8 (9.4 MB) take 0.7 ms. An `Int8Linear` keeps each
+Decoding one token at batch 1 runs 48 matrix-vector products and the head. The default
+model's 48 fp32 projections (38 MB) do not fit a 32 MB L3, so each token streams them from
+memory; as int8 they are 9.4 MB and stay in cache (experiments/decode_profile.py measures
+the step both ways, and where an fp32 token's time goes). An `Int8Linear` keeps each
 projection as int8 with one bf16 scale per output channel (symmetric, round to nearest) and
 multiplies bf16 activations by it in one fused op (`torch._weight_int8pack_mm`, the kernel
 behind weight-only int8 in PyTorch's gpt-fast and torchao). Everything else (layer norms, attention,
