@@ -292,7 +292,12 @@ def render_card(r: dict, has_plot: bool) -> str:
               f"| line completion exact match (healed) | ≥ 25% | {lc['exact_match']:.1%} |",
               f"| line completion edit similarity (healed) | ≥ 0.60 | {lc['edit_similarity']:.3f} |",
               f"| sample completions with degenerate repetition, the model alone | 0 of {n} | {sum(s['degenerate'] for s in r['samples'])} of {n} |",
-              f"| the same, as the CLI writes them (repetition stop on) | 0 of {n} | {sum(s['cli_degenerate'] for s in r['samples'])} of {n} |", ""]
+              f"| the same, as the CLI writes them (repetition stop on) | 0 of {n} | {sum(s['cli_degenerate'] for s in r['samples'])} of {n} |", "",
+              # the check sees only short cycles; the repetition stop's wider one (a line, block or phrase
+              # repeated) is what a reader sees in the samples below, so the card counts both
+              f"Looping in the wider sense of the CLI's repetition stop (a line, a block or a phrase written again), "
+              f"{sum(s['cli_finish'] == 'repetition' for s in r['samples'])} of {n} samples loop within "
+              f"{r['config']['sample_max_new_tokens']} tokens: the CLI cuts them to one copy.", ""]
     lines += ["## Ten sample completions", "",
               f"Greedy with token healing, at most {r['config']['sample_max_new_tokens']} new tokens: the prompt, then the model's continuation after `⟨…⟩` "
               "(*degenerate*: the last 8 tokens repeat a cycle of at most 4). Where the CLI's repetition stop "

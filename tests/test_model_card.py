@@ -25,6 +25,8 @@ def test_model_card_from_a_tiny_run(tmp_path):
     assert all(s["completion"].startswith(s["cli_completion"]) and s["cli_finish"] for s in result["samples"])
     card = (export / "MODEL_CARD.md").read_text()
     assert f"{result['validation']['loss']:.3f}" in card and (export / "training_curve.png").exists()
+    loops = sum(s["cli_finish"] == "repetition" for s in result["samples"])
+    assert f"{loops} of 2 samples loop within" in card
 
 
 def test_model_card_refuses_a_model_without_training_state(tmp_path, tiny_model_dir, capsys):
