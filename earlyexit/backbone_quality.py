@@ -1,6 +1,7 @@
 """How well a backbone predicts held-out code: next-token loss over a split, and scored greedy completions.
 
-The model card and `experiments/quality_curve.py` measure with these, so their figures are the same measure.
+The model card and `experiments/quality_curve.py` measure with these, so their figures are the same measure;
+`quality_projection` fits the quality curve against log(tokens seen), for both to say how far a target is.
 """
 
 from __future__ import annotations
@@ -57,3 +58,47 @@ def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: boo
         "examples": len(examples), "exact_match": float(np.mean(em)), "edit_similarity": float(np.mean(es)),
         "rouge_l": float(np.mean(rl)), "degenerate_rate": degenerate / len(examples),
     }
+
+
+def quality_projection(rows: list[dict], targets: dict[str, float]) -> dict[str, dict]:
+    """Least-squares fit of each measure against log(tokens seen) over every point, and where it meets its target.
+
+    An extrapolation from the curve so far, not a promise: quality against log-compute is roughly straight over a
+    range and flattens later, so the tokens given are a lower bound on what the target takes with this recipe.
+    """
+    out = {}
+    if len(rows) < 3:  # two points always fit a line exactly
+        return out
+    x = np.log([r["tokens_seen"] for r in rows])
+    for measure, target in targets.items():
+        slope, intercept = np.polyfit(x, [r[measure] for r in rows], 1)
+        if slope * x[-1] + intercept >= target:
+            reach = float(rows[-1]["tokens_seen"])  # the fit is there already
+        else:
+            reach = float(np.exp((target - intercept) / slope)) if slope > 0 else None
+        out[measure] = {"target": target, "slope": float(slope), "intercept": float(intercept),  # per log(tokens)
+                        "per_doubling": float(slope * np.log(2)), "points": len(rows),
+                        "tokens_at_target": reach, "times_last": reach / rows[-1]["tokens_seen"] if reach else None}
+    return out
+
+
+def projection_lines(fits: dict[str, dict]) -> list[str]:
+    """One line per measure: its gain per doubling of tokens seen and where the fit meets the target."""
+    names = {"exact_match": "exact match", "edit_similarity": "edit similarity"}
+    out = []
+    for measure, f in fits.items():
+        pct = measure == "exact_match"
+        target = f"{f['target']:.0%}" if pct else f"{f['target']:.2f}"
+        gain = f"{f['per_doubling'] * 100:+.1f} points" if pct else f"{f['per_doubling']:+.3f}"
+        if f["tokens_at_target"] is None:
+            where = "it does not rise, so the fit never reaches " + target
+        elif f["times_last"] <= 1:
+            where = f"the fit is at or past {target} already"
+        else:
+            where = f"the fit reaches {target} at about {f['tokens_at_target'] / 1e6:,.0f}M tokens seen ({f['times_last']:.1f}x the last point's)"
+        out.append(f"- {names.get(measure, measure)}: {gain} per doubling of tokens seen; {where}.")
+    if out:
+        n = next(iter(fits.values()))["points"]
+        out.insert(0, f"Fitted against log(tokens seen) over all {n} points. An extrapolation: curves like this flatten, "
+                      "so read the tokens as a lower bound for this recipe.")
+    return out

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backbone_quality import completion_metrics, lm_metrics
+from .backbone_quality import completion_metrics, lm_metrics, projection_lines
 from .config import config_parser, exit_code, load_config, to_dict
 from .errors import EarlyExitError
 from .provenance import git_commit, machine
@@ -207,6 +207,8 @@ def curve_lines(curve: dict | None, step: int) -> list[str]:
     out += [f"| {x['step']:,} | {x['tokens_seen'] / 1e6:.1f}M | {x['context']} | {x['exact_match']:.1%} | {x['edit_similarity']:.3f} |" for x in rows]
     if rows[-1]["step"] != step:
         out += ["", f"The curve ends at step {rows[-1]['step']:,}; this model is step {step:,}: rerun the script."]
+    if curve.get("projection"):
+        out += [""] + projection_lines(curve["projection"])
     return out + [""]
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import training_experiment_main  # noqa: E402
 
+from earlyexit.backbone_quality import projection_lines, quality_projection  # noqa: E402
 from earlyexit.config import load_config, to_dict  # noqa: E402
 from earlyexit.errors import EarlyExitError  # noqa: E402
 
@@ -29,6 +30,8 @@ from earlyexit.errors import EarlyExitError  # noqa: E402
 class QualityCurveConfig:
     # [recipe config, checkpoint] pairs, oldest first
     points: list[list[str]] = field(default_factory=list)
+    # the issue's targets, where the fit below says at how many tokens seen the curve would reach them
+    targets: dict[str, float] = field(default_factory=lambda: {"exact_match": 0.25, "edit_similarity": 0.60})
     line_examples: int = 300
     max_line_tokens: int = 32
     seed: int = 0
@@ -73,20 +76,31 @@ def render_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], out: Path) -> None:
+def plot(result: dict, out: Path) -> None:
+    """Each measure against tokens seen on a log axis, where the fit is a straight line: dashed out to where it
+    meets the issue's target (dotted), so the distance left is visible."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    tokens = [r["tokens_seen"] / 1e6 for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(tokens, [r["exact_match"] for r in rows], "o-", label="exact match")
-    ax.plot(tokens, [r["edit_similarity"] for r in rows], "s-", label="edit similarity")
-    ax.set_xlabel("training tokens seen (millions)")
+    rows, fits = result["rows"], result.get("projection", {})
+    tokens = np.array([r["tokens_seen"] for r in rows]) / 1e6
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for measure, label, marker in (("exact_match", "exact match", "o"), ("edit_similarity", "edit similarity", "s")):
+        (line,) = ax.plot(tokens, [r[measure] for r in rows], marker + "-", label=label)
+        f = fits.get(measure)
+        if f:
+            ax.axhline(f["target"], color=line.get_color(), linestyle=":", linewidth=1, label=f"{label}: target")
+            reach = min(f["tokens_at_target"] or 0, 20 * rows[-1]["tokens_seen"])  # where the fit meets it, within reason
+            xs = np.geomspace(rows[0]["tokens_seen"], max(reach, rows[-1]["tokens_seen"]), 50)
+            ax.plot(xs / 1e6, f["slope"] * np.log(xs) + f["intercept"], "--", color=line.get_color(), linewidth=1,
+                    label=f"{label}: log-linear fit")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens seen (millions, log scale)")
     ax.set_ylabel("line completion (test split)")
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(out / "quality_curve.png", dpi=120)
     plt.close(fig)
@@ -102,12 +116,17 @@ def compute(cfg: QualityCurveConfig) -> dict:
     for recipe, checkpoint in cfg.points:
         rows.append(evaluate_point(recipe, checkpoint, splits["test"], cfg))
         print(render_rows(rows[-1:]).splitlines()[-1], flush=True)
-    return {"rows": rows}
+    return {"rows": rows, "projection": quality_projection(rows, cfg.targets)}
+
+
+def render(cfg: QualityCurveConfig, result: dict) -> str:
+    fits = projection_lines(result.get("projection", {}))
+    return render_rows(result["rows"]) + ("\n\n" + "\n".join(fits) if fits else "")
 
 
 def main(argv=None) -> int:
     return training_experiment_main(argv, __doc__, QualityCurveConfig, "quality_curve", "train_lm checkpoints", compute,
-                                    lambda cfg, result: render_rows(result["rows"]), lambda result, out: plot(result["rows"], out))
+                                    render, plot)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """The model card is computed by its script from a real (tiny) training run, not written by hand."""
 
 import json
+import math
+
+import pytest
 import yaml
 
 from earlyexit import model_card
@@ -76,3 +79,20 @@ def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp
     assert "0.001 → 5.30, 0.003 → 5.60; best 0.001" in sweeps and "6x128 → 5.30, 3x192 → 5.10; best 3x192" in sweeps
     assert "this model is step 200" in "\n".join(model_card.curve_lines(evidence["quality_curve"], step=200))
     assert "rerun" not in "\n".join(model_card.curve_lines(evidence["quality_curve"], step=100))
+
+
+def test_quality_projection_recovers_a_log_linear_curve_and_the_card_prints_it():
+    from earlyexit.backbone_quality import quality_projection
+
+    # exact match gains 4 points per doubling from 10% at 10M tokens: 25% needs 2^(15/4) x 10M = 134.5M
+    rows = [{"step": i, "tokens_seen": t * 1e6, "context": 512, "examples": 9, "exact_match": 0.10 + 0.04 * math.log2(t / 10),
+             "edit_similarity": 0.5 - 0.01 * math.log2(t / 10), "rouge_l": 0.7} for i, t in enumerate([10, 20, 40, 80])]
+    fits = quality_projection(rows, {"exact_match": 0.25, "edit_similarity": 0.6, "rouge_l": 0.6})
+    assert fits["exact_match"]["per_doubling"] == pytest.approx(0.04)
+    assert fits["exact_match"]["tokens_at_target"] == pytest.approx(10e6 * 2 ** (0.15 / 0.04), rel=1e-6)
+    assert fits["edit_similarity"]["tokens_at_target"] is None  # falling: never gets there
+    assert fits["rouge_l"]["times_last"] == pytest.approx(1.0)  # past the target already
+    card = "\n".join(model_card.curve_lines({"rows": rows, "commit": "abc1234", "projection": fits}, step=3))
+    assert "+4.0 points per doubling" in card and "about 135M tokens seen (1.7x the last point's)" in card
+    assert "never reaches 0.60" in card and "the fit is at or past 0.60 already" in card
+    assert quality_projection(rows[:2], {"exact_match": 0.25}) == {}  # two points fit any line
