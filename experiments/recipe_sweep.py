@@ -79,14 +79,21 @@ def parse_shape(shape: str) -> tuple[int, int, int]:
     return layers, width, width // 32
 
 
-def run_one(cfg: ProxyRunConfig, shape: str, lr: float, scratch: Path, data_dir: str | Path) -> dict:
+def run_one(cfg: ProxyRunConfig, shape: str, lr: float, scratch: Path, data_dir: str | Path, warmup_steps: int | None = None,
+            grad_accum: int = 1) -> dict:
     """One short train_lm run in its own work_dir beside links to the corpus in `data_dir` (a train_lm
-    work_dir: tokenizer and token caches): its last evaluation and speed."""
+    work_dir: tokenizer and token caches): its last evaluation and speed.
+
+    grad_accum > 1 keeps the tokens seen: cfg.steps / grad_accum optimizer steps of grad_accum x batch_size windows,
+    and the warm-up shrinks with them (warmup_steps, default cfg.warmup_steps, counts batch_size-window steps).
+    """
     from earlyexit.train_lm import LMTrainConfig, train
 
     layers, width, heads = parse_shape(shape)
+    warmup = cfg.warmup_steps if warmup_steps is None else warmup_steps
+    steps, warmup = cfg.steps // grad_accum, max(1, warmup // grad_accum)
     data = Path(data_dir)
-    work = scratch / f"{data.name}_{shape}_lr{lr:g}"
+    work = scratch / f"{data.name}_{shape}_lr{lr:g}_w{warmup}_a{grad_accum}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     for name in CORPUS_FILES:
@@ -94,9 +101,9 @@ def run_one(cfg: ProxyRunConfig, shape: str, lr: float, scratch: Path, data_dir:
     (work / "tokenizer").symlink_to((data / "tokenizer").resolve(), target_is_directory=True)
     run_cfg = load_config(LMTrainConfig, cfg.recipe, [
         f"n_layer={layers}", f"n_embd={width}", f"n_head={heads}", f"n_positions={cfg.seq_len}", f"seq_len={cfg.seq_len}",
-        f"batch_size={cfg.batch_size}", "grad_accum=1", f"lr={lr}", f"min_lr={lr / 10}", "schedule=cosine", "rewarm_at=0",
-        f"warmup_steps={cfg.warmup_steps}", f"max_steps={cfg.steps}", "decay_steps=0", "compile=false",
-        f"eval_interval={cfg.steps}", f"eval_windows={cfg.eval_windows}", f"checkpoint_interval={cfg.steps}",
+        f"batch_size={cfg.batch_size}", f"grad_accum={grad_accum}", f"lr={lr}", f"min_lr={lr / 10}", "schedule=cosine", "rewarm_at=0",
+        f"warmup_steps={warmup}", f"max_steps={steps}", "decay_steps=0", "compile=false",
+        f"eval_interval={steps}", f"eval_windows={cfg.eval_windows}", f"checkpoint_interval={steps}",
         f"threads={cfg.threads}", f"work_dir={work}", f"out_dir={work / 'export'}", "max_minutes=0",
     ])
     t0 = time.time()
@@ -106,6 +113,7 @@ def run_one(cfg: ProxyRunConfig, shape: str, lr: float, scratch: Path, data_dir:
     tok_s = sorted(r["tok_s"] for r in log[len(log) // 4:])  # past the first steps' warm-up
     parameters = layers * 12 * width * width
     return {"shape": shape, "layers": layers, "width": width, "block_parameters": parameters, "lr": lr,
+            "warmup_steps": warmup, "grad_accum": grad_accum, "steps": steps,
             "val_loss": last["val_loss"], "val_top1": last["val_top1"], "train_loss_last": last["loss"],
             "tokens": last["tokens_seen"], "tokens_per_s": tok_s[len(tok_s) // 2], "seconds": round(time.time() - t0, 1)}
 

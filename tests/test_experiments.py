@@ -229,6 +229,34 @@ def test_recipe_sweep_runs_train_lm_per_point(tmp_path, monkeypatch, capsys):
     assert recipe_sweep.main([*args, "shapes=[7x40]"]) == 2 and "multiple of 32" in capsys.readouterr().err
 
 
+def test_schedule_sweep_keeps_tokens_seen_and_runs_the_shared_baseline_once(tmp_path, monkeypatch, capsys):
+    import schedule_sweep
+    import yaml
+
+    from earlyexit.train_lm import main as train_lm
+    from test_train_lm import tiny_recipe
+
+    corpus = make_corpus(tmp_path)
+    assert train_lm(tiny_recipe(tmp_path, corpus, max_steps=1)) == 0  # builds the tokenizer and token caches
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"sources": [str(corpus)], "vocab_size": 300, "validation_fraction": 0.2, "test_fraction": 0.2}))
+    monkeypatch.setenv("EARLYEXIT_RESULTS", str(tmp_path / "results"))
+    args = [f"data_dir={tmp_path / 'run'}", f"recipe={recipe}", "steps=4", "warmup_steps=2", "seq_len=16", "batch_size=2",
+            "eval_windows=2", "shape=1x32", "lr=0.01", "warmups=[1, 2]", "grad_accums=[1, 2]", "threads=1"]
+    assert schedule_sweep.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("warm-up 2, accumulation 1:") == 1  # the baseline (base warm-up, no accumulation) runs once
+    result = json.loads((tmp_path / "results/schedule_sweep/results.json").read_text())
+    rows = result["rows"]
+    assert [(r["sweep"], r["warmup_steps"], r["grad_accum"], r["steps"]) for r in rows] == [
+        ("warm-up", 1, 1, 4), ("warm-up", 2, 1, 4), ("effective batch", 2, 1, 4), ("effective batch", 1, 2, 2)]
+    assert all(r["tokens"] == 4 * 2 * 16 for r in rows)  # accumulation keeps the tokens seen
+    assert rows[1]["val_loss"] == rows[2]["val_loss"] and rows[3]["effective_batch"] == 4
+    assert result["best_warmup"] == min(rows[:2], key=lambda r: r["val_loss"])["warmup_steps"]
+    assert (tmp_path / "results/schedule_sweep/schedule_sweep.png").stat().st_size > 0
+    assert schedule_sweep.main([*args, "warmups=[4]"]) == 2 and "warmups must be" in capsys.readouterr().err
+
+
 def test_vocab_sweep_trains_a_tokenizer_and_a_proxy_per_size(tmp_path, monkeypatch, capsys):
     import vocab_sweep
     import yaml
