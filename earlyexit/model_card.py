@@ -153,7 +153,7 @@ def recipe_evidence(root: Path = EXPERIMENT_RESULTS) -> dict:
     throughput per choice, the proxy sweeps (learning rate, shape, vocabulary) and line completion against
     tokens seen. Each keeps the commit its script ran at."""
     out = {}
-    for name in ("train_throughput", "recipe_sweep", "vocab_sweep", "quality_curve"):
+    for name in ("train_throughput", "recipe_sweep", "vocab_sweep", "schedule_sweep", "quality_curve"):
         path = root / name / "results.json"
         if path.is_file():
             r = json.loads(path.read_text())
@@ -175,14 +175,15 @@ def throughput_lines(measured: dict | list | None) -> list[str]:
     return out
 
 
-def sweep_lines(recipe: dict | None, vocab: dict | None) -> list[str]:
+def sweep_lines(recipe: dict | None, vocab: dict | None, schedule: dict | None = None) -> list[str]:
     """The proxy sweeps' outcomes, one line per swept choice."""
     out = []
     if recipe:
         c = recipe["config"]
         out += ["", f"Choices measured by short proxy runs from scratch ({c['steps']} steps of {c['batch_size']} × {c['seq_len']} tokens, "
                 f"validation loss in nats/token; `experiments/recipe_sweep.py` at commit `{recipe['commit']}`"
-                + (f", `experiments/vocab_sweep.py` at `{vocab['commit']}`" if vocab else "") + "):", ""]
+                + (f", `experiments/vocab_sweep.py` at `{vocab['commit']}`" if vocab else "")
+                + (f", `experiments/schedule_sweep.py` at `{schedule['commit']}`" if schedule else "") + "):", ""]
         lr_rows = [x for x in recipe["rows"] if x["sweep"] == "learning rate"]
         out.append(f"- Peak learning rate at {c['base_shape']}: " + ", ".join(f"{x['lr']:g} → {x['val_loss']:.2f}" for x in lr_rows)
                    + f"; best {recipe['best_lr']:g}.")
@@ -193,6 +194,15 @@ def sweep_lines(recipe: dict | None, vocab: dict | None) -> list[str]:
         c = vocab["config"]
         out.append(f"- Vocabulary at {c['shape']}, lr {c['lr']:g} (its own BPE per size, in nats per byte of text, comparable across sizes): "
                    + ", ".join(f"{x['vocab_size']:,} → {x['val_nats_per_byte']:.3f}" for x in vocab["rows"]) + f"; best {vocab['best_vocab_size']:,}.")
+    if schedule:
+        c, rows = schedule["config"], schedule["rows"]
+        warm = [x for x in rows if x["sweep"] == "warm-up"]
+        batch = [x for x in rows if x["sweep"] == "effective batch"]
+        out.append(f"- Warm-up at {c['shape']}, lr {c['lr']:g}: " + ", ".join(f"{x['warmup_steps']} steps → {x['val_loss']:.2f}" for x in warm)
+                   + f"; best {schedule['best_warmup']}.")
+        out.append("- Effective batch by gradient accumulation at the same tokens seen: "
+                   + ", ".join(f"{x['effective_batch']} windows → {x['val_loss']:.2f}" for x in batch)
+                   + f"; best {schedule['best_effective_batch']} (a short run favours many small steps).")
     return out
 
 
@@ -260,7 +270,7 @@ def render_card(r: dict, has_plot: bool) -> str:
         f"- Then copy `{tc['out_dir']}/` into `earlyexit/default_model/` and run "
         "`python -m earlyexit.model_card --model earlyexit/default_model` (the export carries the validation curve of every phase).",
         *throughput_lines(r.get("train_throughput")),
-        *sweep_lines(r.get("recipe_sweep"), r.get("vocab_sweep")),
+        *sweep_lines(r.get("recipe_sweep"), r.get("vocab_sweep"), r.get("schedule_sweep")),
         "",
         "## Held-out quality",
         f"Loss and top-1 over {r['config']['loss_windows']} evenly spaced windows of {r['config']['seq_len']} tokens per split.",

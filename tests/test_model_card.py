@@ -73,10 +73,16 @@ def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp
         {"steps": 300, "batch_size": 8, "seq_len": 256, "base_shape": "6x128"})
     write("quality_curve", {"rows": [{"step": 100, "tokens_seen": 4e5, "context": 256, "examples": 9, "exact_match": 0.1,
                                       "edit_similarity": 0.3}]}, {})
+    write("schedule_sweep", {"best_warmup": 30, "best_effective_batch": 8, "rows": [
+        {"sweep": "warm-up", "warmup_steps": 10, "effective_batch": 8, "val_loss": 5.4},
+        {"sweep": "warm-up", "warmup_steps": 30, "effective_batch": 8, "val_loss": 5.3},
+        {"sweep": "effective batch", "warmup_steps": 30, "effective_batch": 8, "val_loss": 5.3},
+        {"sweep": "effective batch", "warmup_steps": 15, "effective_batch": 16, "val_loss": 5.5}]}, {"shape": "6x128", "lr": 1.2e-3})
     evidence = model_card.recipe_evidence(tmp_path)
-    assert set(evidence) == {"recipe_sweep", "quality_curve"} and evidence["recipe_sweep"]["commit"] == "abc1234"
-    sweeps = "\n".join(model_card.sweep_lines(evidence["recipe_sweep"], None))
+    assert set(evidence) == {"recipe_sweep", "schedule_sweep", "quality_curve"} and evidence["recipe_sweep"]["commit"] == "abc1234"
+    sweeps = "\n".join(model_card.sweep_lines(evidence["recipe_sweep"], None, evidence["schedule_sweep"]))
     assert "0.001 → 5.30, 0.003 → 5.60; best 0.001" in sweeps and "6x128 → 5.30, 3x192 → 5.10; best 3x192" in sweeps
+    assert "10 steps → 5.40, 30 steps → 5.30; best 30" in sweeps and "8 windows → 5.30, 16 windows → 5.50; best 8" in sweeps
     assert "this model is step 200" in "\n".join(model_card.curve_lines(evidence["quality_curve"], step=200))
     assert "rerun" not in "\n".join(model_card.curve_lines(evidence["quality_curve"], step=100))
 
