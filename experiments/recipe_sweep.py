@@ -165,10 +165,15 @@ def plot(result: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def compute(cfg: RecipeSweepConfig) -> dict:
+def require_corpus(data_dir: str) -> None:
+    """The proxy runs link a train_lm work_dir's tokenizer and token caches: refuse one without them."""
     for name in (*CORPUS_FILES, "tokenizer"):
-        if not (Path(cfg.data_dir) / name).exists():
-            raise EarlyExitError(f"{cfg.data_dir} has no {name}: run earlyexit.train_lm once to build the tokenized corpus")
+        if not (Path(data_dir) / name).exists():
+            raise EarlyExitError(f"{data_dir} has no {name}: run earlyexit.train_lm once to build the tokenized corpus")
+
+
+def compute(cfg: RecipeSweepConfig) -> dict:
+    require_corpus(cfg.data_dir)
     return sweep(cfg)
 
 

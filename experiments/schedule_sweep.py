@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import training_experiment_main  # noqa: E402
-from recipe_sweep import CORPUS_FILES, ProxyRunConfig, parse_shape, run_one  # noqa: E402
+from recipe_sweep import ProxyRunConfig, parse_shape, require_corpus, run_one  # noqa: E402
 
 from earlyexit.errors import EarlyExitError  # noqa: E402
 
@@ -101,9 +101,7 @@ def plot(result: dict, out: Path) -> None:
 
 
 def compute(cfg: ScheduleSweepConfig) -> dict:
-    for name in (*CORPUS_FILES, "tokenizer"):
-        if not (Path(cfg.data_dir) / name).exists():
-            raise EarlyExitError(f"{cfg.data_dir} has no {name}: run earlyexit.train_lm once to build the tokenized corpus")
+    require_corpus(cfg.data_dir)
     return sweep(cfg)
 
 
