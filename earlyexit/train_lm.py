@@ -265,13 +265,20 @@ def read_curve(log_path: Path) -> list[dict]:
 
 
 def training_curve(cfg: LMTrainConfig) -> list[dict]:
-    """This run's evaluation points, after those of the export it started from (`init_from`), if any."""
+    """This run's evaluation points, after those of the export it started from (`init_from`), if any.
+
+    A point of both (the export lies in this work_dir, or its run's log survived) is kept once, as the log has it,
+    so re-exporting over `init_from` never duplicates the inherited curve.
+    """
     inherited = []
     if cfg.init_from and (Path(cfg.init_from) / "training_state.json").is_file():
         before = json.loads((Path(cfg.init_from) / "training_state.json").read_text())
         where = before.get("config", {}).get("work_dir", cfg.init_from)
         inherited = [{"work_dir": where, **r} for r in before.get("curve", []) if r["step"] <= cfg.rewarm_at]
-    return inherited + read_curve(Path(cfg.work_dir) / "log.jsonl")
+    logged = read_curve(Path(cfg.work_dir) / "log.jsonl")
+    in_log = {(r["work_dir"], r["step"]) for r in logged}
+    merged = [r for r in inherited if (r["work_dir"], r["step"]) not in in_log] + logged
+    return sorted(merged, key=lambda r: r["step"])
 
 
 def trained_context_model(state: dict, tok, cfg: LMTrainConfig):

@@ -152,6 +152,29 @@ def test_init_from_in_a_fresh_work_dir_inherits_the_exports_tokenizer(tmp_path):
     assert main(tiny_recipe(tmp_path, corpus, vocab_size=400, init_from=tmp_path / "run/export", work_dir=tmp_path / "third")) == 2
 
 
+@pytest.mark.parametrize("log_kept", [False, True])
+def test_a_phase_continues_from_its_own_export_when_the_checkpoint_is_gone(tmp_path, log_kept):
+    """Another machine holds the shipped export but not the work_dir's checkpoint (nor, maybe, its log and caches):
+    the next phase starts from the export in place (fresh optimizer), continues its step, and exporting over it
+    never duplicates a point of the curve that both the export and the log hold."""
+    corpus = make_corpus(tmp_path)
+    assert main(tiny_recipe(tmp_path, corpus, max_steps=4)) == 0
+    work = tmp_path / "run"
+    before = json.loads((work / "export/training_state.json").read_text())["curve"]
+    gone = ["checkpoint.pt"] if log_kept else ["checkpoint.pt", "log.jsonl", "corpus.json", "tokenizer",
+                                               *(f"tokens_{s}.npy" for s in ("train", "validation", "test"))]
+    for leftover in gone:
+        shutil.rmtree(work / leftover) if (work / leftover).is_dir() else (work / leftover).unlink()
+    recipe = tiny_recipe(tmp_path, corpus, max_steps=8, rewarm_at=4, init_from=work / "export")
+    assert main(["--resume", *recipe]) == 0
+    assert torch.load(work / "checkpoint.pt")["step"] == 8
+    curve = json.loads((work / "export/training_state.json").read_text())["curve"]
+    assert [r["step"] for r in curve] == [2, 4, 6, 8] and curve[:2] == before
+    # a later re-export (here: the finished run resumed) reads the export it wrote as init_from: still no duplicates
+    assert main(["--resume", *recipe]) == 0
+    assert [r["step"] for r in json.loads((work / "export/training_state.json").read_text())["curve"]] == [2, 4, 6, 8]
+
+
 def test_init_from_rejects_another_shape(tmp_path, capsys):
     corpus = make_corpus(tmp_path)
     assert main(tiny_recipe(tmp_path, corpus, max_steps=2)) == 0
