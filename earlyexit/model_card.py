@@ -212,9 +212,11 @@ def curve_lines(curve: dict | None, step: int) -> list[str]:
         return []
     rows = curve["rows"]
     out = [f"Line completion (healed) against training tokens seen, one point per phase's last checkpoint "
-           f"(`experiments/quality_curve.py` at commit `{curve['commit']}`, {rows[-1]['examples']} lines):", "",
-           "| step | tokens seen | context | exact match | edit similarity |", "|---|---|---|---|---|"]
-    out += [f"| {x['step']:,} | {x['tokens_seen'] / 1e6:.1f}M | {x['context']} | {x['exact_match']:.1%} | {x['edit_similarity']:.3f} |" for x in rows]
+           f"(`experiments/quality_curve.py` at commit `{curve['commit']}`, {rows[-1]['examples']} lines; a phase "
+           "whose checkpoint was not on that machine keeps the row scored at an earlier commit, same lines):", "",
+           "| step | tokens seen | context | exact match | edit similarity | scored at |", "|---|---|---|---|---|---|"]
+    out += [f"| {x['step']:,} | {x['tokens_seen'] / 1e6:.1f}M | {x['context']} | {x['exact_match']:.1%} | {x['edit_similarity']:.3f} | "
+            f"`{x.get('scored_at') or curve['commit']}` |" for x in rows]
     if rows[-1]["step"] != step:
         out += ["", f"The curve ends at step {rows[-1]['step']:,}; this model is step {step:,}: rerun the script."]
     if curve.get("projection"):

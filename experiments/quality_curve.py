@@ -2,14 +2,18 @@
 
     python experiments/quality_curve.py --config configs/quality_curve.yaml [key=value ...]
 
-Each point is a train_lm checkpoint with the recipe config it was trained under: the
-weights are cut to the positions that config trained (as `train_lm` exports them), and the
-model card's line-completion task runs on the test split (random point inside a line,
-target = rest of the line, greedy with token healing, prompts left-truncated to the
-context). The validation-loss curve is in the model card; this is the curve of what a
-user sees. Writes experiments/results/quality_curve/ (JSON, Markdown, plot).
-The checkpoints live in the training work_dir, so the script reruns on the machine that
-trained the model (or any machine given the same files).
+Each point is a train_lm checkpoint with the recipe config it was trained under (the
+weights cut to the positions that config trained, as `train_lm` exports them), or an export
+directory (what `train_lm` writes to out_dir, what ships). The model card's line-completion
+task runs on the test split (random point inside a line, target = rest of the line, greedy
+with token healing, prompts left-truncated to the context). The validation-loss curve is in
+the model card; this is the curve of what a user sees. Writes
+experiments/results/quality_curve/ (JSON, Markdown, plot).
+
+Checkpoints live in the training work_dir, on the machine that trained them. A point whose
+file is not on this machine keeps its row from the results already written, when that row
+was scored with the same settings on the same test split (each row records the split's
+hash and the commit it was scored at); with no such row, it is an error.
 """
 
 from __future__ import annotations
@@ -42,37 +46,99 @@ class QualityCurveConfig:
             raise EarlyExitError("points must be a non-empty list of [recipe config, checkpoint] pairs")
 
 
-def evaluate_point(recipe: str, checkpoint: str, test_files: list, cfg: QualityCurveConfig) -> dict:
+def load_point(recipe: str, checkpoint: str):
+    """(runtime model, tokenizer, step, tokens seen, context) of a train_lm checkpoint or export directory."""
+    import json
+
     import torch
     from transformers import AutoTokenizer
 
-    from earlyexit.data import line_cut_examples
+    from earlyexit.loading import load_hf_model, load_tokenizer
     from earlyexit.model import GPT2
-    from earlyexit.backbone_quality import completion_metrics
     from earlyexit.train_lm import LMTrainConfig, trained_context_model
 
+    path = Path(checkpoint)
+    if path.is_dir():
+        state_path = path / "training_state.json"
+        if not state_path.is_file():
+            raise EarlyExitError(f"{path} has no training_state.json: not a train_lm export")
+        state = json.loads(state_path.read_text())
+        hf = load_hf_model(path)
+        return GPT2.from_hf(hf), load_tokenizer(path), state["step"], state["tokens_seen"], hf.config.n_positions
     lm = load_config(LMTrainConfig, recipe)
-    if not Path(checkpoint).is_file():
+    if not path.is_file():
         raise EarlyExitError(f"checkpoint not found: {checkpoint}")
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises several types for a truncated or foreign file
         raise EarlyExitError(f"cannot read checkpoint {checkpoint}: {type(e).__name__}") from None
     tok = AutoTokenizer.from_pretrained(str(Path(lm.work_dir) / "tokenizer"))
     model = GPT2.from_hf(trained_context_model(state["model"], tok, lm).eval())
+    return model, tok, state["step"], state["tokens_seen"], lm.seq_len
+
+
+def evaluate_point(recipe: str, checkpoint: str, test_files: list, cfg: QualityCurveConfig) -> dict:
+    from earlyexit.backbone_quality import completion_metrics
+    from earlyexit.data import line_cut_examples
+
+    model, tok, step, tokens_seen, context = load_point(recipe, checkpoint)
     examples = line_cut_examples(test_files, cfg.line_examples, seed=cfg.seed)
-    metrics = completion_metrics(model, tok, examples, cfg.max_line_tokens, True, f"step {state['step']}", healing=True)
-    return {"recipe": recipe, "checkpoint": checkpoint, "step": state["step"], "tokens_seen": state["tokens_seen"],
-            "context": lm.seq_len, **metrics}
+    metrics = completion_metrics(model, tok, examples, cfg.max_line_tokens, True, f"step {step}", healing=True)
+    return {"recipe": recipe, "checkpoint": checkpoint, "step": step, "tokens_seen": tokens_seen, "context": context, **metrics}
+
+
+def split_hash(files: list[dict]) -> str:
+    """sha256 of the sorted `path<TAB>content-sha256` lines of a split: which files were scored."""
+    import hashlib
+
+    lines = sorted(f"{f['path']}\t{hashlib.sha256(f['text'].encode('utf-8')).hexdigest()}" for f in files)
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+SCORING = ("line_examples", "max_line_tokens", "seed")  # the settings a kept row must share with this run
+
+
+def earlier_rows(cfg: QualityCurveConfig, test_hash: str) -> dict[tuple[str, str], dict]:
+    """Rows of the results already written that this run may keep: same scoring settings, same test split (rows
+    written before the split's hash was recorded count as scored on it), keyed by (recipe, checkpoint)."""
+    import json
+    import os
+
+    from common import RESULTS
+
+    path = Path(os.environ.get("EARLYEXIT_RESULTS") or RESULTS) / "quality_curve" / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        before = json.loads(path.read_text())
+        settings = before["stamp"]["config"]
+        rows = before["rows"]
+    except (ValueError, KeyError, TypeError):
+        raise EarlyExitError(f"{path} is not a quality_curve result: move it away to score every point afresh") from None
+    if any(settings.get(k) != getattr(cfg, k) for k in SCORING):
+        return {}
+    commit = before["stamp"].get("commit", "unknown")
+    return {(r["recipe"], r["checkpoint"]): {**r, "scored_at": r.get("scored_at") or commit} for r in rows
+            if r.get("test_split_sha256", test_hash) == test_hash}
+
+
+def score_or_keep(recipe: str, checkpoint: str, test_files: list, test_hash: str, kept: dict, cfg: QualityCurveConfig) -> dict:
+    if Path(checkpoint).exists():
+        return {**evaluate_point(recipe, checkpoint, test_files, cfg), "test_split_sha256": test_hash, "scored_at": None}
+    if (recipe, checkpoint) in kept:
+        return kept[(recipe, checkpoint)]
+    raise EarlyExitError(f"checkpoint not found: {checkpoint} (and no earlier row of it, scored with these settings on "
+                         "this test split, to keep)")
 
 
 def render_rows(rows: list[dict]) -> str:
     lines = ["Line completion on the test split (random point inside a line, target = rest of the line, greedy, token healing).", "",
-             "| checkpoint | recipe | step | tokens seen | context | exact match | edit similarity | ROUGE-L | degenerate |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| checkpoint | recipe | step | tokens seen | context | exact match | edit similarity | ROUGE-L | degenerate | scored |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        scored = f"earlier, at `{r['scored_at']}`" if r.get("scored_at") else "this run"
         lines.append(f"| `{Path(r['checkpoint']).name}` | `{r['recipe']}` | {r['step']:,} | {r['tokens_seen'] / 1e6:.1f}M | {r['context']} | "
-                     f"{r['exact_match']:.1%} | {r['edit_similarity']:.3f} | {r['rouge_l']:.3f} | {r['degenerate_rate']:.1%} |")
+                     f"{r['exact_match']:.1%} | {r['edit_similarity']:.3f} | {r['rouge_l']:.3f} | {r['degenerate_rate']:.1%} | {scored} |")
     return "\n".join(lines)
 
 
@@ -112,11 +178,13 @@ def compute(cfg: QualityCurveConfig) -> dict:
 
     last = to_dict(load_config(LMTrainConfig, cfg.points[-1][0]))
     splits, _ = corpus_splits({"config": last})  # every phase reads the same corpus and split
+    test_hash = split_hash(splits["test"])
+    kept = earlier_rows(cfg, test_hash)
     rows = []
     for recipe, checkpoint in cfg.points:
-        rows.append(evaluate_point(recipe, checkpoint, splits["test"], cfg))
+        rows.append(score_or_keep(recipe, checkpoint, splits["test"], test_hash, kept, cfg))
         print(render_rows(rows[-1:]).splitlines()[-1], flush=True)
-    return {"rows": rows, "projection": quality_projection(rows, cfg.targets)}
+    return {"rows": rows, "test_split_sha256": test_hash, "projection": quality_projection(rows, cfg.targets)}
 
 
 def render(cfg: QualityCurveConfig, result: dict) -> str:

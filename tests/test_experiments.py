@@ -299,9 +299,28 @@ def test_quality_curve_scores_each_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EARLYEXIT_RESULTS", str(tmp_path / "results"))
     points = f"points=[[{config}, {first}], [{config}, {tmp_path / 'run/checkpoint.pt'}]]"
     assert quality_curve.main([points, "line_examples=4", "max_line_tokens=3"]) == 0
-    rows = json.loads((tmp_path / "results/quality_curve/results.json").read_text())["rows"]
+    result = json.loads((tmp_path / "results/quality_curve/results.json").read_text())
+    rows = result["rows"]
     assert [r["step"] for r in rows] == [2, 4] and all(r["examples"] == 4 and 0 <= r["exact_match"] <= 1 for r in rows)
+    assert all(r["test_split_sha256"] == result["test_split_sha256"] and r["scored_at"] is None for r in rows)
     assert (tmp_path / "results/quality_curve/quality_curve.png").stat().st_size > 0
+
+    # the export (a directory) scores like the checkpoint it was written from
+    export_point = f"points=[[{config}, {first}], [{config}, {tmp_path / 'run/export'}]]"
+    assert quality_curve.main([export_point, "line_examples=4", "max_line_tokens=3"]) == 0
+    exported = json.loads((tmp_path / "results/quality_curve/results.json").read_text())["rows"][1]
+    assert exported["step"] == 4 and exported["context"] == 32  # the export keeps the trained positions only
+    assert exported["edit_similarity"] == pytest.approx(rows[1]["edit_similarity"], abs=0.1)  # fp16 weights, same model
+
+    # a checkpoint gone from this machine keeps its earlier row, marked as such; with other settings it cannot
+    first.rename(tmp_path / "gone.pt")
+    assert quality_curve.main([export_point, "line_examples=4", "max_line_tokens=3"]) == 0
+    kept = json.loads((tmp_path / "results/quality_curve/results.json").read_text())["rows"]
+    assert {k: v for k, v in kept[0].items() if k != "scored_at"} == {k: v for k, v in rows[0].items() if k != "scored_at"}
+    assert kept[0]["scored_at"] and kept[1]["scored_at"] is None
+    assert "earlier, at" in (tmp_path / "results/quality_curve/results.md").read_text()
     capsys.readouterr()
+    assert quality_curve.main([export_point, "line_examples=5", "max_line_tokens=3"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
     assert quality_curve.main([f"points=[[{config}, {tmp_path / 'missing.pt'}]]", "line_examples=4"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

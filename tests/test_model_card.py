@@ -71,8 +71,10 @@ def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp
         {"sweep": "learning rate", "shape": "6x128", "lr": 3e-3, "val_loss": 5.6},
         {"sweep": "shape", "shape": "3x192", "lr": 1e-3, "val_loss": 5.1}]},
         {"steps": 300, "batch_size": 8, "seq_len": 256, "base_shape": "6x128"})
-    write("quality_curve", {"rows": [{"step": 100, "tokens_seen": 4e5, "context": 256, "examples": 9, "exact_match": 0.1,
-                                      "edit_similarity": 0.3}]}, {})
+    write("quality_curve", {"rows": [{"step": 50, "tokens_seen": 2e5, "context": 256, "examples": 9, "exact_match": 0.05,
+                                      "edit_similarity": 0.2, "scored_at": "0ld1234"},
+                                     {"step": 100, "tokens_seen": 4e5, "context": 256, "examples": 9, "exact_match": 0.1,
+                                      "edit_similarity": 0.3, "scored_at": None}]}, {})
     write("schedule_sweep", {"best_warmup": 30, "best_effective_batch": 8, "rows": [
         {"sweep": "warm-up", "warmup_steps": 10, "effective_batch": 8, "val_loss": 5.4},
         {"sweep": "warm-up", "warmup_steps": 30, "effective_batch": 8, "val_loss": 5.3},
@@ -84,7 +86,8 @@ def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp
     assert "0.001 → 5.30, 0.003 → 5.60; best 0.001" in sweeps and "6x128 → 5.30, 3x192 → 5.10; best 3x192" in sweeps
     assert "10 steps → 5.40, 30 steps → 5.30; best 30" in sweeps and "8 windows → 5.30, 16 windows → 5.50; best 8" in sweeps
     assert "this model is step 200" in "\n".join(model_card.curve_lines(evidence["quality_curve"], step=200))
-    assert "rerun" not in "\n".join(model_card.curve_lines(evidence["quality_curve"], step=100))
+    table = "\n".join(model_card.curve_lines(evidence["quality_curve"], step=100))
+    assert "rerun" not in table and "| 5.0% | 0.200 | `0ld1234` |" in table and "| 10.0% | 0.300 | `abc1234` |" in table
 
 
 def test_quality_projection_recovers_a_log_linear_curve_and_the_card_prints_it():
