@@ -46,12 +46,18 @@ def schedule_lines(tc: dict, config_dir: Path = CONFIG_DIR) -> list[str]:
 
     defaults, lines = LMTrainConfig(), []
     for i, (path, c) in enumerate(phases, 1):
+        previous_dir = phases[i - 2][1]["work_dir"] if i > 1 else None
         start = c.get("rewarm_at", 0)
         warm = (f"re-warm at step {start:,} from {c['min_lr']:g} to {c['lr']:g}" if start else f"warm-up to {c['lr']:g}") + f" over {c['warmup_steps']} steps"
         shape = (f"stable, then linear decay over the last {c['decay_steps']:,} steps" if c.get("schedule") == "wsd" else "cosine")
         window = f"{c.get('batch_size', defaults.batch_size)} × {c.get('seq_len', defaults.seq_len)}-token windows"
-        origin = (f"starts from `{c['init_from']}` (the previous phase's export; fresh optimizer) on its own corpus in `{c['work_dir']}`; "
-                  if c.get("init_from") else "")
+        if not c.get("init_from"):
+            origin = ""
+        elif c["work_dir"] == previous_dir:
+            origin = (f"starts from `{c['init_from']}`, the previous phase's export in the same work_dir (fresh optimizer; "
+                      "where that phase's checkpoint is present, `--resume` continues it instead); ")
+        else:
+            origin = f"starts from `{c['init_from']}` (the previous phase's export; fresh optimizer) on its own corpus in `{c['work_dir']}`; "
         lines.append(f"- Phase {i} (`{path}`{', `--resume`' if start else ''}): {origin}{window}; {warm}, {shape} to {c['min_lr']:g} at step {c['max_steps']:,}.")
     lines.append("- Reproduce: " + ", then ".join(f"`python -m earlyexit.train_lm --config {p}{' --resume' if c.get('rewarm_at') else ''}`"
                                                    for p, c in phases) + ".")

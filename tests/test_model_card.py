@@ -58,7 +58,16 @@ def test_recipe_names_every_phase_in_order(tmp_path):
     for name in ("a", "b", "c"):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**yaml.safe_load((tmp_path / f"{name}.yaml").read_text()), "out_dir": "runs/x/export"}))
     assert [p for p, _ in recipe_phases(widened, tmp_path)] == ["configs/a.yaml", "configs/b.yaml", "configs/c.yaml", "configs/d.yaml"]
-    assert "starts from `runs/x/export`" in schedule_lines(widened, tmp_path)[3]
+    assert "starts from `runs/x/export`" in schedule_lines(widened, tmp_path)[3] and "on its own corpus in `runs/z`" in schedule_lines(widened, tmp_path)[3]
+    # a phase that starts from the previous phase's export in that phase's own work_dir (its checkpoint gone) says so
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump({**base, "work_dir": "runs/z", "out_dir": "runs/z/export", "max_steps": 600,
+                                                     "rewarm_at": 500, "init_from": "runs/x/export"}))
+    (tmp_path / "d.yaml").unlink()
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump({**base, "work_dir": "runs/z", "max_steps": 800, "rewarm_at": 600,
+                                                     "init_from": "runs/z/export"}))
+    in_place = {**base, "work_dir": "runs/z", "max_steps": 800, "rewarm_at": 600, "init_from": "runs/z/export"}
+    assert [p for p, _ in recipe_phases(in_place, tmp_path)][-2:] == ["configs/e.yaml", "configs/f.yaml"]
+    assert "the previous phase's export in the same work_dir" in schedule_lines(in_place, tmp_path)[4]
 
 
 def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp_path):
