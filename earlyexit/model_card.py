@@ -157,7 +157,7 @@ def recipe_evidence(root: Path = EXPERIMENT_RESULTS) -> dict:
         path = root / name / "results.json"
         if path.is_file():
             r = json.loads(path.read_text())
-            out[name] = {k: v for k, v in r.items() if k != "stamp"} | {"commit": r["stamp"]["commit"], "config": r["stamp"]["config"]}
+            out[name] = {k: v for k, v in r.items() if k != "stamp"} | {k: r["stamp"].get(k) for k in ("commit", "config", "machine")}
     return out
 
 
@@ -165,7 +165,9 @@ def throughput_lines(measured: dict | list | None) -> list[str]:
     rows = measured.get("rows") if isinstance(measured, dict) else measured  # cards before recipe_evidence kept the rows alone
     if not rows:
         return []
-    out = ["", "Training throughput of the choices measured on this machine (`experiments/train_throughput.py`):", "",
+    where = (f" on {measured['machine']}" if isinstance(measured, dict) and measured.get("machine") else "") + (
+        f" at commit `{measured['commit']}`" if isinstance(measured, dict) and measured.get("commit") else "")
+    out = ["", f"Training throughput of the choices, measured side by side in one run (`experiments/train_throughput.py`{where}):", "",
            "| choice | tokens/s |", "|---|---|"]
     for row in rows:
         name = row.get("variant")

@@ -73,7 +73,7 @@ def test_recipe_names_every_phase_in_order(tmp_path):
 def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp_path):
     def write(name, body, config):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps({"stamp": {"commit": "abc1234", "config": config}, **body}))
+        (tmp_path / name / "results.json").write_text(json.dumps({"stamp": {"commit": "abc1234", "config": config, "machine": "Test CPU (AMX), 2 threads"}, **body}))
 
     write("recipe_sweep", {"best_lr": 1e-3, "best_shape": "3x192", "rows": [
         {"sweep": "learning rate", "shape": "6x128", "lr": 1e-3, "val_loss": 5.3},
@@ -96,6 +96,9 @@ def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp
     assert "10 steps → 5.40, 30 steps → 5.30; best 30" in sweeps and "8 windows → 5.30, 16 windows → 5.50; best 8" in sweeps
     assert "this model is step 200" in "\n".join(model_card.curve_lines(evidence["quality_curve"], step=200))
     table = "\n".join(model_card.curve_lines(evidence["quality_curve"], step=100))
+    write("train_throughput", {"rows": [{"variant": "fp32", "tokens_per_s": 1234.4}]}, {})
+    speeds = "\n".join(model_card.throughput_lines(model_card.recipe_evidence(tmp_path)["train_throughput"]))
+    assert "| fp32 | 1,234 |" in speeds and "on Test CPU (AMX), 2 threads at commit `abc1234`" in speeds
     assert "rerun" not in table and "| 5.0% | 0.200 | `0ld1234` |" in table and "| 10.0% | 0.300 | `abc1234` |" in table
 
 
