@@ -279,13 +279,38 @@ def _window_order(n_windows: int, seed: int):
     return np.random.default_rng(seed).permutation(n_windows)
 
 
+def corpus_drift(recorded: dict, stats: CorpusStats) -> str | None:
+    """Why the corpus read here is not the one a model recorded (its training_state's corpus stats), with the pins
+    that would bring it back; None when the file lists match or nothing was recorded to compare."""
+    before = recorded.get("file_list_sha256")
+    if not before or before == stats.file_list_sha256:
+        return None
+    then, now = recorded.get("source_versions", {}), stats.source_versions
+    changed = sorted(s for s in then if then[s] != now.get(s))
+    pins = [f"{dist}=={then[s]}" for s in changed if not then[s].startswith("python ")
+            for dist in _distributions_of_packages().get(s, [])[:1]]
+    if not changed:
+        return ("the corpus files on this machine differ from those the model recorded (same source versions, or none "
+                "recorded): held-out figures may include files it trained on")
+    versions = ", ".join(f"{s} {now.get(s) or 'missing'} here, {then[s]} then" for s in changed)
+    return (f"the corpus files on this machine differ from those the model recorded ({versions}): held-out figures may "
+            "include files it trained on" + (f"; pip install {' '.join(pins)} reads the recorded corpus" if pins else ""))
+
+
 def model_corpus(model_dir: str | Path, sources: Sequence[str] | None = None):
-    """The corpus splits a model was trained beside (its training_state.json), else `sources`, else the stdlib."""
+    """The corpus splits a model was trained beside (its training_state.json; a warning when the files read here
+    differ from those it recorded), else `sources`, else the stdlib."""
     import json
+    import sys
 
     state_file = Path(model_dir) / "training_state.json"
     if sources is None and state_file.is_file():
-        return read_configured_corpus(json.loads(state_file.read_text())["config"])
+        state = json.loads(state_file.read_text())
+        splits, stats = read_configured_corpus(state["config"])
+        drift = corpus_drift(state.get("corpus", {}).get("stats", {}), stats)
+        if drift:
+            print(f"warning: {drift}", file=sys.stderr)
+        return splits, stats
     return read_corpus(list(sources or ["stdlib"]))
 
 

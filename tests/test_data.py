@@ -43,6 +43,35 @@ def test_sources_record_the_version_they_were_read_at():
     assert source_version("numpy") == numpy.__version__
 
 
+def test_a_corpus_that_drifted_from_the_recorded_one_is_named_with_the_pins_that_restore_it(corpus_dir, tmp_path, capsys):
+    import dataclasses
+    import json
+
+    import numpy
+
+    from earlyexit.data import corpus_drift, model_corpus
+
+    _, stats = read_corpus([str(corpus_dir)], validation_fraction=0.2, test_fraction=0.2)
+    recorded = dataclasses.asdict(stats)
+    assert corpus_drift(recorded, stats) is None and corpus_drift({}, stats) is None  # same files, or nothing to compare
+    older = {**recorded, "file_list_sha256": "0" * 64, "source_versions": {"numpy": "1.0.0", "stdlib": "python 3.9.0"}}
+    now = dataclasses.replace(stats, source_versions={"numpy": numpy.__version__, "stdlib": "python 3.11.7"})
+    message = corpus_drift(older, now)
+    assert f"numpy {numpy.__version__} here, 1.0.0 then" in message and "stdlib python 3.11.7 here, python 3.9.0 then" in message
+    assert message.endswith("pip install numpy==1.0.0 reads the recorded corpus")  # the interpreter is no pip pin
+    assert "same source versions" in corpus_drift({**recorded, "file_list_sha256": "0" * 64}, stats)
+    # an evaluation reading a model's test split says so, and still returns the split it read
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    config = {"sources": [str(corpus_dir)], "validation_fraction": 0.2, "test_fraction": 0.2}
+    (model_dir / "training_state.json").write_text(json.dumps({"config": config, "corpus": {"stats": {**recorded, "file_list_sha256": "f" * 64}}}))
+    splits, _ = model_corpus(model_dir)
+    assert splits["test"] and "warning: the corpus files on this machine differ" in capsys.readouterr().err
+    (model_dir / "training_state.json").write_text(json.dumps({"config": config, "corpus": {"stats": recorded}}))
+    model_corpus(model_dir)
+    assert capsys.readouterr().err == ""
+
+
 def test_load_corpus_gives_a_datasetdict(corpus_dir):
     dd, stats = load_corpus([str(corpus_dir)], validation_fraction=0.2, test_fraction=0.2)
     assert set(dd) == {"train", "validation", "test"}
