@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backbone_quality import completion_metrics, lm_metrics, projection_lines
+from .backbone_quality import TARGET_LINE_COMPLETION, TARGET_VALIDATION_LOSS, completion_metrics, lm_metrics, projection_lines
 from .config import config_parser, exit_code, load_config, to_dict
 from .errors import EarlyExitError
 from .provenance import git_commit, machine
@@ -307,9 +307,9 @@ def render_card(r: dict, has_plot: bool) -> str:
     lines += curve_lines(r.get("quality_curve"), r["training"]["step"])
     n = len(r["samples"])
     lines += ["## Against the targets of issue #6", "", "| measure | target | this model |", "|---|---|---|",
-              f"| validation loss (nats/token) | ≤ 2.0 | {v['loss']:.3f} |",
-              f"| line completion exact match (healed) | ≥ 25% | {lc['exact_match']:.1%} |",
-              f"| line completion edit similarity (healed) | ≥ 0.60 | {lc['edit_similarity']:.3f} |",
+              f"| validation loss (nats/token) | ≤ {TARGET_VALIDATION_LOSS:.1f} | {v['loss']:.3f} |",
+              f"| line completion exact match (healed) | ≥ {TARGET_LINE_COMPLETION['exact_match']:.0%} | {lc['exact_match']:.1%} |",
+              f"| line completion edit similarity (healed) | ≥ {TARGET_LINE_COMPLETION['edit_similarity']:.2f} | {lc['edit_similarity']:.3f} |",
               f"| sample completions with degenerate repetition, the model alone | 0 of {n} | {sum(s['degenerate'] for s in r['samples'])} of {n} |",
               f"| the same, as the CLI writes them (repetition stop on) | 0 of {n} | {sum(s['cli_degenerate'] for s in r['samples'])} of {n} |", "",
               # the issue's check sees only short cycles; the repetition stop's wider one (a line, block or phrase

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import training_experiment_main  # noqa: E402
 
-from earlyexit.backbone_quality import projection_lines, quality_projection  # noqa: E402
+from earlyexit.backbone_quality import TARGET_LINE_COMPLETION, projection_lines, quality_projection  # noqa: E402
 from earlyexit.config import load_config, to_dict  # noqa: E402
 from earlyexit.errors import EarlyExitError  # noqa: E402
 
@@ -35,7 +35,7 @@ class QualityCurveConfig:
     # [recipe config, checkpoint] pairs, oldest first
     points: list[list[str]] = field(default_factory=list)
     # the targets, where the fit below says at how many tokens seen the curve would reach them
-    targets: dict[str, float] = field(default_factory=lambda: {"exact_match": 0.25, "edit_similarity": 0.60})
+    targets: dict[str, float] = field(default_factory=lambda: dict(TARGET_LINE_COMPLETION))
     line_examples: int = 300
     max_line_tokens: int = 32
     seed: int = 0
