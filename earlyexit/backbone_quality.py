@@ -30,8 +30,11 @@ def lm_metrics(hf, tok, files, windows: int, seq_len: int) -> dict:
 
 
 def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: bool, desc: str, healing: bool = False,
-                       batch_size: int = 16) -> dict:
-    """Greedy completions of `examples` (batched: equal to one at a time, row for row) scored against their targets."""
+                       batch_size: int = 16, per_example: bool = False) -> dict:
+    """Greedy completions of `examples` (batched: equal to one at a time, row for row) scored against their targets.
+
+    `per_example` adds `exact`: one character per example, "1" where it matched exactly, for paired comparisons
+    of two models on the same examples (`paired_exact_match`)."""
     import warnings
 
     from tqdm import tqdm
@@ -57,7 +60,20 @@ def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: boo
     return {
         "examples": len(examples), "exact_match": float(np.mean(em)), "edit_similarity": float(np.mean(es)),
         "rouge_l": float(np.mean(rl)), "degenerate_rate": degenerate / len(examples),
+        **({"exact": "".join("1" if m else "0" for m in em)} if per_example else {}),
     }
+
+
+def paired_exact_match(before: str, after: str) -> dict:
+    """Two models' exact matches on the same examples (`exact` strings): lines gained (wrong before, right after),
+    lost, and the two-sided sign test's p-value on the discordant lines: whether the change is more than noise."""
+    if len(before) != len(after):
+        raise ValueError(f"paired comparison of {len(before)} and {len(after)} examples")
+    gained = sum(a == "0" and b == "1" for a, b in zip(before, after))
+    lost = sum(a == "1" and b == "0" for a, b in zip(before, after))
+    n = gained + lost
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2 ** n if n else 1.0
+    return {"gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail)}
 
 
 # issue #6's acceptance targets for the default model: the model card's table and the quality curve's fit read these
@@ -107,3 +123,10 @@ def projection_lines(fits: dict[str, dict]) -> list[str]:
         out.insert(0, f"Fitted against log(tokens seen) over all {n} points. An extrapolation: curves like this flatten, "
                       "so read the tokens as a lower bound for this recipe.")
     return out
+
+
+def paired_lines(paired: list[dict]) -> list[str]:
+    """One line per paired comparison of consecutive curve points."""
+    return [f"- Exact match from step {c['from_step']:,} to {c['to_step']:,}, line by line: {c['gained']} lines gained, "
+            f"{c['lost']} lost (sign test p = {c['p_value']:.2g}: "
+            f"{'a change beyond noise at 5%' if c['p_value'] < 0.05 else 'not distinguishable from noise at 5%'})." for c in paired]

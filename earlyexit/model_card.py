@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backbone_quality import TARGET_LINE_COMPLETION, TARGET_VALIDATION_LOSS, completion_metrics, lm_metrics, projection_lines
+from .backbone_quality import (TARGET_LINE_COMPLETION, TARGET_VALIDATION_LOSS, completion_metrics, lm_metrics, paired_lines,
+                              projection_lines)
 from .config import config_parser, exit_code, load_config, to_dict
 from .errors import EarlyExitError
 from .provenance import git_commit, machine
@@ -226,6 +227,7 @@ def curve_lines(curve: dict | None, step: int) -> list[str]:
         out += ["", f"The curve ends at step {rows[-1]['step']:,}; this model is step {step:,}: rerun the script."]
     if curve.get("projection"):
         out += [""] + projection_lines(curve["projection"])
+    out += paired_lines(curve.get("paired", [])[-1:])  # the newest phase against the one before, line by line
     return out + [""]
 
 

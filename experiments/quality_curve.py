@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import training_experiment_main  # noqa: E402
 
-from earlyexit.backbone_quality import TARGET_LINE_COMPLETION, projection_lines, quality_projection  # noqa: E402
+from earlyexit.backbone_quality import TARGET_LINE_COMPLETION, paired_lines, projection_lines, quality_projection  # noqa: E402
 from earlyexit.config import load_config, to_dict  # noqa: E402
 from earlyexit.errors import EarlyExitError  # noqa: E402
 
@@ -83,7 +83,7 @@ def evaluate_point(recipe: str, checkpoint: str, test_files: list, cfg: QualityC
 
     model, tok, step, tokens_seen, context = load_point(recipe, checkpoint)
     examples = line_cut_examples(test_files, cfg.line_examples, seed=cfg.seed)
-    metrics = completion_metrics(model, tok, examples, cfg.max_line_tokens, True, f"step {step}", healing=True)
+    metrics = completion_metrics(model, tok, examples, cfg.max_line_tokens, True, f"step {step}", healing=True, per_example=True)
     return {"recipe": recipe, "checkpoint": checkpoint, "step": step, "tokens_seen": tokens_seen, "context": context, **metrics}
 
 
@@ -184,11 +184,20 @@ def compute(cfg: QualityCurveConfig) -> dict:
     for recipe, checkpoint in cfg.points:
         rows.append(score_or_keep(recipe, checkpoint, splits["test"], test_hash, kept, cfg))
         print(render_rows(rows[-1:]).splitlines()[-1], flush=True)
-    return {"rows": rows, "test_split_sha256": test_hash, "projection": quality_projection(rows, cfg.targets)}
+    return {"rows": rows, "test_split_sha256": test_hash, "paired": paired_steps(rows),
+            "projection": quality_projection(rows, cfg.targets)}
+
+
+def paired_steps(rows: list[dict]) -> list[dict]:
+    """Each point against the one before it, line by line, where both kept their per-line exact matches."""
+    from earlyexit.backbone_quality import paired_exact_match
+
+    return [{"from_step": a["step"], "to_step": b["step"], **paired_exact_match(a["exact"], b["exact"])}
+            for a, b in zip(rows, rows[1:]) if a.get("exact") and b.get("exact")]
 
 
 def render(cfg: QualityCurveConfig, result: dict) -> str:
-    fits = projection_lines(result.get("projection", {}))
+    fits = projection_lines(result.get("projection", {})) + paired_lines(result.get("paired", []))
     return render_rows(result["rows"]) + ("\n\n" + "\n".join(fits) if fits else "")
 
 

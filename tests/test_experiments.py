@@ -303,6 +303,8 @@ def test_quality_curve_scores_each_checkpoint(tmp_path, monkeypatch, capsys):
     rows = result["rows"]
     assert [r["step"] for r in rows] == [2, 4] and all(r["examples"] == 4 and 0 <= r["exact_match"] <= 1 for r in rows)
     assert all(r["test_split_sha256"] == result["test_split_sha256"] and r["scored_at"] is None for r in rows)
+    assert all(len(r["exact"]) == 4 and r["exact"].count("1") == round(4 * r["exact_match"]) for r in rows)
+    assert [(c["from_step"], c["to_step"]) for c in result["paired"]] == [(2, 4)]  # each point against the one before
     assert (tmp_path / "results/quality_curve/quality_curve.png").stat().st_size > 0
 
     # the export (a directory) scores like the checkpoint it was written from

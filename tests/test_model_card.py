@@ -83,7 +83,8 @@ def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp
     write("quality_curve", {"rows": [{"step": 50, "tokens_seen": 2e5, "context": 256, "examples": 9, "exact_match": 0.05,
                                       "edit_similarity": 0.2, "scored_at": "0ld1234"},
                                      {"step": 100, "tokens_seen": 4e5, "context": 256, "examples": 9, "exact_match": 0.1,
-                                      "edit_similarity": 0.3, "scored_at": None}]}, {})
+                                      "edit_similarity": 0.3, "scored_at": None}],
+                            "paired": [{"from_step": 50, "to_step": 100, "gained": 4, "lost": 1, "p_value": 0.375}]}, {})
     write("schedule_sweep", {"best_warmup": 30, "best_effective_batch": 8, "rows": [
         {"sweep": "warm-up", "warmup_steps": 10, "effective_batch": 8, "val_loss": 5.4},
         {"sweep": "warm-up", "warmup_steps": 30, "effective_batch": 8, "val_loss": 5.3},
@@ -100,6 +101,20 @@ def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp
     speeds = "\n".join(model_card.throughput_lines(model_card.recipe_evidence(tmp_path)["train_throughput"]))
     assert "| fp32 | 1,234 |" in speeds and "on Test CPU (AMX), 2 threads at commit `abc1234`" in speeds
     assert "rerun" not in table and "| 5.0% | 0.200 | `0ld1234` |" in table and "| 10.0% | 0.300 | `abc1234` |" in table
+    assert "from step 50 to 100, line by line: 4 lines gained, 1 lost (sign test p = 0.38" in table
+
+
+def test_paired_exact_match_counts_flips_and_tests_them():
+    from earlyexit.backbone_quality import paired_exact_match, paired_lines
+
+    assert paired_exact_match("0011", "0101") == {"gained": 1, "lost": 1, "p_value": 1.0}
+    clear = paired_exact_match("0" * 12, "1" * 10 + "00")
+    assert clear["gained"] == 10 and clear["lost"] == 0 and clear["p_value"] == pytest.approx(2 / 2 ** 10)
+    assert paired_exact_match("1", "1")["p_value"] == 1.0  # no discordant line: nothing to test
+    with pytest.raises(ValueError):
+        paired_exact_match("01", "011")
+    assert "beyond noise" in paired_lines([{"from_step": 1, "to_step": 2, **clear}])[0]
+    assert "not distinguishable" in paired_lines([{"from_step": 1, "to_step": 2, "gained": 3, "lost": 2, "p_value": 1.0}])[0]
 
 
 def test_quality_projection_recovers_a_log_linear_curve_and_the_card_prints_it():
