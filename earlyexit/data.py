@@ -111,6 +111,15 @@ def iter_python_files(root: Path) -> Iterable[Path]:
                 yield Path(dirpath) / name
 
 
+def file_list_hash(rows: list[dict]) -> str:
+    """sha256 of the `path<TAB>content-sha256` lines of files in their order: which files, with which contents."""
+    out = hashlib.sha256()
+    for row in rows:
+        digest = row.get("sha256") or hashlib.sha256(row["text"].encode("utf-8")).hexdigest()
+        out.update(f"{row['path']}\t{digest}\n".encode())
+    return out.hexdigest()
+
+
 def read_corpus(
     sources: Sequence[str] = ("stdlib",),
     validation_fraction: float = 0.02,
@@ -147,7 +156,6 @@ def read_corpus(
             records[f"{name}/{file.relative_to(root).as_posix()}"] = text
     splits: dict[str, list[dict[str, str]]] = {s: [] for s in SPLITS}
     seen_content: set[str] = set()
-    file_list = hashlib.sha256()
     for key in sorted(records):
         text = records[key]
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -164,11 +172,11 @@ def read_corpus(
         splits["validation"], stats.validation_near_duplicates_dropped = drop_near_duplicates(splits["validation"], splits["train"])
     stats.kept = sum(len(v) for v in splits.values())
     stats.per_split = {s: len(v) for s, v in splits.items()}
+    stats.file_list_sha256 = file_list_hash([row for split in SPLITS for row in splits[split]])
     for split in SPLITS:
         for row in splits[split]:
-            file_list.update(f"{row['path']}\t{row.pop('sha256')}\n".encode())
+            del row["sha256"]
             stats.bytes_kept += len(row["text"].encode("utf-8"))
-    stats.file_list_sha256 = file_list.hexdigest()
     if stats.kept == 0:
         raise EarlyExitError(f"no readable .py files in corpus sources {list(sources)}")
     return splits, stats

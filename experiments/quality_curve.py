@@ -87,14 +87,6 @@ def evaluate_point(recipe: str, checkpoint: str, test_files: list, cfg: QualityC
     return {"recipe": recipe, "checkpoint": checkpoint, "step": step, "tokens_seen": tokens_seen, "context": context, **metrics}
 
 
-def split_hash(files: list[dict]) -> str:
-    """sha256 of the sorted `path<TAB>content-sha256` lines of a split: which files were scored."""
-    import hashlib
-
-    lines = sorted(f"{f['path']}\t{hashlib.sha256(f['text'].encode('utf-8')).hexdigest()}" for f in files)
-    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
-
-
 SCORING = ("line_examples", "max_line_tokens", "seed")  # the settings a kept row must share with this run
 
 
@@ -173,12 +165,13 @@ def plot(result: dict, out: Path) -> None:
 
 
 def compute(cfg: QualityCurveConfig) -> dict:
+    from earlyexit.data import file_list_hash
     from earlyexit.model_card import corpus_splits
     from earlyexit.train_lm import LMTrainConfig
 
     last = to_dict(load_config(LMTrainConfig, cfg.points[-1][0]))
     splits, _ = corpus_splits({"config": last})  # every phase reads the same corpus and split
-    test_hash = split_hash(splits["test"])
+    test_hash = file_list_hash(splits["test"])
     kept = earlier_rows(cfg, test_hash)
     rows = []
     for recipe, checkpoint in cfg.points:
