@@ -305,20 +305,26 @@ def corpus_drift(recorded: dict, stats: CorpusStats) -> str | None:
             "include files it trained on" + (f"; pip install {' '.join(pins)} reads the recorded corpus" if pins else ""))
 
 
-def model_corpus(model_dir: str | Path, sources: Sequence[str] | None = None):
-    """The corpus splits a model was trained beside (its training_state.json; a warning when the files read here
-    differ from those it recorded), else `sources`, else the stdlib."""
-    import json
+def trained_corpus(state: dict):
+    """The corpus a model's training_state.json names, read here; a warning when its files differ from those the
+    model recorded."""
     import sys
+
+    splits, stats = read_configured_corpus(state["config"])
+    drift = corpus_drift(state.get("corpus", {}).get("stats", {}), stats)
+    if drift:
+        print(f"warning: {drift}", file=sys.stderr)
+    return splits, stats
+
+
+def model_corpus(model_dir: str | Path, sources: Sequence[str] | None = None):
+    """The corpus splits a model was trained beside (its training_state.json, see `trained_corpus`), else
+    `sources`, else the stdlib."""
+    import json
 
     state_file = Path(model_dir) / "training_state.json"
     if sources is None and state_file.is_file():
-        state = json.loads(state_file.read_text())
-        splits, stats = read_configured_corpus(state["config"])
-        drift = corpus_drift(state.get("corpus", {}).get("stats", {}), stats)
-        if drift:
-            print(f"warning: {drift}", file=sys.stderr)
-        return splits, stats
+        return trained_corpus(json.loads(state_file.read_text()))
     return read_corpus(list(sources or ["stdlib"]))
 
 

@@ -42,13 +42,10 @@ class ModelCardConfig:
 
 
 def corpus_splits(state: dict):
-    from .data import corpus_drift, read_configured_corpus
+    from .data import trained_corpus
 
     cfg = state["config"]
-    splits, stats = read_configured_corpus(cfg)
-    drift = corpus_drift(state.get("corpus", {}).get("stats", {}), stats)
-    if drift:
-        print(f"warning: {drift}", file=sys.stderr)
+    splits, stats = trained_corpus(state)
     trained_on = Path(cfg.get("work_dir", "")) / "files_train.txt"
     if trained_on.is_file() and trained_on.read_text() != "".join(r["path"] + "\n" for r in splits["train"]):
         print("warning: the training files on this machine differ from those the model was trained on (installed package "

@@ -40,9 +40,14 @@ def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")
 
 
+def results_dir(name: str, root: Path | str | None = None) -> Path:
+    """Where experiment `name` writes: <root, else $EARLYEXIT_RESULTS (tests write elsewhere), else experiments/results>/<name>."""
+    return Path(root or os.environ.get("EARLYEXIT_RESULTS") or RESULTS) / name
+
+
 def write_results(name: str, result: dict, table: str, root: Path | str | None = None) -> Path:
-    """results.json and results.md under <root or experiments/results>/<name>/ (root: tests write elsewhere)."""
-    out = Path(root or os.environ.get("EARLYEXIT_RESULTS") or RESULTS) / name
+    """results.json and results.md under results_dir(name, root)."""
+    out = results_dir(name, root)
     out.mkdir(parents=True, exist_ok=True)
     result["stamp"]["wall_seconds"] = round(time.time() - STARTED, 1)
     (out / "results.json").write_text(json.dumps(result, indent=2))

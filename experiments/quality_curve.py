@@ -94,11 +94,10 @@ def earlier_rows(cfg: QualityCurveConfig, test_hash: str) -> dict[tuple[str, str
     """Rows of the results already written that this run may keep: same scoring settings, same test split (rows
     written before the split's hash was recorded count as scored on it), keyed by (recipe, checkpoint)."""
     import json
-    import os
 
-    from common import RESULTS
+    from common import results_dir
 
-    path = Path(os.environ.get("EARLYEXIT_RESULTS") or RESULTS) / "quality_curve" / "results.json"
+    path = results_dir("quality_curve") / "results.json"
     if not path.is_file():
         return {}
     try:
