@@ -264,7 +264,7 @@ def render_card(r: dict, has_plot: bool) -> str:
         + f"; {stats['kept']:,} kept, {stats['bytes_kept'] / 1e6:.0f} MB.",
         f"- Split by a hash of each file's path: train {stats['per_split']['train']:,} files ({tokens['train'] / 1e6:.1f}M tokens), "
         f"validation {stats['per_split']['validation']} ({tokens['validation'] / 1e6:.2f}M), test {stats['per_split']['test']} files.",
-        f"- File list hash (sha256 of sorted `path<TAB>content-sha256` lines): `{stats['file_list_sha256']}`.",
+        f"- File list hash (sha256 of the `path<TAB>content-sha256` lines of train, validation and test, each sorted by path): `{stats['file_list_sha256']}`.",
         "",
         "## Recipe",
         f"- {r['training']['step']:,} steps, the last phase's of {tc['batch_size']} × {tc['seq_len']} tokens (× {tc['grad_accum']} accumulation): "
