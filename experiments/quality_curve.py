@@ -53,7 +53,7 @@ def load_point(recipe: str, checkpoint: str):
     import torch
     from transformers import AutoTokenizer
 
-    from earlyexit.loading import load_hf_model, load_tokenizer
+    from earlyexit.loading import load_runtime_model
     from earlyexit.model import GPT2
     from earlyexit.train_lm import LMTrainConfig, trained_context_model
 
@@ -63,8 +63,8 @@ def load_point(recipe: str, checkpoint: str):
         if not state_path.is_file():
             raise EarlyExitError(f"{path} has no training_state.json: not a train_lm export")
         state = json.loads(state_path.read_text())
-        hf = load_hf_model(path)
-        return GPT2.from_hf(hf), load_tokenizer(path), state["step"], state["tokens_seen"], hf.config.n_positions
+        model, tok = load_runtime_model(path)
+        return model, tok, state["step"], state["tokens_seen"], model.dims.n_positions
     lm = load_config(LMTrainConfig, recipe)
     if not path.is_file():
         raise EarlyExitError(f"checkpoint not found: {checkpoint}")
