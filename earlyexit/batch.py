@@ -76,7 +76,7 @@ def generate_batch(
             first_logits[b] = first_logits[b].masked_fill(~allowed.to(first_logits.device), float("-inf"))
     stats: list[dict] = [{} for _ in range(B)]
     if speculative:
-        for b, (reason, ms, row_stats) in enumerate(policy.run_batch(model, cache, transcripts, first_logits)):
+        for b, (reason, ms, row_stats) in enumerate(policy.run_batch(model, cache, transcripts, first_logits, first.stop)):
             finish[b], token_ms[b], stats[b] = reason, ms, row_stats
     else:
         for b in range(B):

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-agreement", type=float, metavar="RATE",
                    help="choose the exit threshold from the heads' calibration table so tokens agree with the full model at this rate "
                         "(the fixed-sequence test of earlyexit.calibrate, same confidence); instead of --exit-threshold")
-    p.add_argument("--stop-threshold", type=float, help="stop when p(stop) is the largest and above this, in [0, 1]; 1 disables stopping (default: the heads' calibrated value)")
+    p.add_argument("--stop-threshold", type=float, help="stop when p(stop) is the largest and above this, in [0, 1]; 1 disables stopping (default: the heads' calibrated value; lossless: 1)")
     p.add_argument("--stats", action="store_true", help="show each token with the layer it left at")
     p.add_argument("--json", action="store_true", help="print text, token ids, layers and timings as JSON")
     return p
@@ -91,10 +91,9 @@ def build_policy(args: argparse.Namespace, model, model_dir, backbone=None):
     defaults = heads.cfg.thresholds
     if args.target_agreement is not None:
         args.exit_threshold = calibrated_exit(heads, args.target_agreement)
-    if mode == "lossless":
-        if args.stop_threshold is not None:
-            raise EarlyExitError("--stop-threshold does not apply to lossless mode, which never stops early")
-        return Lossless(model, heads, args.exit_threshold, max_draft=args.max_draft, draft=args.draft)
+    if mode == "lossless":  # full's exact tokens: the controller stops only when asked to
+        return Lossless(model, heads, args.exit_threshold, max_draft=args.max_draft, draft=args.draft,
+                        stop_threshold=1.0 if args.stop_threshold is None else args.stop_threshold)
     thresholds = Thresholds(
         exit=defaults.exit if args.exit_threshold is None else args.exit_threshold,
         stop=defaults.stop if args.stop_threshold is None else args.stop_threshold,

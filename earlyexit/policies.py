@@ -125,6 +125,10 @@ class EarlyExit:
             return EXIT
         return None
 
+    def stops(self, probs: torch.Tensor) -> torch.Tensor:
+        """`decide(...) == STOP` for many rows of action probabilities (N, 3) at once, on the device: (N,) bool."""
+        return (probs.argmax(-1) == STOP) & (probs[:, STOP] > self.thresholds.stop)
+
     @torch.inference_mode()
     def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> StepResult:
         """The prompt runs every block (its K/V are needed anyway); the controller may still stop."""

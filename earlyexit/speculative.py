@@ -10,6 +10,14 @@ state-copied is replaced by the true values; positions past the accepted prefix 
 rewritten before any later token can attend to them (attention reads only positions at
 or before its own). Rolling back is therefore just carrying on from the accepted position.
 
+With a stop threshold below 1 the controller may also halt the completion, as early-exit
+mode's would with exits switched off: the verify pass asks it after every block at every
+position it writes from (a few hundred multiply-adds per layer beside the block's own),
+and a round writes the full model's tokens up to the first position it stops at. The
+output is then `EarlyExit(Thresholds(exit=1.0, stop=s))`'s exactly: the full model's greedy
+tokens, cut where the controller predicts wrong code (tested). Off by default, so
+`Lossless(model, heads)` is `full` mode's output.
+
 With `adaptive`, k grows by one after a round whose drafts were all accepted and falls to
 one more than the accepted count after a rejection, within [1, max_draft].
 
@@ -34,9 +42,19 @@ from .policies import EarlyExit, FullDepth, StepResult
 
 
 @torch.inference_mode()
-def verify(model: GPT2, tokens: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-    """Full-depth pass over tokens (1, T) at positions pos..pos+T-1: greedy next tokens (T,)."""
-    return model(tokens, cache, pos)[0].argmax(-1)
+def verify_and_check(model: GPT2, controller: EarlyExit, tokens: torch.Tensor, cache: KVCache, pos, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-depth pass over tokens (B, T) at positions pos.. that also asks the controller after every block at every position, as
+    `EarlyExit.step` would for a token after a full-depth one: greedy next tokens (B, T) and whether it stops there (B, T)."""
+    L = model.dims.n_layer
+    x = model.embed(tokens, pos)
+    B, T, d = x.shape
+    stops = torch.zeros(B * T, dtype=torch.bool, device=x.device)
+    for layer in range(L):
+        x_mid, mlp_out = model.block_branches(layer, x, cache, pos, rows)
+        h, probs = controller.check_rows(layer, x_mid.reshape(-1, d), mlp_out.reshape(-1, d), L)
+        stops |= controller.stops(probs)
+        x = h.view(B, T, d)
+    return model.logits(x).argmax(-1), stops.view(B, T)
 
 
 DRAFTS = ("auto", "int8", "same")
@@ -58,14 +76,16 @@ class Lossless:
     """Draft cheaply (int8 weights and/or exits), verify with the full model: `full` mode's tokens, faster.
 
     `exit_threshold` applies to the drafts; None: 1.0 (no exits) for an int8 draft, the
-    heads' calibrated threshold for a draft by the model itself.
+    heads' calibrated threshold for a draft by the model itself. `stop_threshold` below 1
+    lets the controller halt the completion (see the module's docstring); 1.0, the default,
+    never does.
     """
 
     name = "lossless"
     speculative = True
 
     def __init__(self, model: GPT2, heads: ExitHeads, exit_threshold: float | None = None, max_draft: int = 12,
-                 adaptive: bool = True, kernel_backend: str = "auto", draft: str = "auto"):
+                 adaptive: bool = True, kernel_backend: str = "auto", draft: str = "auto", stop_threshold: float = 1.0):
         if not isinstance(max_draft, int) or max_draft < 1:
             raise EarlyExitError(f"max_draft must be a positive integer, got {max_draft!r}")
         self.draft_model = draft_model(model, draft)
@@ -73,7 +93,9 @@ class Lossless:
         if exit_threshold is None:  # measured on the default model (experiments/benchmark_generate.py): an int8 draft
             # agrees with fp32 ~99% of the time at full depth, and exits cost more acceptance than they save
             exit_threshold = 1.0 if self.draft_kind == "int8" else heads.cfg.thresholds.exit
-        self.thresholds = Thresholds(exit=exit_threshold, stop=1.0)  # a draft never stops the completion
+        self.thresholds = Thresholds(exit=exit_threshold, stop=1.0)  # a draft never stops the completion; the verify pass may
+        stop = Thresholds(exit=1.0, stop=stop_threshold)
+        self.stopper = EarlyExit(model, heads, stop, kernel_backend) if stop.stop < 1 else None
         # with no exit possible the controller's checks would only cost time
         self.drafter = EarlyExit(self.draft_model, heads, self.thresholds, kernel_backend) if exit_threshold < 1 else FullDepth()
         # a full-depth int8 draft (the default) takes the lean single-token path (earlyexit.lean_step)
@@ -81,7 +103,14 @@ class Lossless:
         self.max_draft, self.adaptive = max_draft, adaptive
 
     def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> StepResult:
-        return FullDepth().prefill(model, ids, cache)
+        return (self.stopper or FullDepth()).prefill(model, ids, cache)
+
+    def verify_window(self, model: GPT2, window: torch.Tensor, cache: KVCache, pos, rows=None) -> tuple[list, list | None]:
+        """The full model over each row's window (B, T): its greedy tokens and, with a stop threshold, where the controller stops."""
+        if self.stopper is None:
+            return model(window, cache, pos, rows).argmax(-1).tolist(), None
+        truth, stops = verify_and_check(model, self.stopper, window, cache, pos, rows)
+        return truth.tolist(), stops.tolist()
 
     def draft(self, model: GPT2, cache: KVCache, last: int, pos: int, prev_layers: int, n: int, eos: int) -> tuple[list[int], list[int]]:
         """Up to n draft tokens after `last` (at `pos`), with the layers each one used."""
@@ -104,11 +133,15 @@ class Lossless:
         return tokens, layers
 
     @staticmethod
-    def accept(transcript, drafts: list[int], layers: list[int], truth: list[int], n_layer: int) -> tuple[int, int, str | None]:
-        """Write the drafts the full model agrees with, then its own token: (accepted, written, finish reason)."""
+    def accept(transcript, drafts: list[int], layers: list[int], truth: list[int], n_layer: int,
+               stops: list[bool] | None = None) -> tuple[int, int, str | None]:
+        """Write the drafts the full model agrees with, then its own token, up to where the controller
+        stops (stops[i]: before the token after window position i): (accepted, written, finish reason)."""
         m = next((i for i, (d, g) in enumerate(zip(drafts, truth)) if d != g), len(drafts))
         written, finish = 0, None
-        for token, used in [*zip(drafts[:m], layers[:m]), (truth[m], n_layer)]:
+        for i, (token, used) in enumerate([*zip(drafts[:m], layers[:m]), (truth[m], n_layer)]):
+            if stops is not None and stops[i]:
+                return m, written, "stop"
             finish = transcript.write(token, used)
             written += 1
             if finish is not None:
@@ -133,11 +166,12 @@ class Lossless:
             budget = transcript.settings.max_new_tokens - len(transcript.new)
             drafts, layers = self.draft(model, cache, transcript.new[-1], pos, transcript.layers[-1], min(k, budget), eos)
             window = torch.tensor([[transcript.new[-1], *drafts]], device=model.device)  # (1, n + 1)
-            truth = verify(model, window, cache, pos).tolist()  # the full model's token after each
-            m, written, finish = self.accept(transcript, drafts, layers, truth, L)
+            truth, stops = self.verify_window(model, window, cache, pos)  # the full model's token after each
+            m, written, finish = self.accept(transcript, drafts, layers, truth[0], L, stops and stops[0])
             drafted, accepted, rounds = drafted + len(drafts), accepted + m, rounds + 1
             k = self.next_draft(k, m, len(drafts))
-            token_ms += [(time.perf_counter() - t0) * 1e3 / written] * written
+            if written:  # a round that stopped before writing is not a token's time, as in early-exit mode
+                token_ms += [(time.perf_counter() - t0) * 1e3 / written] * written
         stats = {"drafted": drafted, "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else None,
                  "rounds": rounds, "max_draft": self.max_draft, "adaptive": self.adaptive, "draft": self.draft_kind}
         return finish, per_kept_token(token_ms, len(transcript.new)), stats
@@ -145,11 +179,13 @@ class Lossless:
     # ------------------------------------------------------------------ batched
 
     def prefill_batch(self, model: GPT2, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache):
-        return FullDepth().prefill_batch(model, ids, lengths, cache)
+        return (self.stopper or FullDepth()).prefill_batch(model, ids, lengths, cache)
 
     @torch.inference_mode()
-    def run_batch(self, model: GPT2, cache: KVCache, transcripts: list, first_logits: torch.Tensor) -> list[tuple]:
+    def run_batch(self, model: GPT2, cache: KVCache, transcripts: list, first_logits: torch.Tensor,
+                  stopped: list[bool] | None = None) -> list[tuple]:
         """`run` for B rows at once (row b is cache row b): per row (finish reason, ms per token, statistics).
+        `stopped`: rows the controller stopped at the prefill, which write nothing.
 
         Every row keeps its own draft length, budget and statistics, exactly as `run` would
         alone; a round drafts with the rows still drafting (a row leaves at its draft count or
@@ -158,7 +194,8 @@ class Lossless:
         L, B = model.dims.n_layer, len(transcripts)
         device = model.device
         eos = transcripts[0].tokenizer.eos_token_id
-        finish = [t.write(int(first_logits[b].argmax(-1)), L) for b, t in enumerate(transcripts)]
+        stopped = stopped or [False] * B
+        finish = ["stop" if stopped[b] else t.write(int(first_logits[b].argmax(-1)), L) for b, t in enumerate(transcripts)]
         k = [self.max_draft] * B
         drafted, accepted, rounds = [0] * B, [0] * B, [0] * B
         token_ms: list[list[float]] = [[] for _ in range(B)]
@@ -189,13 +226,13 @@ class Lossless:
                 window[i, :1 + len(drafts[b])] = torch.tensor([transcripts[b].new[-1], *drafts[b]])
             starts = torch.tensor([pos[b] for b in live], device=device)
             rows = torch.tensor(live, device=device)
-            truth = model(window, cache, starts, rows).argmax(-1).tolist()  # (live, width): the full model's token after each
+            truth, stops = self.verify_window(model, window, cache, starts, rows)  # (live, width): the full model's token after each
             elapsed = (time.perf_counter() - t0) * 1e3
             for i, b in enumerate(live):
-                m, written, finish[b] = self.accept(transcripts[b], drafts[b], layers[b], truth[i], L)
+                m, written, finish[b] = self.accept(transcripts[b], drafts[b], layers[b], truth[i], L, stops and stops[i])
                 drafted[b], accepted[b], rounds[b] = drafted[b] + len(drafts[b]), accepted[b] + m, rounds[b] + 1
                 k[b] = self.next_draft(k[b], m, len(drafts[b]))
-                token_ms[b] += [elapsed / written] * written
+                token_ms[b] += [elapsed / written] * written if written else []
         return [(finish[b], per_kept_token(token_ms[b], len(transcripts[b].new)),
                  {"drafted": drafted[b], "accepted": accepted[b], "acceptance_rate": accepted[b] / drafted[b] if drafted[b] else None,
                   "rounds": rounds[b], "max_draft": self.max_draft, "adaptive": self.adaptive, "draft": self.draft_kind}) for b in range(B)]

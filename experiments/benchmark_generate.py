@@ -135,6 +135,9 @@ class EngineParts:
                 "earlyexit lossless": lambda: our_engine(self.ours, tok, Lossless(self.ours, self.heads, max_draft=a.max_draft)),  # int8 drafts
                 "earlyexit lossless (fp32 exit drafts)": lambda: our_engine(
                     self.ours, tok, Lossless(self.ours, self.heads, max_draft=a.max_draft, draft="same")),
+                # with the heads' stop threshold, as early-exit mode has it: full's tokens up to where the controller stops
+                "earlyexit lossless (stopping)": lambda: our_engine(
+                    self.ours, tok, Lossless(self.ours, self.heads, max_draft=a.max_draft, stop_threshold=self.heads.cfg.thresholds.stop)),
                 # --weights int8 on the command line: faster, not fp32's tokens
                 "earlyexit full (int8 weights)": lambda: our_engine(self.int8, tok, FullDepth()),
                 "earlyexit early-exit (int8 weights)": lambda: our_engine(self.int8, tok, EarlyExit(self.int8, self.heads)),

@@ -107,3 +107,17 @@ def test_default_model_batch_equals_batch_one():
     assert_rows_equal(model, tok, prompts, settings, EarlyExit(model, heads, Thresholds(exit=0.5, stop=0.9)))
     full = [c.token_ids for c in generate_batch(model, tok, prompts, settings)]
     assert [c.token_ids for c in generate_batch(model, tok, prompts, settings, policy=Lossless(model, heads, exit_threshold=0.5))] == full
+
+
+def test_lossless_batch_with_stops_equals_batch_one(tiny_tokenizer):
+    reasons = []
+    for seed in range(4):
+        model = tiny(tiny_tokenizer, seed)
+        heads = random_heads(model, seed)
+        settings = GenerationSettings(max_new_tokens=10)
+        policy = Lossless(model, heads, exit_threshold=0.3, max_draft=1 + seed, stop_threshold=0.6)
+        out = assert_rows_equal(model, tiny_tokenizer, PROMPTS * 2, settings, policy)
+        no_exits = EarlyExit(model, heads, Thresholds(exit=1.0, stop=0.6))  # what lossless with stops reproduces
+        assert [c.token_ids for c in out] == [generate(model, tiny_tokenizer, p, settings, policy=no_exits).token_ids for p in PROMPTS * 2]
+        reasons += [c.finish_reason for c in out]
+    assert "stop" in reasons and set(reasons) - {"stop"}, reasons  # some rows stopped, others wrote to the end

@@ -156,6 +156,21 @@ def test_lossless_mode_gives_full_modes_tokens(capsys, tiny_model_dir):
     assert outs["lossless"]["speculation"]["draft"] == "int8"  # the default draft of an fp32 model on the CPU
 
 
+def test_lossless_mode_stops_only_when_asked(capsys, tiny_model_dir):
+    heads = heads_for(tiny_model_dir)
+    heads.cfg.thresholds.stop = 0.34  # the heads' own stop threshold: early-exit mode's default, not lossless mode's
+    heads.save(tiny_model_dir)
+    outs = {}
+    for name, flags in [("lossless", ["--mode", "lossless"]), ("lossless-stop", ["--mode", "lossless", "--stop-threshold", "0.34"]),
+                        ("no-exits", ["--mode", "early-exit", "--exit-threshold", "1"])]:
+        code, out, err = run_cli(capsys, "class Stack:", "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--json", *flags)
+        assert code == 0, err
+        outs[name] = json.loads(out)
+    assert len(outs["lossless"]["token_ids"]) == 12 and outs["no-exits"]["finish_reason"] == "stop"
+    for key in ("token_ids", "finish_reason"):
+        assert outs["lossless-stop"][key] == outs["no-exits"][key]
+
+
 def test_int8_weights_run_full_and_early_exit(capsys, tiny_model_dir):
     heads_for(tiny_model_dir).save(tiny_model_dir)
     for mode in ("full", "early-exit"):

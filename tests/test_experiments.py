@@ -48,7 +48,7 @@ def test_benchmark_limit_run_has_every_mode(model_with_heads, tmp_path):
     result = json.loads((tmp_path / "results/benchmark_generate/results.json").read_text())
     rows = {r["engine"]: r for r in result["rows"]}
     peers = {"onnxruntime", "ggml (ctransformers)"}
-    ours = {"earlyexit full", "earlyexit early-exit", "earlyexit lossless", "earlyexit lossless (fp32 exit drafts)",
+    ours = {"earlyexit full", "earlyexit early-exit", "earlyexit lossless", "earlyexit lossless (fp32 exit drafts)", "earlyexit lossless (stopping)",
             "earlyexit full (int8 weights)", "earlyexit early-exit (int8 weights)"}
     assert set(rows) - peers == {"transformers generate", *ours}
     assert set(rows) & peers | set(result["unavailable"]) == peers  # a peer that cannot run is reported, never dropped

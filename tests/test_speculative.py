@@ -67,3 +67,34 @@ def test_lossless_refuses_logits_processors_and_bad_draft_lengths(tiny_tokenizer
         Lossless(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2, seed=1), dtype=torch.float64), heads, draft="int8")
     with pytest.raises(EarlyExitError, match="logits processors"):
         generate(model, tiny_tokenizer, "x", policy=Lossless(model, heads), logits_processor=lambda ids, s: s)
+
+
+def test_lossless_with_a_stop_threshold_stops_where_early_exit_without_exits_does(tiny_tokenizer):
+    """With stop_threshold s, lossless writes EarlyExit(exit=1, stop=s)'s tokens: full's greedy tokens, cut where the
+    controller stops (at the prefill, or after any token: each round checks every position it writes from)."""
+    from earlyexit.heads import STOP, Thresholds
+    from earlyexit.policies import EarlyExit
+
+    reasons, lengths = [], []
+    for seed in range(8):
+        g = torch.Generator().manual_seed(200 + seed)
+        model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=[2, 3, 4][seed % 3], n_embd=48, seed=seed, eos=tiny_tokenizer.eos_token_id))
+        heads = random_heads(model, seed)
+        with torch.no_grad():
+            heads.layer_bias[:, STOP] += 0.5  # stops now and then, after a few tokens or at once
+        prompt = torch.randint(1, len(tiny_tokenizer), (2 + 5 * seed % 17,), generator=g).tolist()
+        settings = GenerationSettings(max_new_tokens=30)
+        stop = 0.45
+        reference = generate(model, tiny_tokenizer, prompt, settings, policy=EarlyExit(model, heads, Thresholds(exit=1.0, stop=stop)))
+        full = generate(model, tiny_tokenizer, prompt, settings)
+        for draft, exit_threshold in [("same", 0.3), ("int8", 1.0)]:
+            policy = Lossless(model, heads, exit_threshold, max_draft=1 + seed % 5, adaptive=seed % 2 == 0, draft=draft, stop_threshold=stop)
+            got = generate(model, tiny_tokenizer, prompt, settings, policy=policy)
+            assert (got.token_ids, got.finish_reason) == (reference.token_ids, reference.finish_reason), (seed, draft)
+            assert got.token_ids == full.token_ids[:len(got.token_ids)]
+            assert len(got.token_ms) == max(0, len(got.token_ids) - 1)
+        reasons.append(reference.finish_reason)
+        lengths.append(len(reference.token_ids))
+    stopped = [n for r, n in zip(reasons, lengths) if r == "stop"]
+    assert any(n > 1 for n in stopped), (reasons, lengths)  # stops that came mid-way, after several rounds' tokens
+    assert len(stopped) < len(reasons), (reasons, lengths)  # and completions the controller let run
