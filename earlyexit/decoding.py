@@ -35,7 +35,8 @@ class GenerationSettings:
     max_new_tokens: int = 64
     stop_strings: Sequence[str] = ()
     truncate_prompt: bool = False
-    token_healing: bool = False  # back off a prompt's last token and make the first new token extend it (earlyexit.healing)
+    token_healing: bool = False  # back off a prompt's partial word and make the first new token extend it (earlyexit.healing)
+    healing_tokens: int | None = None  # the most prompt tokens healing backs off; None: as many as the vocabulary allows
     stop_on_repetition: bool = False  # end a completion that loops, keeping one copy of the loop (earlyexit.repetition)
 
     def __post_init__(self):
@@ -43,6 +44,9 @@ class GenerationSettings:
             raise EarlyExitError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if any(not s for s in self.stop_strings):
             raise EarlyExitError("stop strings must be non-empty")
+        if self.healing_tokens is not None and (isinstance(self.healing_tokens, bool) or not isinstance(self.healing_tokens, int)
+                                                 or self.healing_tokens < 1):
+            raise EarlyExitError(f"healing_tokens must be a positive integer or None, got {self.healing_tokens!r}")
 
 
 @dataclass
@@ -112,7 +116,7 @@ def prepare_prompt(tokenizer, model: GPT2, prompt, settings: GenerationSettings)
     if settings.token_healing:
         from .healing import heal
 
-        ids, healed, allowed = heal(ids, tokenizer)
+        ids, healed, allowed = heal(ids, tokenizer, settings.healing_tokens)
     return ids, healed, allowed, dropped
 
 
@@ -138,7 +142,7 @@ class Transcript:
 
     def __init__(self, tokenizer, settings: GenerationSettings, input_ids: torch.Tensor, stopping_criteria=None, healed: str = ""):
         self.tokenizer, self.settings, self.stopping_criteria = tokenizer, settings, stopping_criteria
-        self.healed = healed  # text of the backed-off prompt token: written again, not reported
+        self.healed = healed  # text of the backed-off prompt tokens: written again, not reported
         self.input_ids = input_ids  # (1, prompt + written)
         self.new: list[int] = []
         self.layers: list[int] = []

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a local GPT-2 checkpoint directory (default: the embedded model)")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="at most this many tokens (default %(default)s)")
     p.add_argument("--stop", action="append", default=[], metavar="STRING", help="end the completion before this string (repeatable)")
-    p.add_argument("--no-token-healing", action="store_true", help="do not back off a prompt's last token (healing is on by default)")
+    p.add_argument("--no-token-healing", action="store_true", help="do not back off a prompt's partial last word (healing is on by default)")
     p.add_argument("--no-repetition-stop", action="store_true",
                    help="let a completion that loops (a line, block or phrase written again) run on (by default it ends with one copy)")
     p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt too long for the context instead of refusing it")

@@ -6,7 +6,10 @@ Each point is a train_lm checkpoint with the recipe config it was trained under 
 weights cut to the positions that config trained, as `train_lm` exports them), or an export
 directory (what `train_lm` writes to out_dir, what ships). The model card's line-completion
 task runs on the test split (random point inside a line, target = rest of the line, greedy
-with token healing, prompts left-truncated to the context). The validation-loss curve is in
+with token healing, prompts left-truncated to the context). Healing backs off at most
+`healing_tokens` prompt tokens: 1, the healing the curve began with, keeps the points
+comparable with rows scored before healing backed off whole partial words (the model card
+reports both for the shipped model). The validation-loss curve is in
 the model card; this is the curve of what a user sees. Writes
 experiments/results/quality_curve/ (JSON, Markdown, plot).
 
@@ -39,6 +42,7 @@ class QualityCurveConfig:
     line_examples: int = 300
     max_line_tokens: int = 32
     seed: int = 0
+    healing_tokens: int | None = 1  # the most prompt tokens token healing backs off (None: the runtime's default, no limit)
     plot: bool = True
 
     def __post_init__(self):
@@ -83,11 +87,13 @@ def evaluate_point(recipe: str, checkpoint: str, test_files: list, cfg: QualityC
 
     model, tok, step, tokens_seen, context = load_point(recipe, checkpoint)
     examples = line_cut_examples(test_files, cfg.line_examples, seed=cfg.seed)
-    metrics = completion_metrics(model, tok, examples, cfg.max_line_tokens, True, f"step {step}", healing=True, per_example=True)
+    metrics = completion_metrics(model, tok, examples, cfg.max_line_tokens, True, f"step {step}", healing=True, per_example=True,
+                                 healing_tokens=cfg.healing_tokens)
     return {"recipe": recipe, "checkpoint": checkpoint, "step": step, "tokens_seen": tokens_seen, "context": context, **metrics}
 
 
-SCORING = ("line_examples", "max_line_tokens", "seed")  # the settings a kept row must share with this run
+SCORING = {"line_examples": None, "max_line_tokens": None, "seed": None,  # the settings a kept row must share with this run,
+           "healing_tokens": 1}  # with the value results written before the setting existed were scored at
 
 
 def earlier_rows(cfg: QualityCurveConfig, test_hash: str) -> dict[tuple[str, str], dict]:
@@ -106,7 +112,7 @@ def earlier_rows(cfg: QualityCurveConfig, test_hash: str) -> dict[tuple[str, str
         rows = before["rows"]
     except (ValueError, KeyError, TypeError):
         raise EarlyExitError(f"{path} is not a quality_curve result: move it away to score every point afresh") from None
-    if any(settings.get(k) != getattr(cfg, k) for k in SCORING):
+    if any(settings.get(k, default) != getattr(cfg, k) for k, default in SCORING.items()):
         return {}
     commit = before["stamp"].get("commit", "unknown")
     return {(r["recipe"], r["checkpoint"]): {**r, "scored_at": r.get("scored_at") or commit} for r in rows
@@ -122,8 +128,9 @@ def score_or_keep(recipe: str, checkpoint: str, test_files: list, test_hash: str
                          "this test split, to keep)")
 
 
-def render_rows(rows: list[dict]) -> str:
-    lines = ["Line completion on the test split (random point inside a line, target = rest of the line, greedy, token healing).", "",
+def render_rows(rows: list[dict], healing_tokens: int | None) -> str:
+    healing = "token healing" + (f" backing off at most {healing_tokens} token{'s' * (healing_tokens != 1)}" if healing_tokens else "")
+    lines = [f"Line completion on the test split (random point inside a line, target = rest of the line, greedy, {healing}).", "",
              "| checkpoint | recipe | step | tokens seen | context | exact match | edit similarity | ROUGE-L | degenerate | scored |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -175,7 +182,7 @@ def compute(cfg: QualityCurveConfig) -> dict:
     rows = []
     for recipe, checkpoint in cfg.points:
         rows.append(score_or_keep(recipe, checkpoint, splits["test"], test_hash, kept, cfg))
-        print(render_rows(rows[-1:]).splitlines()[-1], flush=True)
+        print(render_rows(rows[-1:], cfg.healing_tokens).splitlines()[-1], flush=True)
     return {"rows": rows, "test_split_sha256": test_hash, "paired": paired_steps(rows),
             "projection": quality_projection(rows, cfg.targets)}
 
@@ -190,7 +197,7 @@ def paired_steps(rows: list[dict]) -> list[dict]:
 
 def render(cfg: QualityCurveConfig, result: dict) -> str:
     fits = projection_lines(result.get("projection", {})) + paired_lines(result.get("paired", []))
-    return render_rows(result["rows"]) + ("\n\n" + "\n".join(fits) if fits else "")
+    return render_rows(result["rows"], cfg.healing_tokens) + ("\n\n" + "\n".join(fits) if fits else "")
 
 
 def main(argv=None) -> int:
