@@ -132,3 +132,7 @@ def test_quality_projection_recovers_a_log_linear_curve_and_the_card_prints_it()
     assert "+4.0 points per doubling" in card and "about 135M tokens seen (1.7x the last point's)" in card
     assert "never reaches 0.60" in card and "the fit is at or past 0.60 already" in card
     assert quality_projection(rows[:2], {"exact_match": 0.25}) == {}  # two points fit any line
+    runtime = {"exact_match": rows[-1]["exact_match"] + 0.05, "edit_similarity": rows[-1]["edit_similarity"] + 0.02}
+    beside = "\n".join(model_card.curve_lines({"rows": rows, "commit": "abc1234", "projection": fits}, step=3, runtime=runtime))
+    assert "+5.0 points / +0.020 from the curve's last point" in beside  # the runtime's healing set beside the curve's
+    assert "runtime's healing" not in "\n".join(model_card.curve_lines({"rows": rows, "commit": "abc1234"}, step=4, runtime=runtime))
