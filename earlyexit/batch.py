@@ -52,7 +52,7 @@ def generate_batch(
         padded[b, :len(ids)] = torch.tensor(ids)
     cache = model.new_cache(batch=B, capacity=int(lengths.max()) + settings.max_new_tokens + getattr(policy, "max_draft", 0) + 1)
     transcripts = [Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria, healed)
-                   for ids, healed, _, _ in rows]
+                   for ids, healed, _ in rows]
     finish: list[str | None] = [None] * B
     token_ms: list[list[float]] = [[] for _ in range(B)]
 
@@ -61,6 +61,7 @@ def generate_batch(
             finish[b] = "stop"
             return
         t = transcripts[b]
+        logits = t.constrain(logits)
         if logits_processor is not None:
             logits = logits_processor(t.input_ids, logits)
         finish[b] = t.write(int(logits.argmax(-1)), layers, logits)
@@ -70,17 +71,14 @@ def generate_batch(
     t0 = time.perf_counter()
     first = policy.prefill_batch(model, padded, lengths, cache)
     prefill_ms = (time.perf_counter() - t0) * 1e3
-    first_logits = first.logits.clone()
-    for b, (_, _, allowed, _) in enumerate(rows):
-        if allowed is not None:
-            first_logits[b] = first_logits[b].masked_fill(~allowed.to(first_logits.device), float("-inf"))
     stats: list[dict] = [{} for _ in range(B)]
     if speculative:
+        first_logits = torch.cat([t.constrain(first.logits[b:b + 1]) for b, t in enumerate(transcripts)])
         for b, (reason, ms, row_stats) in enumerate(policy.run_batch(model, cache, transcripts, first_logits, first.stop)):
             finish[b], token_ms[b], stats[b] = reason, ms, row_stats
     else:
         for b in range(B):
-            write(b, first_logits[b:b + 1], first.layers[b], first.stop[b], None)
+            write(b, first.logits[b:b + 1], first.layers[b], first.stop[b], None)
     while not speculative:
         live = [b for b in range(B) if finish[b] is None]
         if not live:
@@ -100,5 +98,5 @@ def generate_batch(
     return [
         Completion(text=t.final_text(), token_ids=t.new, prompt_tokens=len(ids), finish_reason=finish[b], exit_layers=t.layers,
                    prefill_ms=prefill_ms, token_ms=per_kept_token(token_ms[b], len(t.new)), prompt_truncated_tokens=dropped, speculation=stats[b], healed_prefix=healed)
-        for b, (t, (ids, healed, _, dropped)) in enumerate(zip(transcripts, rows))
+        for b, (t, (ids, healed, dropped)) in enumerate(zip(transcripts, rows))
     ]

@@ -107,17 +107,17 @@ def fit_context(ids: list[int], model: GPT2, settings: GenerationSettings) -> tu
 
 def prepare_prompt(tokenizer, model: GPT2, prompt, settings: GenerationSettings):
     """A prompt's ids, checked against the context (or left-truncated) and healed when asked:
-    (ids, healed prefix text, allowed first tokens or None, tokens truncated)."""
+    (ids, backed-off text the completion must write first, tokens truncated)."""
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise EarlyExitError("prompt is empty: give at least one token to complete")
     ids, dropped = fit_context(ids, model, settings)
-    healed, allowed = "", None
+    healed = ""
     if settings.token_healing:
         from .healing import heal
 
-        ids, healed, allowed = heal(ids, tokenizer, settings.healing_tokens)
-    return ids, healed, allowed, dropped
+        ids, healed, _ = heal(ids, tokenizer, settings.healing_tokens)
+    return ids, healed, dropped
 
 
 @torch.inference_mode()
@@ -143,6 +143,7 @@ class Transcript:
     def __init__(self, tokenizer, settings: GenerationSettings, input_ids: torch.Tensor, stopping_criteria=None, healed: str = ""):
         self.tokenizer, self.settings, self.stopping_criteria = tokenizer, settings, stopping_criteria
         self.healed = healed  # text of the backed-off prompt tokens: written again, not reported
+        self.pending = healed  # what of it the next tokens must still write (earlyexit.healing)
         self.input_ids = input_ids  # (1, prompt + written)
         self.new: list[int] = []
         self.layers: list[int] = []
@@ -152,10 +153,22 @@ class Transcript:
     def full(self) -> bool:
         return len(self.new) >= self.settings.max_new_tokens
 
+    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (1, V) with the tokens that cannot rewrite the backed-off text masked out (token healing)."""
+        if not self.pending:
+            return logits
+        from .healing import allowed_tokens
+
+        return logits.masked_fill(~allowed_tokens(self.pending, self.tokenizer).to(logits.device), float("-inf"))
+
     def write(self, token: int, layers: int, scores: torch.Tensor | None = None) -> str | None:
         """Append one token; the finish reason if it ends the completion, else None."""
         self.new.append(token)
         self.layers.append(layers)
+        if self.pending:
+            from .healing import still_pending
+
+            self.pending = still_pending(self.pending, self.tokenizer.decode([token]))
         self.input_ids = torch.cat([self.input_ids, self.input_ids.new_tensor([[token]])], dim=1)
         if token == self.tokenizer.eos_token_id:
             return "eos"
@@ -180,7 +193,9 @@ class Transcript:
     def decoded(self) -> str:
         """The text written after the caller's prompt (a healed prefix is part of the prompt)."""
         text = self.tokenizer.decode(self.new, skip_special_tokens=True)
-        return text[len(self.healed):] if text.startswith(self.healed) else text
+        if text.startswith(self.healed):
+            return text[len(self.healed):]
+        return "" if self.healed.startswith(text) else text  # still rewriting the backed-off text
 
     def final_text(self) -> str:
         return self.text if self.text is not None else self.decoded()
@@ -224,7 +239,7 @@ def generate(
     """
     settings = settings or GenerationSettings()
     policy = policy or FullDepth()
-    ids, healed, allowed, dropped = prepare_prompt(tokenizer, model, prompt, settings)
+    ids, healed, dropped = prepare_prompt(tokenizer, model, prompt, settings)
     speculative = getattr(policy, "speculative", False)
     if speculative and logits_processor is not None:
         raise EarlyExitError(f"logits processors change greedy tokens, which {policy.name} mode must reproduce: use full or early-exit")
@@ -233,15 +248,13 @@ def generate(
 
     t0 = time.perf_counter()
     result = policy.prefill(model, transcript.input_ids, cache)
-    if allowed is not None and result.logits is not None:
-        result.logits = result.logits.masked_fill(~allowed.to(result.logits.device), float("-inf"))
     prefill_ms = (time.perf_counter() - t0) * 1e3
     token_ms: list[float] = []
     stats: dict = {}
     if result.stop:
         finish = "stop"
     elif speculative:
-        finish, token_ms, stats = policy.run(model, cache, transcript, result.logits)
+        finish, token_ms, stats = policy.run(model, cache, transcript, transcript.constrain(result.logits))
     else:
         finish = None
         while finish is None:
@@ -251,7 +264,7 @@ def generate(
             if result.stop:
                 finish = "stop"
                 break
-            logits = result.logits
+            logits = transcript.constrain(result.logits)
             if logits_processor is not None:
                 logits = logits_processor(transcript.input_ids, logits)
             finish = transcript.write(int(logits.argmax(-1)), result.layers, logits)

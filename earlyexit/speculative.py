@@ -148,6 +148,35 @@ class Lossless:
                 break
         return m, written, finish
 
+    def write_pending(self, model: GPT2, cache: KVCache, transcript, finish: str | None) -> tuple[str | None, list[float]]:
+        """The tokens token healing still constrains (what is left of the backed-off text), one full-depth step each,
+        as `full` mode writes them (a draft would not follow the constraint): (finish reason, ms per token)."""
+        policy, token_ms = self.stopper or FullDepth(), []
+        while finish is None and transcript.pending:
+            t0 = time.perf_counter()
+            r = policy.step(model, transcript.input_ids[:, -1:], cache, transcript.input_ids.shape[1] - 1, transcript.layers[-1])
+            if r.stop:
+                return "stop", token_ms
+            finish = transcript.write(int(transcript.constrain(r.logits).argmax(-1)), r.layers)
+            token_ms.append((time.perf_counter() - t0) * 1e3)
+        return finish, token_ms
+
+    def write_pending_batch(self, model: GPT2, cache: KVCache, transcripts: list, finish: list) -> list[list[float]]:
+        """`write_pending` for the rows that have such tokens, stepping together: ms per token per row."""
+        policy, token_ms = self.stopper or FullDepth(), [[] for _ in transcripts]
+        device = model.device
+        while rows := [b for b, t in enumerate(transcripts) if finish[b] is None and t.pending]:
+            t0 = time.perf_counter()
+            step = policy.step_batch(model, torch.tensor([[transcripts[b].new[-1]] for b in rows], device=device), cache,
+                                     torch.tensor([transcripts[b].input_ids.shape[1] - 1 for b in rows], device=device),
+                                     torch.tensor([transcripts[b].layers[-1] for b in rows], device=device), torch.tensor(rows, device=device))
+            ms = (time.perf_counter() - t0) * 1e3
+            for i, b in enumerate(rows):
+                t = transcripts[b]
+                finish[b] = "stop" if step.stop[i] else t.write(int(t.constrain(step.logits[i:i + 1]).argmax(-1)), step.layers[i])
+                token_ms[b] += [] if step.stop[i] else [ms]
+        return token_ms
+
     def next_draft(self, k: int, accepted: int, drafted: int) -> int:
         """Adaptive k: one more after a fully accepted round, one past the accepted count after a rejection."""
         if not self.adaptive:
@@ -159,7 +188,8 @@ class Lossless:
         L = model.dims.n_layer
         eos = transcript.tokenizer.eos_token_id
         finish = transcript.write(int(first_logits.argmax(-1)), L)
-        k, drafted, accepted, rounds, token_ms = self.max_draft, 0, 0, 0, []
+        finish, token_ms = self.write_pending(model, cache, transcript, finish)
+        k, drafted, accepted, rounds = self.max_draft, 0, 0, 0
         while finish is None:
             t0 = time.perf_counter()
             pos = transcript.input_ids.shape[1] - 1  # the last written token: its K/V are not in the cache yet
@@ -196,9 +226,9 @@ class Lossless:
         eos = transcripts[0].tokenizer.eos_token_id
         stopped = stopped or [False] * B
         finish = ["stop" if stopped[b] else t.write(int(first_logits[b].argmax(-1)), L) for b, t in enumerate(transcripts)]
+        token_ms = self.write_pending_batch(model, cache, transcripts, finish)
         k = [self.max_draft] * B
         drafted, accepted, rounds = [0] * B, [0] * B, [0] * B
-        token_ms: list[list[float]] = [[] for _ in range(B)]
         while any(f is None for f in finish):
             t0 = time.perf_counter()
             live = [b for b in range(B) if finish[b] is None]
