@@ -35,7 +35,7 @@ class GenerationSettings:
     max_new_tokens: int = 64
     stop_strings: Sequence[str] = ()
     truncate_prompt: bool = False
-    token_healing: bool = False  # back off a prompt's partial word and make the first new token extend it (earlyexit.healing)
+    token_healing: bool = False  # back off a prompt's partial word and make the new tokens write it again first (earlyexit.healing)
     healing_tokens: int | None = None  # the most prompt tokens healing backs off; None: as many as the vocabulary allows
     stop_on_repetition: bool = False  # end a completion that loops, keeping one copy of the loop (earlyexit.repetition)
 
