@@ -30,9 +30,9 @@ def lm_metrics(hf, tok, files, windows: int, seq_len: int) -> dict:
 
 
 def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: bool, desc: str, healing: bool = False,
-                       batch_size: int = 16, per_example: bool = False, healing_tokens: int | None = None) -> dict:
+                       batch_size: int = 16, per_example: bool = False, healing_mode: str = "word") -> dict:
     """Greedy completions of `examples` (batched: equal to one at a time, row for row) scored against their targets.
-    `healing_tokens`: the most tokens token healing backs off (`GenerationSettings`).
+    `healing_mode`: how far token healing backs off (`GenerationSettings`).
 
     `per_example` adds `exact`: one character per example, "1" where it matched exactly, for paired comparisons
     of two models on the same examples (`paired_exact_match`)."""
@@ -45,7 +45,7 @@ def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: boo
     from .metrics import edit_similarity, exact_match, is_degenerate, rouge_l
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, stop_strings=("\n",) if line_mode else (), truncate_prompt=True,
-                                  token_healing=healing, healing_tokens=healing_tokens)
+                                  token_healing=healing, healing_mode=healing_mode)
     em, es, rl, degenerate = [], [], [], 0
     completions = []
     with warnings.catch_warnings():

@@ -36,7 +36,7 @@ class GenerationSettings:
     stop_strings: Sequence[str] = ()
     truncate_prompt: bool = False
     token_healing: bool = False  # back off a prompt's partial word and make the new tokens write it again first (earlyexit.healing)
-    healing_tokens: int | None = None  # the most prompt tokens healing backs off; None: as many as the vocabulary allows
+    healing_mode: str = "word"  # "word": the whole partial word; "token": the last token only, as earlier versions (earlyexit.healing)
     stop_on_repetition: bool = False  # end a completion that loops, keeping one copy of the loop (earlyexit.repetition)
 
     def __post_init__(self):
@@ -44,9 +44,10 @@ class GenerationSettings:
             raise EarlyExitError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if any(not s for s in self.stop_strings):
             raise EarlyExitError("stop strings must be non-empty")
-        if self.healing_tokens is not None and (isinstance(self.healing_tokens, bool) or not isinstance(self.healing_tokens, int)
-                                                 or self.healing_tokens < 1):
-            raise EarlyExitError(f"healing_tokens must be a positive integer or None, got {self.healing_tokens!r}")
+        from .healing import HEALING_MODES
+
+        if self.healing_mode not in HEALING_MODES:
+            raise EarlyExitError(f"healing_mode must be one of {HEALING_MODES}, got {self.healing_mode!r}")
 
 
 @dataclass
@@ -116,7 +117,7 @@ def prepare_prompt(tokenizer, model: GPT2, prompt, settings: GenerationSettings)
     if settings.token_healing:
         from .healing import heal
 
-        ids, healed, _ = heal(ids, tokenizer, settings.healing_tokens)
+        ids, healed, _ = heal(ids, tokenizer, settings.healing_mode)
     return ids, healed, dropped
 
 
@@ -159,7 +160,8 @@ class Transcript:
             return logits
         from .healing import allowed_tokens
 
-        return logits.masked_fill(~allowed_tokens(self.pending, self.tokenizer).to(logits.device), float("-inf"))
+        allowed = allowed_tokens(self.pending, self.tokenizer, self.settings.healing_mode)
+        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
     def write(self, token: int, layers: int, scores: torch.Tensor | None = None) -> str | None:
         """Append one token; the finish reason if it ends the completion, else None."""

@@ -49,10 +49,11 @@ class Vocabulary:
         but trailing whitespace."""
         return text in self.prefixes or any(text[:i] in self.tokens for i in range(max(1, len(text.rstrip())), len(text)))
 
-    def allowed(self, pending: str) -> torch.Tensor:
+    def allowed(self, pending: str, whitespace_splits: bool = True) -> torch.Tensor:
         """Mask (V,) of the tokens that may come next while `pending` backed-off text is still to be written: those
-        that start with all of it, and those that are a non-empty part of its start leaving only whitespace."""
-        return torch.tensor([bool(t) and (t.startswith(pending) or (pending.startswith(t) and pending[len(t):].isspace()))
+        that start with all of it, and (`whitespace_splits`) those that are a non-empty part of its start leaving
+        only whitespace."""
+        return torch.tensor([bool(t) and (t.startswith(pending) or (whitespace_splits and pending.startswith(t) and pending[len(t):].isspace()))
                              for t in self.strings])
 
 
@@ -74,30 +75,34 @@ def vocabulary_strings(tokenizer) -> tuple[str, ...]:
     return vocabulary(tokenizer).strings
 
 
-def heal(ids: list[int], tokenizer, max_tokens: int | None = None) -> tuple[list[int], str, torch.Tensor | None]:
+HEALING_MODES = ("word", "token")
+
+
+def heal(ids: list[int], tokenizer, mode: str = "word") -> tuple[list[int], str, torch.Tensor | None]:
     """(prompt ids without the backed-off tokens, their text, mask of the allowed first tokens (V,)).
 
-    Backs off the longest run of final tokens whose text the constraint can write (`Vocabulary.writable`),
-    at most `max_tokens` of them (None: no limit; 1: the last token only, the healing of
-    earlier versions), keeping at least one (see the module's docstring). Prompts of one
-    token, or whose last token decodes to nothing printable on its own, are left as they
-    are (mask None).
+    `word`: backs off the longest run of final tokens whose text the constraint can write
+    (`Vocabulary.writable`), keeping at least one (see the module's docstring). `token`: the
+    healing of earlier versions, kept to score against results made with it: the last token
+    only, which the first new token must extend. Prompts of one token, or whose last token
+    decodes to nothing printable on its own, are left as they are (mask None).
     """
     vocab = vocabulary(tokenizer)
     n, prefix = 0, ""
-    while n + 1 < len(ids) and (max_tokens is None or n < max_tokens):
+    while n + 1 < len(ids) and (mode == "word" or n < 1):
         text = tokenizer.decode(ids[-(n + 1):])
         if not text or "\ufffd" in text or not vocab.writable(text):  # \ufffd: a partial UTF-8 sequence, no string to match
             break
         n, prefix = n + 1, text
     if n == 0:
         return ids, "", None
-    return ids[:-n], prefix, vocab.allowed(prefix)
+    return ids[:-n], prefix, vocab.allowed(prefix, whitespace_splits=mode == "word")
 
 
-def allowed_tokens(pending: str, tokenizer) -> torch.Tensor:
-    """`Vocabulary.allowed` of the tokenizer's vocabulary."""
-    return vocabulary(tokenizer).allowed(pending)
+def allowed_tokens(pending: str, tokenizer, mode: str = "word") -> torch.Tensor:
+    """`Vocabulary.allowed` of the tokenizer's vocabulary, for healing `mode` (in `token` mode every allowed token
+    writes all of `pending`)."""
+    return vocabulary(tokenizer).allowed(pending, whitespace_splits=mode == "word")
 
 
 def still_pending(pending: str, token_text: str) -> str:

@@ -128,7 +128,7 @@ def evaluate(model_dir: Path, cfg: ModelCardConfig, log: Path | None = None) -> 
     # the quality curve's measure (experiments/quality_curve.py): healing backs off the last token only, as it did when the
     # curve began, so its phases compare
     result["line_completion_one_token_healing"] = completion_metrics(model, tok, lines, cfg.max_line_tokens, True,
-                                                                     "line completion (one-token healing)", healing=True, healing_tokens=1)
+                                                                     "line completion (one-token healing)", healing=True, healing_mode="token")
     cuts = token_cut_examples(splits["test"], tok, cfg.token_examples, cfg.target_tokens, seed=cfg.seed)
     result["token_completion"] = completion_metrics(model, tok, cuts, cfg.target_tokens, False, f"{cfg.target_tokens}-token completion")
     from .decoding import GenerationSettings, generate

@@ -6,10 +6,10 @@ Each point is a train_lm checkpoint with the recipe config it was trained under 
 weights cut to the positions that config trained, as `train_lm` exports them), or an export
 directory (what `train_lm` writes to out_dir, what ships). The model card's line-completion
 task runs on the test split (random point inside a line, target = rest of the line, greedy
-with token healing, prompts left-truncated to the context). Healing backs off at most
-`healing_tokens` prompt tokens: 1, the healing the curve began with, keeps the points
-comparable with rows scored before healing backed off whole partial words (the model card
-reports both for the shipped model). The validation-loss curve is in
+with token healing, prompts left-truncated to the context). `healing_mode: token`, the
+healing the curve began with (the last token only), keeps the points comparable with rows
+scored before healing backed off whole partial words (the model card reports both for the
+shipped model). The validation-loss curve is in
 the model card; this is the curve of what a user sees. Writes
 experiments/results/quality_curve/ (JSON, Markdown, plot).
 
@@ -42,7 +42,7 @@ class QualityCurveConfig:
     line_examples: int = 300
     max_line_tokens: int = 32
     seed: int = 0
-    healing_tokens: int | None = 1  # the most prompt tokens token healing backs off (None: the runtime's default, no limit)
+    healing_mode: str = "token"  # token healing's reach (GenerationSettings): "token" as the curve began, "word" as the runtime
     plot: bool = True
 
     def __post_init__(self):
@@ -88,12 +88,12 @@ def evaluate_point(recipe: str, checkpoint: str, test_files: list, cfg: QualityC
     model, tok, step, tokens_seen, context = load_point(recipe, checkpoint)
     examples = line_cut_examples(test_files, cfg.line_examples, seed=cfg.seed)
     metrics = completion_metrics(model, tok, examples, cfg.max_line_tokens, True, f"step {step}", healing=True, per_example=True,
-                                 healing_tokens=cfg.healing_tokens)
+                                 healing_mode=cfg.healing_mode)
     return {"recipe": recipe, "checkpoint": checkpoint, "step": step, "tokens_seen": tokens_seen, "context": context, **metrics}
 
 
 SCORING = {"line_examples": None, "max_line_tokens": None, "seed": None,  # the settings a kept row must share with this run,
-           "healing_tokens": 1}  # with the value results written before the setting existed were scored at
+           "healing_mode": "token"}  # with the value results written before the setting existed were scored at
 
 
 def earlier_rows(cfg: QualityCurveConfig, test_hash: str) -> dict[tuple[str, str], dict]:
@@ -128,8 +128,8 @@ def score_or_keep(recipe: str, checkpoint: str, test_files: list, test_hash: str
                          "this test split, to keep)")
 
 
-def render_rows(rows: list[dict], healing_tokens: int | None) -> str:
-    healing = "token healing" + (f" backing off at most {healing_tokens} token{'s' * (healing_tokens != 1)}" if healing_tokens else "")
+def render_rows(rows: list[dict], healing_mode: str) -> str:
+    healing = "token healing of " + ("the last token only" if healing_mode == "token" else "the whole partial word")
     lines = [f"Line completion on the test split (random point inside a line, target = rest of the line, greedy, {healing}).", "",
              "| checkpoint | recipe | step | tokens seen | context | exact match | edit similarity | ROUGE-L | degenerate | scored |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -182,7 +182,7 @@ def compute(cfg: QualityCurveConfig) -> dict:
     rows = []
     for recipe, checkpoint in cfg.points:
         rows.append(score_or_keep(recipe, checkpoint, splits["test"], test_hash, kept, cfg))
-        print(render_rows(rows[-1:], cfg.healing_tokens).splitlines()[-1], flush=True)
+        print(render_rows(rows[-1:], cfg.healing_mode).splitlines()[-1], flush=True)
     return {"rows": rows, "test_split_sha256": test_hash, "paired": paired_steps(rows),
             "projection": quality_projection(rows, cfg.targets)}
 
@@ -197,7 +197,7 @@ def paired_steps(rows: list[dict]) -> list[dict]:
 
 def render(cfg: QualityCurveConfig, result: dict) -> str:
     fits = projection_lines(result.get("projection", {})) + paired_lines(result.get("paired", []))
-    return render_rows(result["rows"], cfg.healing_tokens) + ("\n\n" + "\n".join(fits) if fits else "")
+    return render_rows(result["rows"], cfg.healing_mode) + ("\n\n" + "\n".join(fits) if fits else "")
 
 
 def main(argv=None) -> int:

@@ -324,11 +324,11 @@ def test_quality_curve_scores_each_checkpoint(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert quality_curve.main([export_point, "line_examples=5", "max_line_tokens=3"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
-    assert quality_curve.main([export_point, "line_examples=4", "max_line_tokens=3", "healing_tokens=null"]) == 2  # other healing
+    assert quality_curve.main([export_point, "line_examples=4", "max_line_tokens=3", "healing_mode=word"]) == 2  # other healing
     assert "checkpoint not found" in capsys.readouterr().err
     written = tmp_path / "results/quality_curve/results.json"  # results from before the setting existed: healed one token
     old = json.loads(written.read_text())
-    del old["stamp"]["config"]["healing_tokens"]
+    del old["stamp"]["config"]["healing_mode"]
     written.write_text(json.dumps(old))
     assert quality_curve.main([export_point, "line_examples=4", "max_line_tokens=3"]) == 0
     assert quality_curve.main([f"points=[[{config}, {tmp_path / 'missing.pt'}]]", "line_examples=4"]) == 2

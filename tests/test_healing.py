@@ -42,7 +42,7 @@ def test_healing_backs_off_the_longest_run_a_single_token_could_cover(tiny_token
     kept, prefix, _ = heal(ids, tiny_tokenizer)
     one_more = tiny_tokenizer.decode(ids[len(kept) - 1:])
     assert len(kept) == 1 or not any(t.startswith(one_more) for t in vocabulary_strings(tiny_tokenizer))
-    assert heal(ids, tiny_tokenizer, max_tokens=1)[1] == tiny_tokenizer.decode(ids[-1:])  # the last token only, as before
+    assert heal(ids, tiny_tokenizer, "token")[1] == tiny_tokenizer.decode(ids[-1:])  # the last token only, as before
 
 
 @pytest.mark.parametrize("prompt,rest", [("def f():\n    ", "return x"), ("class A:\n    x = 1\n\n    ", "def f"),
@@ -64,6 +64,16 @@ def test_the_whole_texts_own_tokens_are_always_allowed(tiny_tokenizer, prompt, r
         assert tiny_tokenizer.decode([whole[len(kept)]]) != tiny_tokenizer.decode(ids[len(kept):])
 
 
+def test_token_mode_is_the_earlier_healing(model, tiny_tokenizer):
+    """The last token only, extended by the first new token: what results scored before word healing used."""
+    ids = tiny_tokenizer.encode("def f():\n    ")
+    kept, prefix, allowed = heal(ids, tiny_tokenizer, "token")
+    vocabulary = vocabulary_strings(tiny_tokenizer)
+    assert kept == ids[:-1] and all(vocabulary[i].startswith(prefix) for i in torch.nonzero(allowed).flatten().tolist())
+    c = generate(model, tiny_tokenizer, "def f():\n    ", GenerationSettings(max_new_tokens=4, token_healing=True, healing_mode="token"))
+    assert tiny_tokenizer.decode(c.token_ids[:1]).startswith(prefix)
+
+
 def test_a_word_split_into_several_tokens_is_backed_off_whole(tiny_tokenizer):
     ids = tiny_tokenizer.encode("def add(a, b):\n    retu")
     pieces = [tiny_tokenizer.decode([i]) for i in ids[-3:]]
@@ -71,11 +81,11 @@ def test_a_word_split_into_several_tokens_is_backed_off_whole(tiny_tokenizer):
     kept, prefix, allowed = heal(ids, tiny_tokenizer)
     assert (kept, prefix) == (ids[:-3], " retu")
     assert [vocabulary_strings(tiny_tokenizer)[i] for i in torch.nonzero(allowed).flatten().tolist()] == [" return"]
-    settings = GenerationSettings(max_new_tokens=3, token_healing=True, healing_tokens=2)
+    settings = GenerationSettings(max_new_tokens=3, token_healing=True, healing_mode="token")
     model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer)))
-    assert generate(model, tiny_tokenizer, "def add(a, b):\n    retu", settings).healed_prefix == "etu"
-    with pytest.raises(EarlyExitError, match="healing_tokens"):
-        GenerationSettings(healing_tokens=0)
+    assert generate(model, tiny_tokenizer, "def add(a, b):\n    retu", settings).healed_prefix == "u"
+    with pytest.raises(EarlyExitError, match="healing_mode"):
+        GenerationSettings(healing_mode="line")
 
 
 def test_healing_is_off_by_default_and_skipped_for_one_token_prompts(model, tiny_tokenizer):
