@@ -117,7 +117,7 @@ def prepare_prompt(tokenizer, model: GPT2, prompt, settings: GenerationSettings)
     if settings.token_healing:
         from .healing import heal
 
-        ids, healed, _ = heal(ids, tokenizer, settings.healing_mode)
+        ids, healed = heal(ids, tokenizer, settings.healing_mode)
     return ids, healed, dropped
 
 

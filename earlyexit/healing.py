@@ -78,14 +78,14 @@ def vocabulary_strings(tokenizer) -> tuple[str, ...]:
 HEALING_MODES = ("word", "token")
 
 
-def heal(ids: list[int], tokenizer, mode: str = "word") -> tuple[list[int], str, torch.Tensor | None]:
-    """(prompt ids without the backed-off tokens, their text, mask of the allowed first tokens (V,)).
+def heal(ids: list[int], tokenizer, mode: str = "word") -> tuple[list[int], str]:
+    """(prompt ids without the backed-off tokens, their text); `allowed_tokens` says what may write it.
 
     `word`: backs off the longest run of final tokens whose text the constraint can write
     (`Vocabulary.writable`), keeping at least one (see the module's docstring). `token`: the
     healing of earlier versions, kept to score against results made with it: the last token
     only, which the first new token must extend. Prompts of one token, or whose last token
-    decodes to nothing printable on its own, are left as they are (mask None).
+    decodes to nothing printable on its own, are left as they are (text "").
     """
     vocab = vocabulary(tokenizer)
     n, prefix = 0, ""
@@ -94,9 +94,7 @@ def heal(ids: list[int], tokenizer, mode: str = "word") -> tuple[list[int], str,
         if not text or "\ufffd" in text or not vocab.writable(text):  # \ufffd: a partial UTF-8 sequence, no string to match
             break
         n, prefix = n + 1, text
-    if n == 0:
-        return ids, "", None
-    return ids[:-n], prefix, vocab.allowed(prefix, whitespace_splits=mode == "word")
+    return (ids[:-n], prefix) if n else (ids, "")
 
 
 def allowed_tokens(pending: str, tokenizer, mode: str = "word") -> torch.Tensor:

@@ -25,7 +25,8 @@ PROMPTS = ["ret", "self.it", "import o", "def add(a, b):\n    retu", "for i in r
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_first_token_extends_the_backed_off_text(model, tiny_tokenizer, prompt):
     ids = tiny_tokenizer.encode(prompt)
-    kept, prefix, allowed = heal(ids, tiny_tokenizer)
+    kept, prefix = heal(ids, tiny_tokenizer)
+    allowed = allowed_tokens(prefix, tiny_tokenizer)
     assert 1 <= len(kept) < len(ids) and kept == ids[:len(kept)] and prefix == tiny_tokenizer.decode(ids[len(kept):])
     vocabulary = vocabulary_strings(tiny_tokenizer)
     assert allowed.any() and all(vocabulary[i].startswith(prefix) or (prefix.startswith(vocabulary[i]) and prefix[len(vocabulary[i]):].isspace())
@@ -39,7 +40,7 @@ def test_first_token_extends_the_backed_off_text(model, tiny_tokenizer, prompt):
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_healing_backs_off_the_longest_run_a_single_token_could_cover(tiny_tokenizer, prompt):
     ids = tiny_tokenizer.encode(prompt)
-    kept, prefix, _ = heal(ids, tiny_tokenizer)
+    kept, prefix = heal(ids, tiny_tokenizer)
     one_more = tiny_tokenizer.decode(ids[len(kept) - 1:])
     assert len(kept) == 1 or not any(t.startswith(one_more) for t in vocabulary_strings(tiny_tokenizer))
     assert heal(ids, tiny_tokenizer, "token")[1] == tiny_tokenizer.decode(ids[-1:])  # the last token only, as before
@@ -50,7 +51,7 @@ def test_healing_backs_off_the_longest_run_a_single_token_could_cover(tiny_token
 def test_the_whole_texts_own_tokens_are_always_allowed(tiny_tokenizer, prompt, rest):
     """Whatever the user goes on to type, the tokens the model saw for the whole text in training can be generated."""
     ids = tiny_tokenizer.encode(prompt)
-    kept, pending, _ = heal(ids, tiny_tokenizer)
+    kept, pending = heal(ids, tiny_tokenizer)
     whole = tiny_tokenizer.encode(prompt + rest)
     assert whole[:len(kept)] == kept
     for token in whole[len(kept):]:
@@ -67,7 +68,8 @@ def test_the_whole_texts_own_tokens_are_always_allowed(tiny_tokenizer, prompt, r
 def test_token_mode_is_the_earlier_healing(model, tiny_tokenizer):
     """The last token only, extended by the first new token: what results scored before word healing used."""
     ids = tiny_tokenizer.encode("def f():\n    ")
-    kept, prefix, allowed = heal(ids, tiny_tokenizer, "token")
+    kept, prefix = heal(ids, tiny_tokenizer, "token")
+    allowed = allowed_tokens(prefix, tiny_tokenizer, "token")
     vocabulary = vocabulary_strings(tiny_tokenizer)
     assert kept == ids[:-1] and all(vocabulary[i].startswith(prefix) for i in torch.nonzero(allowed).flatten().tolist())
     c = generate(model, tiny_tokenizer, "def f():\n    ", GenerationSettings(max_new_tokens=4, token_healing=True, healing_mode="token"))
@@ -78,7 +80,8 @@ def test_a_word_split_into_several_tokens_is_backed_off_whole(tiny_tokenizer):
     ids = tiny_tokenizer.encode("def add(a, b):\n    retu")
     pieces = [tiny_tokenizer.decode([i]) for i in ids[-3:]]
     assert pieces == [" r", "et", "u"]  # how this tokenizer splits it: backing off "u" alone would leave " r", "et"
-    kept, prefix, allowed = heal(ids, tiny_tokenizer)
+    kept, prefix = heal(ids, tiny_tokenizer)
+    allowed = allowed_tokens(prefix, tiny_tokenizer)
     assert (kept, prefix) == (ids[:-3], " retu")
     assert [vocabulary_strings(tiny_tokenizer)[i] for i in torch.nonzero(allowed).flatten().tolist()] == [" return"]
     settings = GenerationSettings(max_new_tokens=3, token_healing=True, healing_mode="token")
@@ -92,7 +95,7 @@ def test_healing_is_off_by_default_and_skipped_for_one_token_prompts(model, tiny
     plain = generate(model, tiny_tokenizer, "ret", GenerationSettings(max_new_tokens=5))
     assert plain.healed_prefix == "" and plain.prompt_tokens == len(tiny_tokenizer.encode("ret"))
     one = tiny_tokenizer.encode("x")
-    assert len(one) == 1 and heal(one, tiny_tokenizer) == (one, "", None)
+    assert len(one) == 1 and heal(one, tiny_tokenizer) == (one, "")
 
 
 HEALED = ["self.it", "class A:\n    x = 1\n\n    ", "def f():\n    ", "def add(a, b):\n    retu"]
