@@ -167,11 +167,11 @@ def recipe_evidence(root: Path = EXPERIMENT_RESULTS) -> dict:
 
 
 def throughput_lines(measured: dict | list | None) -> list[str]:
-    rows = measured.get("rows") if isinstance(measured, dict) else measured  # cards before recipe_evidence kept the rows alone
+    meta = measured if isinstance(measured, dict) else {"rows": measured}  # cards before recipe_evidence kept the rows alone
+    rows = meta.get("rows")
     if not rows:
         return []
-    where = (f" on {measured['machine']}" if isinstance(measured, dict) and measured.get("machine") else "") + (
-        f" at commit `{measured['commit']}`" if isinstance(measured, dict) and measured.get("commit") else "")
+    where = (f" on {meta['machine']}" if meta.get("machine") else "") + (f" at commit `{meta['commit']}`" if meta.get("commit") else "")
     out = ["", f"Training throughput of the choices, measured side by side in one run (`experiments/train_throughput.py`{where}):", "",
            "| choice | tokens/s |", "|---|---|"]
     for row in rows:

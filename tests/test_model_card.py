@@ -100,6 +100,8 @@ def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp
     write("train_throughput", {"rows": [{"variant": "fp32", "tokens_per_s": 1234.4}]}, {})
     speeds = "\n".join(model_card.throughput_lines(model_card.recipe_evidence(tmp_path)["train_throughput"]))
     assert "| fp32 | 1,234 |" in speeds and "on Test CPU (AMX), 2 threads at commit `abc1234`" in speeds
+    older = "\n".join(model_card.throughput_lines([{"variant": "bf16", "tok_s": 2000}]))  # a card's rows alone, no stamp
+    assert "| bf16 | 2,000 |" in older and " on " not in older and model_card.throughput_lines(None) == []
     assert "rerun" not in table and "| 5.0% | 0.200 | `0ld1234` |" in table and "| 10.0% | 0.300 | `abc1234` |" in table
     assert "from step 50 to 100, line by line: 4 lines gained, 1 lost (sign test p = 0.38" in table
 
