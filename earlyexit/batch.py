@@ -57,15 +57,8 @@ def generate_batch(
     token_ms: list[list[float]] = [[] for _ in range(B)]
 
     def write(b: int, logits: torch.Tensor, layers: int, stopped: bool, ms: float | None) -> None:
-        if stopped:
-            finish[b] = "stop"
-            return
-        t = transcripts[b]
-        logits = t.constrain(logits)
-        if logits_processor is not None:
-            logits = logits_processor(t.input_ids, logits)
-        finish[b] = t.write(int(logits.argmax(-1)), layers, logits)
-        if ms is not None:
+        finish[b] = transcripts[b].write_greedy(logits, layers, stopped, logits_processor)
+        if ms is not None and not stopped:
             token_ms[b].append(ms)
 
     t0 = time.perf_counter()

@@ -163,6 +163,17 @@ class Transcript:
         allowed = allowed_tokens(self.pending, self.tokenizer, self.settings.healing_mode)
         return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
+    def write_greedy(self, logits: torch.Tensor, layers: int, stopped: bool = False, logits_processor=None) -> str | None:
+        """Write the greedy token of next-token `logits` (1, V), after token healing's constraint and then
+        `logits_processor`: the finish reason as `write` gives it, or "stop", writing nothing, where the policy
+        `stopped` before this token. Every non-speculative step of every engine writes through here."""
+        if stopped:
+            return "stop"
+        logits = self.constrain(logits)
+        if logits_processor is not None:
+            logits = logits_processor(self.input_ids, logits)
+        return self.write(int(logits.argmax(-1)), layers, logits)
+
     def write(self, token: int, layers: int, scores: torch.Tensor | None = None) -> str | None:
         """Append one token; the finish reason if it ends the completion, else None."""
         self.new.append(token)
@@ -263,14 +274,8 @@ def generate(
             t0 = time.perf_counter()
             if transcript.new:
                 result = policy.step(model, transcript.input_ids[:, -1:], cache, transcript.input_ids.shape[1] - 1, transcript.layers[-1])
-            if result.stop:
-                finish = "stop"
-                break
-            logits = transcript.constrain(result.logits)
-            if logits_processor is not None:
-                logits = logits_processor(transcript.input_ids, logits)
-            finish = transcript.write(int(logits.argmax(-1)), result.layers, logits)
-            if len(transcript.new) > 1:
+            finish = transcript.write_greedy(result.logits, result.layers, result.stop, logits_processor)
+            if finish != "stop" and len(transcript.new) > 1:
                 token_ms.append((time.perf_counter() - t0) * 1e3)
     return Completion(
         text=transcript.final_text(), token_ids=transcript.new, prompt_tokens=len(ids), finish_reason=finish,

@@ -155,10 +155,9 @@ class Lossless:
         while finish is None and transcript.pending:
             t0 = time.perf_counter()
             r = policy.step(model, transcript.input_ids[:, -1:], cache, transcript.input_ids.shape[1] - 1, transcript.layers[-1])
-            if r.stop:
-                return "stop", token_ms
-            finish = transcript.write(int(transcript.constrain(r.logits).argmax(-1)), r.layers)
-            token_ms.append((time.perf_counter() - t0) * 1e3)
+            finish = transcript.write_greedy(r.logits, r.layers, r.stop)
+            if finish != "stop":
+                token_ms.append((time.perf_counter() - t0) * 1e3)
         return finish, token_ms
 
     def write_pending_batch(self, model: GPT2, cache: KVCache, transcripts: list, finish: list) -> list[list[float]]:
@@ -173,7 +172,7 @@ class Lossless:
             ms = (time.perf_counter() - t0) * 1e3
             for i, b in enumerate(rows):
                 t = transcripts[b]
-                finish[b] = "stop" if step.stop[i] else t.write(int(t.constrain(step.logits[i:i + 1]).argmax(-1)), step.layers[i])
+                finish[b] = t.write_greedy(step.logits[i:i + 1], step.layers[i], bool(step.stop[i]))
                 token_ms[b] += [] if step.stop[i] else [ms]
         return token_ms
 

@@ -5,7 +5,7 @@ import torch
 
 from earlyexit.decoding import GenerationSettings, generate
 from earlyexit.errors import EarlyExitError
-from earlyexit.healing import allowed_tokens, heal, still_pending, vocabulary_strings
+from earlyexit.healing import allowed_tokens, heal, still_pending, vocabulary, vocabulary_strings
 from earlyexit.model import GPT2
 from earlyexit.speculative import Lossless
 from earlyexit.heads import ExitHeads
@@ -131,3 +131,12 @@ def test_lossless_and_batches_with_healing_equal_full_alone(model, tiny_tokenize
         together = generate_batch(model, tiny_tokenizer, HEALED, settings, policy=policy)
         assert [(c.token_ids, c.finish_reason, c.text) for c in together] == [(c.token_ids, c.finish_reason, c.text) for c in alone]
     assert [(c.token_ids, c.finish_reason) for c in alone] == [(c.token_ids, c.finish_reason) for c in reference]  # lossless, stopping
+
+
+def test_allowed_masks_are_kept_per_pending_text_and_handed_out_as_copies(tiny_tokenizer):
+    vocab = vocabulary(tiny_tokenizer)
+    first = vocab.allowed(" retu")
+    first[:] = True  # a caller's change must not reach the next caller
+    again = vocab.allowed(" retu")
+    assert [vocab.strings[i] for i in torch.nonzero(again).flatten().tolist()] == [" return"]
+    assert (" retu", True) in vocab._masks and not torch.equal(vocab.allowed(" retu", whitespace_splits=False), first)
