@@ -30,12 +30,13 @@ def lm_metrics(hf, tok, files, windows: int, seq_len: int) -> dict:
 
 
 def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: bool, desc: str, healing: bool = False,
-                       batch_size: int = 16, per_example: bool = False, healing_mode: str = "word") -> dict:
+                       batch_size: int = 16, per_example: bool = False, healing_mode: str = "word", shown: int = 0) -> dict:
     """Greedy completions of `examples` (batched: equal to one at a time, row for row) scored against their targets.
     `healing_mode`: how far token healing backs off (`GenerationSettings`).
 
     `per_example` adds `exact`: one character per example, "1" where it matched exactly, for paired comparisons
-    of two models on the same examples (`paired_exact_match`)."""
+    of two models on the same examples (`paired_exact_match`). `shown` > 0 adds `breakdown` (`completion_breakdown`)
+    and the first `shown` examples as scored (`shown_examples`: prompt's last line, target, prediction, scores)."""
     import warnings
 
     from tqdm import tqdm
@@ -47,13 +48,14 @@ def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: boo
     settings = GenerationSettings(max_new_tokens=max_new_tokens, stop_strings=("\n",) if line_mode else (), truncate_prompt=True,
                                   token_healing=healing, healing_mode=healing_mode)
     em, es, rl, degenerate = [], [], [], 0
-    completions = []
+    completions, predictions = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # long prompts are left-truncated on purpose
         for i in tqdm(range(0, len(examples), batch_size), desc=desc, dynamic_ncols=True):
             completions += generate_batch(model, tok, [ex.prompt for ex in examples[i:i + batch_size]], settings)
     for ex, c in zip(examples, completions):
         pred = c.text.split("\n")[0] if line_mode else c.text
+        predictions.append(pred)
         em.append(exact_match(pred, ex.target))
         es.append(edit_similarity(pred, ex.target))
         rl.append(rouge_l(pred, ex.target))
@@ -62,7 +64,27 @@ def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: boo
         "examples": len(examples), "exact_match": float(np.mean(em)), "edit_similarity": float(np.mean(es)),
         "rouge_l": float(np.mean(rl)), "degenerate_rate": degenerate / len(examples),
         **({"exact": "".join("1" if m else "0" for m in em)} if per_example else {}),
+        **({"breakdown": completion_breakdown(predictions, [ex.target for ex in examples]),
+            "shown_examples": [{"prompt_line": ex.prompt.rsplit("\n", 1)[-1], "target": ex.target, "prediction": p,
+                                "exact": bool(m), "edit_similarity": e} for ex, p, m, e in zip(examples[:shown], predictions, em, es)]}
+           if shown else {}),
     }
+
+
+def completion_breakdown(predictions: list[str], targets: list[str]) -> dict:
+    """Where completions part from their targets (both without trailing whitespace, as `exact_match` compares):
+    shares that are exact, that stop short (a strict prefix of the target), that run on (the target is a strict
+    prefix of them) and that go wrong inside the target, plus the mean share of each target's characters written
+    right before the first wrong one: what a reader accepting the completion up to its first mistake keeps."""
+    kinds = {"exact": 0, "stopped_short": 0, "ran_on": 0, "diverged": 0}
+    kept = []
+    for p, t in zip(predictions, targets):
+        p, t = p.rstrip(), t.rstrip()
+        same = next((i for i, (a, b) in enumerate(zip(p, t)) if a != b), min(len(p), len(t)))
+        kinds["exact" if p == t else "stopped_short" if same == len(p) else "ran_on" if same == len(t) else "diverged"] += 1
+        kept.append(same / len(t) if t else 1.0)
+    n = max(1, len(targets))
+    return {**{k: v / n for k, v in kinds.items()}, "target_share_right_before_first_error": float(np.mean(kept)) if kept else 0.0}
 
 
 def paired_exact_match(before: str, after: str) -> dict:

@@ -37,6 +37,7 @@ class ModelCardConfig:
     target_tokens: int = 10
     max_line_tokens: int = 32
     seed: int = 0
+    shown_line_examples: int = 8  # line completions shown in the card as scored, with where they all go wrong
     sample_max_new_tokens: int = 40
     sample_prompts: list[str] = field(default_factory=lambda: ["def fibonacci(n):\n"])
 
@@ -123,7 +124,8 @@ def evaluate(model_dir: Path, cfg: ModelCardConfig, log: Path | None = None) -> 
         "test": lm_metrics(hf, tok, splits["test"], cfg.loss_windows, cfg.seq_len),
     }
     lines = line_cut_examples(splits["test"], cfg.line_examples, seed=cfg.seed)
-    result["line_completion"] = completion_metrics(model, tok, lines, cfg.max_line_tokens, True, "line completion (healed)", healing=True)
+    result["line_completion"] = completion_metrics(model, tok, lines, cfg.max_line_tokens, True, "line completion (healed)", healing=True,
+                                                   shown=cfg.shown_line_examples)
     result["line_completion_no_healing"] = completion_metrics(model, tok, lines, cfg.max_line_tokens, True, "line completion (raw)")
     # the quality curve's measure (experiments/quality_curve.py): healing backs off the last token only, as it did when the
     # curve began, so its phases compare
@@ -247,6 +249,33 @@ def source_list(sources: list[str], stats: dict) -> str:
     return ", ".join(f"{s} {versions[source_name(s)]}".rstrip() if versions.get(source_name(s)) else s for s in sources)
 
 
+def code_cell(text: str) -> str:
+    """`text` as code in a Markdown table cell."""
+    if not text.strip():
+        return "*(nothing)*"
+    text = text.replace("|", "\\|")  # GitHub's tables split cells at a bare pipe, even inside code
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def line_error_lines(lc: dict) -> list[str]:
+    """Where the healed line completions part from their targets, and the first few as scored (cards written before
+    the breakdown have neither)."""
+    b, shown = lc.get("breakdown"), lc.get("shown_examples", [])
+    if not b:
+        return []
+    out = ["### Where line completions go wrong", "",
+           f"Of the {lc['examples']} healed line completions: {b['exact']:.0%} exact; {b['stopped_short']:.0%} stop short (a prefix of "
+           f"the target); {b['ran_on']:.0%} write the target and run on; {b['diverged']:.0%} go wrong inside it. On average a completion "
+           f"writes {b['target_share_right_before_first_error']:.0%} of the target's characters before its first mistake.", ""]
+    if shown:
+        out += [f"The first {len(shown)} lines as scored: the prompt's last line up to the cut, the rest of the line, the model's completion.", "",
+                "| prompt's last line | target | completion | edit similarity |", "|---|---|---|---|"]
+        out += [f"| {code_cell(e['prompt_line'].lstrip())} | {code_cell(e['target'].rstrip())} | {code_cell(e['prediction'].rstrip())} | "
+                f"{e['edit_similarity']:.2f}{' (exact)' if e['exact'] else ''} |" for e in shown]
+        out += [""]
+    return out
+
+
 def render_card(r: dict, has_plot: bool) -> str:
     tc = r["training"]["config"]
     v, t, lc, kc = r["validation"], r["test"], r["line_completion"], r["token_completion"]
@@ -311,6 +340,7 @@ def render_card(r: dict, has_plot: bool) -> str:
         "generated token extend it; the rows below the first show what backing off one token only, or nothing, gives.",
         "",
     ]
+    lines += line_error_lines(lc)
     if has_plot:
         lines += ["![validation curve](training_curve.png)", ""]
         segments = curve_segments(r["training"].get("curve", []))

@@ -30,6 +30,10 @@ def test_model_card_from_a_tiny_run(tmp_path):
     assert f"{result['validation']['loss']:.3f}" in card and (export / "training_curve.png").exists()
     loops = sum(s["cli_finish"] == "repetition" for s in result["samples"])
     assert f"{loops} of 2 samples loop within" in card
+    # the default shows 8 line completions as scored; this run has 3 lines
+    shown, breakdown = result["line_completion"]["shown_examples"], result["line_completion"]["breakdown"]
+    assert len(shown) == 3 and math.isclose(sum(breakdown[k] for k in ("exact", "stopped_short", "ran_on", "diverged")), 1.0)
+    assert "### Where line completions go wrong" in card and card.count("| `") + card.count("| *(nothing)*") >= 3
 
 
 def test_model_card_refuses_a_model_without_training_state(tmp_path, tiny_model_dir, capsys):
@@ -138,3 +142,23 @@ def test_quality_projection_recovers_a_log_linear_curve_and_the_card_prints_it()
     beside = "\n".join(model_card.curve_lines({"rows": rows, "commit": "abc1234", "projection": fits}, step=3, runtime=runtime))
     assert "+5.0 points / +0.020 from the curve's last point" in beside  # the runtime's healing set beside the curve's
     assert "runtime's healing" not in "\n".join(model_card.curve_lines({"rows": rows, "commit": "abc1234"}, step=4, runtime=runtime))
+
+
+def test_completion_breakdown_says_where_each_completion_parts_from_its_target():
+    from earlyexit.backbone_quality import completion_breakdown
+
+    b = completion_breakdown(["x = 1  ", "x =", "x = 12)", "y = 1", ""], ["x = 1", "x = 1", "x = 1", "x = 1", "x = 1"])
+    assert (b["exact"], b["stopped_short"], b["ran_on"], b["diverged"]) == (0.2, 0.4, 0.2, 0.2)  # "" stops short too
+    assert math.isclose(b["target_share_right_before_first_error"], (1 + 0.6 + 1 + 0 + 0) / 5)
+
+
+def test_line_errors_render_code_with_pipes_and_backticks_in_table_cells():
+    lc = {"examples": 2, "breakdown": {"exact": 0.5, "stopped_short": 0.0, "ran_on": 0.0, "diverged": 0.5,
+                                       "target_share_right_before_first_error": 0.75},
+          "shown_examples": [{"prompt_line": "    x = a |", "target": " b", "prediction": " b", "exact": True, "edit_similarity": 1.0},
+                             {"prompt_line": "s = `", "target": "x`", "prediction": "", "exact": False, "edit_similarity": 0.0}]}
+    text = "\n".join(model_card.line_error_lines(lc))
+    assert "50% exact" in text and "50% go wrong inside it" in text and "75% of the target's characters" in text
+    assert "| `x = a \\|` | `b` | `b` | 1.00 (exact) |" not in text  # leading spaces are kept in targets
+    assert "| `x = a \\|` | ` b` | ` b` | 1.00 (exact) |" in text and "| `` s = ` `` | `` x` `` | *(nothing)* | 0.00 |" in text
+    assert model_card.line_error_lines({"examples": 3}) == []  # a card written before the breakdown
