@@ -99,7 +99,7 @@ def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp
     sweeps = "\n".join(model_card.sweep_lines(evidence["recipe_sweep"], None, evidence["schedule_sweep"]))
     assert "0.001 → 5.30, 0.003 → 5.60; best 0.001" in sweeps and "6x128 → 5.30, 3x192 → 5.10; best 3x192" in sweeps
     assert "10 steps → 5.40, 30 steps → 5.30; best 30" in sweeps and "8 windows → 5.30, 16 windows → 5.50; best 8" in sweeps
-    assert "this model is step 200" in "\n".join(model_card.curve_lines(evidence["quality_curve"], step=200))
+    assert "no point at this model's step (200): rerun" in "\n".join(model_card.curve_lines(evidence["quality_curve"], step=200))
     table = "\n".join(model_card.curve_lines(evidence["quality_curve"], step=100))
     write("train_throughput", {"rows": [{"variant": "fp32", "tokens_per_s": 1234.4}]}, {})
     speeds = "\n".join(model_card.throughput_lines(model_card.recipe_evidence(tmp_path)["train_throughput"]))
@@ -140,7 +140,11 @@ def test_quality_projection_recovers_a_log_linear_curve_and_the_card_prints_it()
     assert quality_projection(rows[:2], {"exact_match": 0.25}) == {}  # two points fit any line
     runtime = {"exact_match": rows[-1]["exact_match"] + 0.05, "edit_similarity": rows[-1]["edit_similarity"] + 0.02}
     beside = "\n".join(model_card.curve_lines({"rows": rows, "commit": "abc1234", "projection": fits}, step=3, runtime=runtime))
-    assert "+5.0 points / +0.020 from the curve's last point" in beside  # the runtime's healing set beside the curve's
+    assert "+5.0 points / +0.020 from its point on the curve" in beside and "did not ship" not in beside  # the runtime's healing beside the curve's
+    # a phase that trained past the shipped model but did not ship: the runtime is set beside the shipped model's own point
+    behind = "\n".join(model_card.curve_lines({"rows": rows, "commit": "abc1234"}, step=2, runtime=runtime))
+    assert "Points past step 2 are phases that trained but did not ship" in behind and "rerun" not in behind
+    assert f"{(runtime['exact_match'] - rows[2]['exact_match']) * 100:+.1f} points" in behind
     assert "runtime's healing" not in "\n".join(model_card.curve_lines({"rows": rows, "commit": "abc1234"}, step=4, runtime=runtime))
 
 
