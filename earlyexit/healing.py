@@ -53,7 +53,7 @@ class Vocabulary:
     def allowed(self, pending: str, whitespace_splits: bool = True) -> torch.Tensor:
         """Mask (V,) of the tokens that may come next while `pending` backed-off text is still to be written: those
         that start with all of it, and (`whitespace_splits`) those that are a non-empty part of its start leaving
-        only whitespace. Each mask is computed once (a pass over every token's text in Python, ~2 ms at 8,192) and
+        only whitespace. Each mask is computed once (a pass in Python over every token's text) and
         kept: a healed prompt asks again at every constrained step, and a batch of prompts often asks the same."""
         key = (pending, whitespace_splits)
         if key not in self._masks:

@@ -228,18 +228,16 @@ def curve_lines(curve: dict | None, step: int, runtime: dict | None = None) -> l
     out += [f"| {x['step']:,} | {x['tokens_seen'] / 1e6:.1f}M | {x['context']} | {x['exact_match']:.1%} | {x['edit_similarity']:.3f} | "
             f"`{x.get('scored_at') or curve['commit']}` |" for x in rows]
     this = next((x for x in rows if x["step"] == step), None)
-    later = [x for x in rows if x["step"] > step]
     if this is None:
         out += ["", f"The curve has no point at this model's step ({step:,}): rerun the script."]
-    elif later:
+    elif rows[-1]["step"] > step:
         out += ["", f"Points past step {step:,} are phases that trained but did not ship (this model is step {step:,})."]
     if curve.get("projection"):
         out += [""] + projection_lines(curve["projection"])
     if runtime and this is not None:
-        last = this
         out.append(f"- The fit is of the curve's measure. With the runtime's healing (the whole partial word) this model scores "
-                   f"{runtime['exact_match']:.1%} / {runtime['edit_similarity']:.3f}, {(runtime['exact_match'] - last['exact_match']) * 100:+.1f} "
-                   f"points / {runtime['edit_similarity'] - last['edit_similarity']:+.3f} from its point on the curve: read the "
+                   f"{runtime['exact_match']:.1%} / {runtime['edit_similarity']:.3f}, {(runtime['exact_match'] - this['exact_match']) * 100:+.1f} "
+                   f"points / {runtime['edit_similarity'] - this['edit_similarity']:+.3f} from its point on the curve: read the "
                    "fit's distance to the targets as an upper bound for the runtime's.")
     out += paired_lines(curve.get("paired", [])[-1:])  # the newest phase against the one before, line by line
     return out + [""]
