@@ -81,7 +81,7 @@ def generate_batch(
             model,
             torch.tensor([[transcripts[b].new[-1]] for b in live], device=model.device),
             cache,
-            torch.tensor([transcripts[b].input_ids.shape[1] - 1 for b in live], device=model.device),
+            torch.tensor([transcripts[b].position for b in live], device=model.device),
             torch.tensor([transcripts[b].layers[-1] for b in live], device=model.device),
             torch.tensor(live, device=model.device),
         )

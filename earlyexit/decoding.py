@@ -151,6 +151,11 @@ class Transcript:
         self.text: str | None = None  # set when a stop string cut it
 
     @property
+    def position(self) -> int:
+        """Where the last written token sits: the next step runs it there (its K/V are not in the cache yet)."""
+        return self.input_ids.shape[1] - 1
+
+    @property
     def full(self) -> bool:
         return len(self.new) >= self.settings.max_new_tokens
 
@@ -273,7 +278,7 @@ def generate(
         while finish is None:
             t0 = time.perf_counter()
             if transcript.new:
-                result = policy.step(model, transcript.input_ids[:, -1:], cache, transcript.input_ids.shape[1] - 1, transcript.layers[-1])
+                result = policy.step(model, transcript.input_ids[:, -1:], cache, transcript.position, transcript.layers[-1])
             finish = transcript.write_greedy(result.logits, result.layers, result.stop, logits_processor)
             if finish != "stop" and len(transcript.new) > 1:
                 token_ms.append((time.perf_counter() - t0) * 1e3)

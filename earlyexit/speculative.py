@@ -154,7 +154,7 @@ class Lossless:
         policy, token_ms = self.stopper or FullDepth(), []
         while finish is None and transcript.pending:
             t0 = time.perf_counter()
-            r = policy.step(model, transcript.input_ids[:, -1:], cache, transcript.input_ids.shape[1] - 1, transcript.layers[-1])
+            r = policy.step(model, transcript.input_ids[:, -1:], cache, transcript.position, transcript.layers[-1])
             finish = transcript.write_greedy(r.logits, r.layers, r.stop)
             if finish != "stop":
                 token_ms.append((time.perf_counter() - t0) * 1e3)
@@ -167,7 +167,7 @@ class Lossless:
         while rows := [b for b, t in enumerate(transcripts) if finish[b] is None and t.pending]:
             t0 = time.perf_counter()
             step = policy.step_batch(model, torch.tensor([[transcripts[b].new[-1]] for b in rows], device=device), cache,
-                                     torch.tensor([transcripts[b].input_ids.shape[1] - 1 for b in rows], device=device),
+                                     torch.tensor([transcripts[b].position for b in rows], device=device),
                                      torch.tensor([transcripts[b].layers[-1] for b in rows], device=device), torch.tensor(rows, device=device))
             ms = (time.perf_counter() - t0) * 1e3
             for i, b in enumerate(rows):
@@ -191,7 +191,7 @@ class Lossless:
         k, drafted, accepted, rounds = self.max_draft, 0, 0, 0
         while finish is None:
             t0 = time.perf_counter()
-            pos = transcript.input_ids.shape[1] - 1  # the last written token: its K/V are not in the cache yet
+            pos = transcript.position
             budget = transcript.settings.max_new_tokens - len(transcript.new)
             drafts, layers = self.draft(model, cache, transcript.new[-1], pos, transcript.layers[-1], min(k, budget), eos)
             window = torch.tensor([[transcript.new[-1], *drafts]], device=model.device)  # (1, n + 1)
@@ -231,7 +231,7 @@ class Lossless:
         while any(f is None for f in finish):
             t0 = time.perf_counter()
             live = [b for b in range(B) if finish[b] is None]
-            pos = {b: transcripts[b].input_ids.shape[1] - 1 for b in live}
+            pos = {b: transcripts[b].position for b in live}
             want = {b: min(k[b], transcripts[b].settings.max_new_tokens - len(transcripts[b].new)) for b in live}
             drafts = {b: [] for b in live}
             layers = {b: [] for b in live}
