@@ -68,6 +68,10 @@ class LMTrainConfig:
     # start from an exported model (a directory `export` wrote, e.g. earlyexit/default_model) instead of random
     # weights: same shape and tokenizer; its step and tokens seen continue; a fresh optimizer (pair with rewarm_at)
     init_from: str = ""
+    # init_from an export with fewer layers than n_layer: the extra layers are copies of evenly spaced export layers
+    # whose output projections start at zero, so the grown model first computes what the export did
+    # (function-preserving depth growth, `grown_layer_sources`)
+    grow_layers: bool = False
     # bookkeeping
     eval_interval: int = 200
     eval_windows: int = 128
@@ -220,18 +224,40 @@ def evaluate(model, tokens: np.ndarray, cfg: LMTrainConfig) -> dict[str, float]:
     return {"val_loss": loss_sum / count, "val_top1": correct / count}
 
 
-def init_from_export(model, tok, path: Path) -> tuple[int, int]:
+def grown_layer_sources(old: int, new: int) -> list[int]:
+    """For each layer of a model grown from `old` to `new` layers, the export layer it starts from: each once, in
+    order, and the new layers (a repeat of the layer before) spread evenly. 12 -> 16: 0 0 1 2 3 3 4 5 6 6 7 8 9 9 10 11."""
+    return [j * old // new for j in range(new)]
+
+
+def init_from_export(model, tok, path: Path, grow_layers: bool = False) -> tuple[int, int]:
     """Load an exported model's weights into `model` (built from this recipe); returns its (step, tokens seen).
 
-    Position embeddings past the export's context (it keeps `seq_len` rows) stay as initialised.
+    Position embeddings past the export's context (it keeps `seq_len` rows) stay as initialised. With
+    `grow_layers`, a model of more layers than the export starts as the export: see `grown_layer_sources`; each new
+    layer's attention and MLP output projections are zero, so it adds nothing to the residual stream until trained.
     """
+    import re
+
     from .loading import load_hf_model, load_tokenizer
 
     if load_tokenizer(path).get_vocab() != tok.get_vocab():
         raise EarlyExitError(f"init_from: {path} has a different tokenizer from {tok.name_or_path}")
-    source = load_hf_model(path).state_dict()
+    exported = load_hf_model(path)
+    source = exported.state_dict()
+    old, new = exported.config.n_layer, model.config.n_layer
+    if old != new and not (grow_layers and old < new):
+        raise EarlyExitError(f"init_from: {path} has {old} layers, the recipe builds {new}"
+                             + ("" if old > new else " (grow_layers=true starts the deeper model from it)"))
+    sources = grown_layer_sources(old, new)
     target = model.state_dict()
     for name, value in target.items():
+        layer = re.match(r"transformer\.h\.(\d+)\.(.*)", name)
+        fresh = False
+        if layer:
+            j = int(layer[1])
+            fresh = j > 0 and sources[j] == sources[j - 1]
+            name = f"transformer.h.{sources[j]}.{layer[2]}"
         if name not in source:
             raise EarlyExitError(f"init_from: {path} has no tensor {name}: not a model of this recipe's shape")
         got = source[name]
@@ -239,6 +265,8 @@ def init_from_export(model, tok, path: Path) -> tuple[int, int]:
             value[:got.shape[0]] = got
         elif got.shape != value.shape:
             raise EarlyExitError(f"init_from: {name} is {tuple(got.shape)} in {path}, the recipe builds {tuple(value.shape)}")
+        elif fresh and ".c_proj." in name:
+            value.zero_()
         else:
             value.copy_(got)
     state_path = path / "training_state.json"
@@ -322,7 +350,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
     model = build_model(cfg, tok)
     step, tokens_seen = 0, 0
     if cfg.init_from and not (resume and (work / "checkpoint.pt").exists()) and not resume_from:
-        step, tokens_seen = init_from_export(model, tok, Path(cfg.init_from))
+        step, tokens_seen = init_from_export(model, tok, Path(cfg.init_from), cfg.grow_layers)
         print(f"initialised from {cfg.init_from} (step {step}, {tokens_seen:,} tokens seen)", file=sys.stderr)
     model.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

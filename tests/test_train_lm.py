@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from earlyexit.errors import EarlyExitError
-from earlyexit.train_lm import LMTrainConfig, batch_at, lr_at, main
+from earlyexit.train_lm import LMTrainConfig, batch_at, grown_layer_sources, lr_at, main
 
 from conftest import SAMPLE_CODE
 
@@ -181,3 +181,41 @@ def test_init_from_rejects_another_shape(tmp_path, capsys):
     assert main(tiny_recipe(tmp_path, corpus, max_steps=2, n_embd=48, init_from=tmp_path / "run/export",
                             work_dir=tmp_path / "run")) == 2
     assert "init_from" in capsys.readouterr().err
+
+
+def test_grown_layer_sources_keep_every_layer_once_in_order():
+    assert grown_layer_sources(12, 16) == [0, 0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 9, 9, 10, 11]
+    assert grown_layer_sources(2, 2) == [0, 1]
+    for old, new in ((2, 3), (3, 8), (12, 13)):
+        sources = grown_layer_sources(old, new)
+        assert sources[0] == 0 and sources[-1] == old - 1 and len(sources) == new
+        assert all(b - a in (0, 1) for a, b in zip(sources, sources[1:]))  # in order, none skipped, repeats are new layers
+
+
+def test_a_deeper_recipe_grows_from_an_export_and_starts_as_it(tmp_path, capsys):
+    """grow_layers: a 3-layer model from a 2-layer export computes what the export did before its first step."""
+    from earlyexit.loading import load_hf_model, load_tokenizer
+    from earlyexit.train_lm import build_model, init_from_export
+
+    corpus = make_corpus(tmp_path)
+    assert main(tiny_recipe(tmp_path, corpus, max_steps=2)) == 0
+    export = tmp_path / "run/export"
+    small, tok = load_hf_model(export).float(), load_tokenizer(export)
+    cfg = LMTrainConfig(vocab_size=300, n_layer=3, n_embd=32, n_head=2, n_positions=64, seq_len=32)
+    deep = build_model(cfg, tok)
+    assert init_from_export(deep, tok, export, grow_layers=True) == (2, 2 * 2 * 32)
+    x = torch.randint(0, 300, (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(deep(x).logits, small(x).logits, atol=1e-5)
+    new = deep.transformer.h[1]  # sources 0 0 1: the second layer is the new one
+    assert not new.attn.c_proj.weight.any() and not new.mlp.c_proj.bias.any() and new.attn.c_attn.weight.any()
+    # training it from there: the recipe's own run with grow_layers
+    second = tmp_path / "second"
+    assert main(tiny_recipe(tmp_path, corpus, max_steps=4, n_layer=3, rewarm_at=2, grow_layers="true", init_from=export,
+                            work_dir=second, out_dir=second / "export")) == 0
+    assert AutoModelForCausalLM.from_pretrained(second / "export").config.n_layer == 3
+    # without the flag, or to fewer layers, the mismatch is named
+    for n_layer, flag in ((3, "false"), (1, "true")):
+        assert main(tiny_recipe(tmp_path, corpus, max_steps=4, n_layer=n_layer, grow_layers=flag, init_from=export,
+                                work_dir=tmp_path / f"other{n_layer}")) == 2
+        assert "layers" in capsys.readouterr().err
