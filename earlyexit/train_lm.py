@@ -77,6 +77,11 @@ class LMTrainConfig:
     eval_windows: int = 128
     checkpoint_interval: int = 100
     max_minutes: float = 0.0  # 0: no wall-clock limit
+    # wsd only, 0: off. Train as many steps as fit in this many minutes from the start, decay included: once past
+    # warm-up, the run times its steps (evaluations and exports included) and lowers max_steps to what the rest of the
+    # budget affords (`budgeted`); the stable learning rate does not depend on max_steps, so no step already taken
+    # changes. For a machine lent for minutes, whose speed is not known beforehand.
+    budget_minutes: float = 0.0
     work_dir: str = "runs/default_lm"
     out_dir: str = "runs/default_lm/export"
 
@@ -94,6 +99,8 @@ class LMTrainConfig:
                 raise EarlyExitError(f"{name} must be at least 1")
         if self.schedule not in ("cosine", "wsd"):
             raise EarlyExitError(f"schedule must be 'cosine' or 'wsd', got {self.schedule!r}")
+        if self.budget_minutes < 0 or (self.budget_minutes and self.schedule != "wsd"):
+            raise EarlyExitError("budget_minutes needs schedule: wsd (a cosine schedule's every step depends on max_steps)")
         if self.schedule == "wsd" and not 0 < self.decay_steps <= self.max_steps - self.rewarm_at - self.warmup_steps:
             raise EarlyExitError("wsd needs 0 < decay_steps <= max_steps - rewarm_at - warmup_steps")
 
@@ -274,6 +281,14 @@ def init_from_export(model, tok, path: Path, grow_layers: bool = False) -> tuple
     return int(state.get("step", 0)), int(state.get("tokens_seen", 0))
 
 
+def budgeted(cfg: LMTrainConfig, step: int, seconds_per_step: float, seconds_left: float) -> LMTrainConfig:
+    """`cfg` with max_steps lowered to the steps `seconds_left` affords at `seconds_per_step` (never past the
+    configured max_steps, at least one more), and decay_steps cut to fit after `step` where those are fewer."""
+    affordable = max(1, int(seconds_left / seconds_per_step))
+    max_steps = min(cfg.max_steps, step + affordable)
+    return dataclasses.replace(cfg, max_steps=max_steps, decay_steps=min(cfg.decay_steps, max_steps - step))
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: Path, model, optimizer, step: int, tokens_seen: int) -> None:
@@ -379,6 +394,10 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
     t_start = time.time()
     last_eval: dict = {}
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train_lm", dynamic_ncols=True)
+    # budget_minutes: steps are timed from `timed_from` (past warm-up and compilation) to the first evaluation after it
+    # (the budget counts from here: corpus preparation and model loading are not in it)
+    timed_from = max(step, cfg.rewarm_at) + cfg.warmup_steps if cfg.budget_minutes else None
+    timer: tuple[int, float] | None = None
     while step < cfg.max_steps:
         t0 = time.time()
         for g in optimizer.param_groups:
@@ -414,6 +433,16 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
             save_checkpoint(work / "checkpoint_stable.pt", model, optimizer, step, tokens_seen)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
             export(model, tok, cfg, step, tokens_seen, meta, last_eval)
+            eval_seconds = time.time() - t0 - cfg.tokens_per_step / tps  # this step's evaluation, checkpoint and export
+        if step == timed_from:
+            timer = (step, time.time())
+        elif timer and step % cfg.eval_interval == 0 and step < cfg.max_steps:
+            per_step = (time.time() - timer[1]) / (step - timer[0])  # an evaluation and export included, amortised
+            left = cfg.budget_minutes * 60 - (time.time() - t_start) - eval_seconds  # the last step's evaluation
+            cfg, timer, timed_from = budgeted(cfg, step, per_step, left), None, None
+            bar.total = cfg.max_steps
+            bar.write(f"budget_minutes={cfg.budget_minutes}: {per_step:.3f} s/step, so max_steps {cfg.max_steps} "
+                      f"(decay over the last {cfg.decay_steps})")
         if out_of_time:
             bar.write(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached (resume with --resume)")
             break

@@ -219,3 +219,46 @@ def test_a_deeper_recipe_grows_from_an_export_and_starts_as_it(tmp_path, capsys)
         assert main(tiny_recipe(tmp_path, corpus, max_steps=4, n_layer=n_layer, grow_layers=flag, init_from=export,
                                 work_dir=tmp_path / f"other{n_layer}")) == 2
         assert "layers" in capsys.readouterr().err
+
+
+def test_budgeted_lowers_max_steps_to_what_the_time_left_affords():
+    from earlyexit.train_lm import budgeted
+
+    cfg = LMTrainConfig(schedule="wsd", max_steps=1000, warmup_steps=10, decay_steps=100)
+    fitted = budgeted(cfg, step=50, seconds_per_step=0.5, seconds_left=100.0)
+    assert (fitted.max_steps, fitted.decay_steps) == (250, 100)
+    assert budgeted(cfg, 50, 0.5, 1e6).max_steps == 1000  # never past the recipe's own
+    short = budgeted(cfg, 50, 0.5, 20.0)  # fewer steps left than the decay: it starts now
+    assert (short.max_steps, short.decay_steps) == (90, 40) and lr_at(short, 51) < cfg.lr
+    assert budgeted(cfg, 50, 0.5, 0.0).max_steps == 51
+
+
+def test_a_budgeted_run_decays_and_stops_inside_its_minutes(tmp_path):
+    corpus = make_corpus(tmp_path)
+    budget = 0.1  # 6 s: compilation off, each tiny step takes milliseconds
+    assert main(tiny_recipe(tmp_path, corpus, max_steps=100_000, schedule="wsd", decay_steps=50, budget_minutes=budget,
+                            eval_interval=20, checkpoint_interval=1000)) == 0
+    state = json.loads((tmp_path / "run/export/training_state.json").read_text())
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    fitted = LMTrainConfig(**{k: v for k, v in state["config"].items()})
+    assert 40 < fitted.max_steps < 100_000 and state["step"] == fitted.max_steps == log[-1]["step"]
+    assert log[-1]["time"] - log[0]["time"] < budget * 60 * 2
+    assert lr_at(fitted, fitted.max_steps - 1) < 2 * fitted.min_lr  # it decayed to the end
+
+
+def test_budget_minutes_needs_the_wsd_schedule():
+    with pytest.raises(EarlyExitError, match="budget_minutes"):
+        LMTrainConfig(schedule="cosine", budget_minutes=5)
+
+
+def test_every_recipe_config_in_the_repository_loads():
+    """A phase's YAML with a misspelt or retired key would only fail when someone retrains from it."""
+    from pathlib import Path
+
+    from earlyexit.config import load_config
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs").glob("default_lm*.yaml"))
+    assert len(recipes) >= 12
+    for path in recipes:
+        cfg = load_config(LMTrainConfig, path)
+        assert cfg.max_steps > cfg.rewarm_at, path.name
