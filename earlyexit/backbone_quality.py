@@ -43,11 +43,11 @@ def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: boo
 
     from .batch import generate_batch
     from .decoding import GenerationSettings
-    from .metrics import edit_similarity, exact_match, is_degenerate, rouge_l
+    from .metrics import edit_similarity, exact_match, indel_similarity, is_degenerate, rouge_l
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, stop_strings=("\n",) if line_mode else (), truncate_prompt=True,
                                   token_healing=healing, healing_mode=healing_mode)
-    em, es, rl, degenerate = [], [], [], 0
+    em, es, indel, rl, degenerate = [], [], [], [], 0
     completions, predictions = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # long prompts are left-truncated on purpose
@@ -58,10 +58,12 @@ def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: boo
         predictions.append(pred)
         em.append(exact_match(pred, ex.target))
         es.append(edit_similarity(pred, ex.target))
+        indel.append(indel_similarity(pred, ex.target))
         rl.append(rouge_l(pred, ex.target))
         degenerate += is_degenerate(c.token_ids)
     return {
         "examples": len(examples), "exact_match": float(np.mean(em)), "edit_similarity": float(np.mean(es)),
+        "indel_similarity": float(np.mean(indel)),
         "rouge_l": float(np.mean(rl)), "degenerate_rate": degenerate / len(examples),
         **({"exact": "".join("1" if m else "0" for m in em)} if per_example else {}),
         **({"breakdown": completion_breakdown(predictions, [ex.target for ex in examples]),

@@ -358,6 +358,12 @@ def render_card(r: dict, has_plot: bool) -> str:
               f"| line completion edit similarity (healed) | ≥ {TARGET_LINE_COMPLETION['edit_similarity']:.2f} | {lc['edit_similarity']:.3f} |",
               f"| sample completions with degenerate repetition, the model alone | 0 of {n} | {sum(s['degenerate'] for s in r['samples'])} of {n} |",
               f"| the same, as the CLI writes them (repetition stop on) | 0 of {n} | {sum(s['cli_degenerate'] for s in r['samples'])} of {n} |", "",
+              *([f"Edit similarity here is 1 - Levenshtein distance / longer length. The horizon the issue names (CodeGPT-small-py "
+                 f"on PY150, 39% / 71) is scored by CodeXGLUE's evaluator with an insert/delete-only ratio, 2 · LCS / total "
+                 f"length, which credits a partly right line more: on that ratio these healed lines score "
+                 f"{lc['indel_similarity']:.3f}. It is not the issue's measure, and the two tasks still differ (CodeXGLUE "
+                 f"scores space-separated tokens with string and number literals replaced by placeholders; here, raw text).", ""]
+                if "indel_similarity" in lc else []),
               # the issue's check sees only short cycles; the repetition stop's wider one (a line, block or phrase
               # repeated) is what a reader sees in the samples below, so the card counts both
               f"Looping in the wider sense of the CLI's repetition stop (a line, a block or a phrase written again), "

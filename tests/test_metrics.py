@@ -1,6 +1,6 @@
 import pytest
 
-from earlyexit.metrics import edit_similarity, exact_match, is_degenerate, levenshtein, rouge_l
+from earlyexit.metrics import edit_similarity, exact_match, indel_similarity, is_degenerate, levenshtein, longest_common_subsequence, rouge_l
 
 
 def test_levenshtein_and_edit_similarity():
@@ -9,6 +9,16 @@ def test_levenshtein_and_edit_similarity():
     assert edit_similarity("return x", "return x  ") == 1.0
     assert edit_similarity("abcd", "abcf") == pytest.approx(0.75)
     assert edit_similarity("", "") == 1.0
+
+
+
+def test_indel_similarity_is_the_codexglue_ratio():
+    assert longest_common_subsequence("kitten", "sitting") == 4  # i, t, t, n
+    assert indel_similarity("kitten", "sitting") == pytest.approx(8 / 13)  # python-Levenshtein's ratio: 0.615...
+    assert indel_similarity("", "") == 1.0 and indel_similarity("abc", "") == 0.0
+    assert indel_similarity("return x", "return x  ") == 1.0
+    # a completion that writes the target's start and stops: credited more than by edit similarity
+    assert indel_similarity("self.assert", "self.assertEqual(a, b)") > edit_similarity("self.assert", "self.assertEqual(a, b)")
 
 
 def test_exact_match_ignores_trailing_whitespace_only():

@@ -34,6 +34,8 @@ def test_model_card_from_a_tiny_run(tmp_path):
     shown, breakdown = result["line_completion"]["shown_examples"], result["line_completion"]["breakdown"]
     assert len(shown) == 3 and math.isclose(sum(breakdown[k] for k in ("exact", "stopped_short", "ran_on", "diverged")), 1.0)
     assert "### Where line completions go wrong" in card and card.count("| `") + card.count("| *(nothing)*") >= 3
+    # the horizon's measure beside the issue's, named as not the issue's
+    assert f"these healed lines score {result['line_completion']['indel_similarity']:.3f}" in card
 
 
 def test_model_card_refuses_a_model_without_training_state(tmp_path, tiny_model_dir, capsys):
