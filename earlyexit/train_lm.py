@@ -281,6 +281,10 @@ def init_from_export(model, tok, path: Path, grow_layers: bool = False) -> tuple
     return int(state.get("step", 0)), int(state.get("tokens_seen", 0))
 
 
+BUDGET_FIRST_FIT = 50  # steps timed before budget_minutes first fits max_steps
+BUDGET_MARGIN = 0.95  # of the time left, what the fit spends: a step's time varies
+
+
 def budgeted(cfg: LMTrainConfig, step: int, seconds_per_step: float, seconds_left: float) -> LMTrainConfig:
     """`cfg` with max_steps lowered to the steps `seconds_left` affords at `seconds_per_step` (never past the
     configured max_steps, at least one more), and decay_steps cut to fit after `step` where those are fewer."""
@@ -394,10 +398,12 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
     t_start = time.time()
     last_eval: dict = {}
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train_lm", dynamic_ncols=True)
-    # budget_minutes: steps are timed from `timed_from` (past warm-up and compilation) to the first evaluation after it
+    # budget_minutes: steps are timed from `timed_from` (past warm-up and compilation); max_steps is fitted after
+    # BUDGET_FIRST_FIT of them, and again at each evaluation until the decay starts, as evaluations join the timing
     # (the budget counts from here: corpus preparation and model loading are not in it)
     timed_from = max(step, cfg.rewarm_at) + cfg.warmup_steps if cfg.budget_minutes else None
     timer: tuple[int, float] | None = None
+    eval_seconds = 0.0
     while step < cfg.max_steps:
         t0 = time.time()
         for g in optimizer.param_groups:
@@ -436,13 +442,14 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
             eval_seconds = time.time() - t0 - cfg.tokens_per_step / tps  # this step's evaluation, checkpoint and export
         if step == timed_from:
             timer = (step, time.time())
-        elif timer and step % cfg.eval_interval == 0 and step < cfg.max_steps:
-            per_step = (time.time() - timer[1]) / (step - timer[0])  # an evaluation and export included, amortised
-            left = cfg.budget_minutes * 60 - (time.time() - t_start) - eval_seconds  # the last step's evaluation
-            cfg, timer, timed_from = budgeted(cfg, step, per_step, left), None, None
+        elif timer and step < cfg.decay_start and (step == timer[0] + BUDGET_FIRST_FIT or step % cfg.eval_interval == 0):
+            per_step = (time.time() - timer[1]) / (step - timer[0])  # evaluations and exports since timed_from included
+            left = cfg.budget_minutes * 60 - (time.time() - t_start) - eval_seconds  # the last step's evaluation too
+            fitted = budgeted(cfg, step, per_step, BUDGET_MARGIN * left)
+            bar.write(f"budget_minutes={cfg.budget_minutes}: {per_step:.3f} s/step at step {step}, so max_steps "
+                      f"{fitted.max_steps} (decay over the last {fitted.decay_steps})")
+            cfg = fitted
             bar.total = cfg.max_steps
-            bar.write(f"budget_minutes={cfg.budget_minutes}: {per_step:.3f} s/step, so max_steps {cfg.max_steps} "
-                      f"(decay over the last {cfg.decay_steps})")
         if out_of_time:
             bar.write(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached (resume with --resume)")
             break

@@ -233,11 +233,12 @@ def test_budgeted_lowers_max_steps_to_what_the_time_left_affords():
     assert budgeted(cfg, 50, 0.5, 0.0).max_steps == 51
 
 
-def test_a_budgeted_run_decays_and_stops_inside_its_minutes(tmp_path):
+@pytest.mark.parametrize("eval_interval", [20, 100_000])  # fitted at evaluations; or, on a slow machine, before any
+def test_a_budgeted_run_decays_and_stops_inside_its_minutes(tmp_path, eval_interval):
     corpus = make_corpus(tmp_path)
     budget = 0.1  # 6 s: compilation off, each tiny step takes milliseconds
     assert main(tiny_recipe(tmp_path, corpus, max_steps=100_000, schedule="wsd", decay_steps=50, budget_minutes=budget,
-                            eval_interval=20, checkpoint_interval=1000)) == 0
+                            eval_interval=eval_interval, checkpoint_interval=1000)) == 0
     state = json.loads((tmp_path / "run/export/training_state.json").read_text())
     log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     fitted = LMTrainConfig(**{k: v for k, v in state["config"].items()})
