@@ -224,13 +224,13 @@ def curve_lines(curve: dict | None, step: int, runtime: dict | None = None) -> l
     out = [f"Line completion (healing the last token only, so every phase is scored alike) against training tokens seen, one point per phase's last checkpoint "
            f"(`experiments/quality_curve.py` at commit `{curve['commit']}`, {rows[-1]['examples']} lines; a phase "
            "whose checkpoint was not on that machine keeps the row scored at an earlier commit, same lines):", "",
-           "| step | tokens seen | context | exact match | edit similarity | scored at |", "|---|---|---|---|---|---|"]
-    out += [f"| {x['step']:,} | {x['tokens_seen'] / 1e6:.1f}M | {x['context']} | {x['exact_match']:.1%} | {x['edit_similarity']:.3f} | "
-            f"`{x.get('scored_at') or curve['commit']}` |" for x in rows]
+           "| step | tokens seen | layers | context | exact match | edit similarity | scored at |", "|---|---|---|---|---|---|---|"]
+    out += [f"| {x['step']:,} | {x['tokens_seen'] / 1e6:.1f}M | {x.get('layers', '?')} | {x['context']} | {x['exact_match']:.1%} | "
+            f"{x['edit_similarity']:.3f} | `{x.get('scored_at') or curve['commit']}` |" for x in rows]
     this = next((x for x in rows if x["step"] == step), None)
     if this is None:
         out += ["", f"The curve has no point at this model's step ({step:,}): rerun the script."]
-    elif rows[-1]["step"] > step:
+    elif any(x["step"] > step for x in rows):
         out += ["", f"Points past step {step:,} are phases that trained but did not ship (this model is step {step:,})."]
     if curve.get("projection"):
         out += [""] + projection_lines(curve["projection"])
@@ -239,7 +239,9 @@ def curve_lines(curve: dict | None, step: int, runtime: dict | None = None) -> l
                    f"{runtime['exact_match']:.1%} / {runtime['edit_similarity']:.3f}, {(runtime['exact_match'] - this['exact_match']) * 100:+.1f} "
                    f"points / {runtime['edit_similarity'] - this['edit_similarity']:+.3f} from its point on the curve: read the "
                    "fit's distance to the targets as an upper bound for the runtime's.")
-    out += paired_lines(curve.get("paired", [])[-1:])  # the newest phase against the one before, line by line
+    # this model against the phase it continued from, line by line (else the newest pair)
+    paired = curve.get("paired", [])
+    out += paired_lines([x for x in paired if x["to_step"] == step][-1:] or paired[-1:])
     return out + [""]
 
 

@@ -89,7 +89,14 @@ def evaluate_point(recipe: str, checkpoint: str, test_files: list, cfg: QualityC
     examples = line_cut_examples(test_files, cfg.line_examples, seed=cfg.seed)
     metrics = completion_metrics(model, tok, examples, cfg.max_line_tokens, True, f"step {step}", healing=True, per_example=True,
                                  healing_mode=cfg.healing_mode)
-    return {"recipe": recipe, "checkpoint": checkpoint, "step": step, "tokens_seen": tokens_seen, "context": context, **metrics}
+    return {"recipe": recipe, "checkpoint": checkpoint, "step": step, "tokens_seen": tokens_seen, "context": context,
+            "layers": model.dims.n_layer, **metrics}
+
+
+def recipe_of(recipe: str):
+    from earlyexit.train_lm import LMTrainConfig
+
+    return load_config(LMTrainConfig, recipe)
 
 
 SCORING = {"line_examples": None, "max_line_tokens": None, "seed": None,  # the settings a kept row must share with this run,
@@ -123,7 +130,7 @@ def score_or_keep(recipe: str, checkpoint: str, test_files: list, test_hash: str
     if Path(checkpoint).exists():
         return {**evaluate_point(recipe, checkpoint, test_files, cfg), "test_split_sha256": test_hash, "scored_at": None}
     if (recipe, checkpoint) in kept:
-        return kept[(recipe, checkpoint)]
+        return {"layers": recipe_of(recipe).n_layer, **kept[(recipe, checkpoint)]}  # rows scored before layers were recorded
     raise EarlyExitError(f"checkpoint not found: {checkpoint} (and no earlier row of it, scored with these settings on "
                          "this test split, to keep)")
 
@@ -131,11 +138,11 @@ def score_or_keep(recipe: str, checkpoint: str, test_files: list, test_hash: str
 def render_rows(rows: list[dict], healing_mode: str) -> str:
     healing = "token healing of " + ("the last token only" if healing_mode == "token" else "the whole partial word")
     lines = [f"Line completion on the test split (random point inside a line, target = rest of the line, greedy, {healing}).", "",
-             "| checkpoint | recipe | step | tokens seen | context | exact match | edit similarity | ROUGE-L | degenerate | scored |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| checkpoint | recipe | step | tokens seen | layers | context | exact match | edit similarity | ROUGE-L | degenerate | scored |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         scored = f"earlier, at `{r['scored_at']}`" if r.get("scored_at") else "this run"
-        lines.append(f"| `{Path(r['checkpoint']).name}` | `{r['recipe']}` | {r['step']:,} | {r['tokens_seen'] / 1e6:.1f}M | {r['context']} | "
+        lines.append(f"| `{Path(r['checkpoint']).name}` | `{r['recipe']}` | {r['step']:,} | {r['tokens_seen'] / 1e6:.1f}M | {r.get('layers', '?')} | {r['context']} | "
                      f"{r['exact_match']:.1%} | {r['edit_similarity']:.3f} | {r['rouge_l']:.3f} | {r['degenerate_rate']:.1%} | {scored} |")
     return "\n".join(lines)
 
@@ -188,11 +195,18 @@ def compute(cfg: QualityCurveConfig) -> dict:
 
 
 def paired_steps(rows: list[dict]) -> list[dict]:
-    """Each point against the one before it, line by line, where both kept their per-line exact matches."""
+    """Each point against the one it continued from, line by line, where both kept their per-line exact matches: the
+    point at its recipe's `rewarm_at` step where there is one (phases 11 and 12 both continue phase 10), else the
+    point before it."""
     from earlyexit.backbone_quality import paired_exact_match
 
-    return [{"from_step": a["step"], "to_step": b["step"], **paired_exact_match(a["exact"], b["exact"])}
-            for a, b in zip(rows, rows[1:]) if a.get("exact") and b.get("exact")]
+    by_step = {r["step"]: r for r in rows}
+    pairs = []
+    for before, r in zip([None, *rows], rows):
+        parent = by_step.get(recipe_of(r["recipe"]).rewarm_at) or before
+        if parent is not None and parent is not r and parent.get("exact") and r.get("exact"):
+            pairs.append({"from_step": parent["step"], "to_step": r["step"], **paired_exact_match(parent["exact"], r["exact"])})
+    return pairs
 
 
 def render(cfg: QualityCurveConfig, result: dict) -> str:

@@ -168,3 +168,32 @@ def test_line_errors_render_code_with_pipes_and_backticks_in_table_cells():
     assert "| `x = a \\|` | `b` | `b` | 1.00 (exact) |" not in text  # leading spaces are kept in targets
     assert "| `x = a \\|` | ` b` | ` b` | 1.00 (exact) |" in text and "| `` s = ` `` | `` x` `` | *(nothing)* | 0.00 |" in text
     assert model_card.line_error_lines({"examples": 3}) == []  # a card written before the breakdown
+
+
+def test_curve_lines_pair_this_model_with_its_parent_and_name_every_phase_past_it():
+    """Phases 11 and 12 both continue phase 10; phase 12 ships: phase 11, listed before it but past its step, did not."""
+    rows = [{"step": s, "tokens_seen": t, "context": 512, "layers": n, "examples": 9, "exact_match": 0.2, "edit_similarity": 0.5}
+            for s, t, n in ((10, 1e6, 12), (30, 3e6, 12), (25, 2.5e6, 16))]
+    paired = [{"from_step": 10, "to_step": 30, "gained": 1, "lost": 0, "p_value": 1.0},
+              {"from_step": 10, "to_step": 25, "gained": 3, "lost": 1, "p_value": 0.625}]
+    card = "\n".join(model_card.curve_lines({"rows": rows, "commit": "abc1234", "paired": paired}, step=25))
+    assert "Points past step 25 are phases that trained but did not ship" in card
+    assert "from step 10 to 25, line by line: 3 lines gained" in card and "to 30" not in card
+    assert "| 25 | 2.5M | 16 | 512 |" in card
+
+
+def test_quality_curve_pairs_each_phase_with_the_one_it_continued_from(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import quality_curve
+
+    def recipe(name, rewarm_at):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"rewarm_at: {rewarm_at}\nmax_steps: 100\n")
+        return str(path)
+
+    rows = [{"recipe": recipe(n, w), "step": s, "exact": e}
+            for n, w, s, e in (("p1", 0, 10, "0011"), ("p2", 10, 20, "0111"), ("p3", 20, 30, "1111"), ("p4", 20, 25, "0110"))]
+    assert [(p["from_step"], p["to_step"]) for p in quality_curve.paired_steps(rows)] == [(10, 20), (20, 30), (20, 25)]
