@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the recipe's configs, in a source checkout
@@ -57,8 +58,13 @@ def schedule_lines(tc: dict, config_dir: Path = CONFIG_DIR) -> list[str]:
             origin = (f"starts from `{c['init_from']}`, the previous phase's export in the same work_dir (fresh optimizer; "
                       "where that phase's checkpoint is present, `--resume` continues it instead); ")
         else:
-            origin = f"starts from `{c['init_from']}` (the previous phase's export; fresh optimizer) on its own corpus in `{c['work_dir']}`; "
-        lines.append(f"- Phase {i} (`{path}`{', `--resume`' if start else ''}): {origin}{window}; {warm}, {shape} to {c['min_lr']:g} at step {c['max_steps']:,}.")
+            moved = "on its own corpus in" if c.get("sources") != phases[i - 2][1].get("sources") else "in its own work_dir"
+            origin = f"starts from `{c['init_from']}` (the previous phase's export; fresh optimizer) {moved} `{c['work_dir']}`; "
+        if c.get("init_from") and c.get("grow_layers"):
+            origin += (f"grown from {phases[i - 2][1].get('n_layer', defaults.n_layer)} to {c['n_layer']} layers (`grow_layers`: "
+                       "the new ones start as copies of evenly spaced layers with zeroed output projections); ")
+        named = re.search(r"phase(\d+)", path)  # phases that did not lead here (phase 11) leave gaps in the chain's count
+        lines.append(f"- Phase {named[1] if named else i} (`{path}`{', `--resume`' if start else ''}): {origin}{window}; {warm}, {shape} to {c['min_lr']:g} at step {c['max_steps']:,}.")
     lines.append("- Reproduce: " + ", then ".join(f"`python -m earlyexit.train_lm --config {p}{' --resume' if c.get('rewarm_at') else ''}`"
                                                    for p, c in phases) + ".")
     return lines

@@ -58,7 +58,7 @@ def test_recipe_names_every_phase_in_order(tmp_path):
     assert recipe_phases({**shipped, "max_steps": 700}, tmp_path) == []  # no config ends there: no made-up recipe
     # a phase that starts from an earlier phase's export in a new work_dir continues the chain through that export
     (tmp_path / "d.yaml").write_text(yaml.safe_dump({**base, "work_dir": "runs/z", "max_steps": 600, "rewarm_at": 500,
-                                                     "init_from": "runs/x/export"}))
+                                                     "init_from": "runs/x/export", "sources": ["stdlib", "numpy"]}))
     widened = {**base, "work_dir": "runs/z", "max_steps": 600, "rewarm_at": 500, "init_from": "runs/x/export"}
     assert recipe_phases(widened, tmp_path) == []  # no config exports to runs/x/export yet
     for name in ("a", "b", "c"):
@@ -74,6 +74,13 @@ def test_recipe_names_every_phase_in_order(tmp_path):
     in_place = {**base, "work_dir": "runs/z", "max_steps": 800, "rewarm_at": 600, "init_from": "runs/z/export"}
     assert [p for p, _ in recipe_phases(in_place, tmp_path)][-2:] == ["configs/e.yaml", "configs/f.yaml"]
     assert "the previous phase's export in the same work_dir" in schedule_lines(in_place, tmp_path)[4]
+    # a deeper phase grown from the previous export, on the same corpus in a new work_dir; numbered by its file's name
+    (tmp_path / "phase9.yaml").write_text(yaml.safe_dump({**base, "work_dir": "runs/deep", "max_steps": 900, "rewarm_at": 800,
+                                                          "init_from": "runs/z/export", "grow_layers": True, "n_layer": 16}))
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump({**yaml.safe_load((tmp_path / "f.yaml").read_text()), "out_dir": "runs/z/export"}))
+    grown = schedule_lines({**base, "work_dir": "runs/deep", "max_steps": 900, "rewarm_at": 800}, tmp_path)
+    assert grown[5].startswith("- Phase 9 (`configs/phase9.yaml`, `--resume`): starts from `runs/z/export`")
+    assert "in its own work_dir `runs/deep`; grown from 12 to 16 layers" in grown[5]
 
 
 def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp_path):
