@@ -399,11 +399,29 @@ def write_card(model_dir: Path, cfg: ModelCardConfig, log: Path | None) -> None:
           f"edit similarity {lc['edit_similarity']:.3f}; wrote {model_dir / 'MODEL_CARD.md'}")
 
 
+def rerender_card(model_dir: Path, root: Path = EXPERIMENT_RESULTS) -> None:
+    """MODEL_CARD.md again from the model's eval.json, with the experiments' current results (`recipe_evidence`: the
+    quality curve, the sweeps, training throughput) in place of those it was evaluated beside. For when a phase trained
+    but did not ship: the curve gains its point, the model's own figures stay those measured (each section names the
+    commit its figures come from)."""
+    path = model_dir / "eval.json"
+    if not path.is_file():
+        raise EarlyExitError(f"{model_dir} has no eval.json: write its card once without --render-only")
+    result = json.loads(path.read_text()) | recipe_evidence(root)  # a result missing here keeps the card's copy
+    path.write_text(json.dumps(result, indent=2))
+    (model_dir / "MODEL_CARD.md").write_text(render_card(result, (model_dir / "training_curve.png").is_file()))
+    print(f"rewrote {model_dir / 'MODEL_CARD.md'} from its eval.json and the results in {root}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__.split("\n\n")[0], ModelCardConfig)
     parser.add_argument("--model", required=True, help="model directory written by train_lm (with training_state.json)")
     parser.add_argument("--log", help="training log.jsonl, for the curve (default: the curve in training_state.json)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the card from the model's eval.json and the experiments' current results, without evaluating")
     args = parser.parse_args(argv)
+    if args.render_only:
+        return exit_code(lambda: rerender_card(Path(args.model)))
     return exit_code(lambda: write_card(Path(args.model), load_config(ModelCardConfig, args.config, args.overrides),
                                         Path(args.log) if args.log else None))
 

@@ -204,3 +204,26 @@ def test_quality_curve_pairs_each_phase_with_the_one_it_continued_from(tmp_path)
     rows = [{"recipe": recipe(n, w), "step": s, "exact": e}
             for n, w, s, e in (("p1", 0, 10, "0011"), ("p2", 10, 20, "0111"), ("p3", 20, 30, "1111"), ("p4", 20, 25, "0110"))]
     assert [(p["from_step"], p["to_step"]) for p in quality_curve.paired_steps(rows)] == [(10, 20), (20, 30), (20, 25)]
+
+
+def test_render_only_rewrites_the_card_with_the_current_curve_and_keeps_the_models_figures(tmp_path, capsys):
+    corpus = make_corpus(tmp_path)
+    assert train_main(tiny_recipe(tmp_path, corpus, max_steps=2)) == 0
+    export = tmp_path / "run/export"
+    small = ["loss_windows=4", "seq_len=16", "line_examples=3", "token_examples=3", "target_tokens=4", "max_line_tokens=5",
+             "sample_max_new_tokens=4", "sample_prompts=['def f(']"]
+    assert model_card.main(["--model", str(export), *small]) == 0
+    before = json.loads((export / "eval.json").read_text())
+    results = tmp_path / "results"
+    (results / "quality_curve").mkdir(parents=True)
+    rows = [{"step": 2, "tokens_seen": 128, "context": 32, "layers": 2, "examples": 3, "exact_match": 0.25, "edit_similarity": 0.5},
+            {"step": 9, "tokens_seen": 999, "context": 32, "layers": 3, "examples": 3, "exact_match": 0.5, "edit_similarity": 0.75}]
+    (results / "quality_curve/results.json").write_text(json.dumps({"stamp": {"commit": "c0ffee1", "config": {}}, "rows": rows}))
+    model_card.rerender_card(export, results)
+    after = json.loads((export / "eval.json").read_text())
+    card = (export / "MODEL_CARD.md").read_text()
+    assert "| 9 | 0.0M | 3 | 32 | 50.0% | 0.750 |" in card and "Points past step 2 are phases that trained but did not ship" in card
+    assert after["validation"] == before["validation"] and after["line_completion"] == before["line_completion"]
+    assert after["commit"] == before["commit"]  # the model's figures keep the commit they were measured at
+    assert model_card.main(["--model", str(tmp_path), "--render-only"]) == 2
+    assert "no eval.json" in capsys.readouterr().err
