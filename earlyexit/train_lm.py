@@ -460,10 +460,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__.split("\n\n")[0], LMTrainConfig)
     parser.add_argument("--resume", action="store_true", help="continue from work_dir/checkpoint.pt")
     parser.add_argument("--resume-from", metavar="CKPT", help="continue from this checkpoint (e.g. work_dir/checkpoint_stable.pt)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="read the corpus, train or inherit the tokenizer and tokenize into work_dir, then stop "
+                             "(what earlyexit.corpus_pack packs for another machine)")
     args = parser.parse_args(argv)
-    return exit_code(lambda: train(
-        load_config(LMTrainConfig, args.config, args.overrides), resume=args.resume, resume_from=args.resume_from
-    ))
+
+    def run():
+        cfg = load_config(LMTrainConfig, args.config, args.overrides)
+        if args.prepare_only:
+            _, tokens, _ = prepare_data(cfg)
+            print(f"prepared {cfg.work_dir}: " + ", ".join(f"{s} {len(t):,} tokens" for s, t in tokens.items()))
+        else:
+            train(cfg, resume=args.resume, resume_from=args.resume_from)
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Train configs/default_lm_gpu.yaml on a lent GPU machine within one device call, from a corpus packed here.
 #
-# Here, once a train_lm run has prepared the corpus in its work_dir (the corpus of phase 10-12, file-list hash d16e07dc):
+# Here, with the pins that read the shipped model's corpus (its card lists them; file-list hash d16e07dc), prepare that
+# corpus with the shipped tokenizer (phase 12's recipe inherits it from phase 10's export) and pack it:
+#   mkdir -p runs/default_lm_wide && cp -r earlyexit/default_model runs/default_lm_wide/export
+#   python -m earlyexit.train_lm --config configs/default_lm_phase12.yaml --prepare-only
 #   python -m earlyexit.corpus_pack pack runs/default_lm_deep runs/carry/corpus.tar.xz     # ~29 MiB
 # One device call, carrying it (the repository is ~26 MiB of the 64 MiB that travel):
 #   run(command="bash experiments/train_on_device.sh runs/carry/corpus.tar.xz 6.5", carry=["runs/carry"], timeout_s=580)

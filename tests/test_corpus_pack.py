@@ -15,7 +15,8 @@ from test_train_lm import make_corpus, tiny_recipe
 
 def test_a_packed_corpus_trains_elsewhere_on_the_same_tokens(tmp_path, capsys):
     corpus = make_corpus(tmp_path)
-    assert train_main(tiny_recipe(tmp_path, corpus, max_steps=1)) == 0
+    assert train_main(["--prepare-only", *tiny_recipe(tmp_path, corpus, max_steps=1)]) == 0
+    assert "prepared" in capsys.readouterr().out and not (tmp_path / "run/checkpoint.pt").exists()  # no step taken
     assert pack_main(["pack", str(tmp_path / "run"), str(tmp_path / "carry/corpus.tar.xz")]) == 0
     shutil.rmtree(corpus)  # the other machine has no such sources: the run must not need them
     there = tmp_path / "there"
