@@ -5,8 +5,9 @@ installed, so `earlyexit.data` would read another corpus there, and no network).
     python -m earlyexit.corpus_pack unpack PACK.tar.xz WORK_DIR    # there; then train_lm with work_dir=WORK_DIR
 
 The pack is what `train_lm.prepare_data` leaves in a work_dir: the tokenizer, corpus.json, each split's token stream
-and file list, xz-compressed (the token streams shrink ~3.7x), with a manifest of each file's SHA-256. Unpacking
-checks every file against the manifest, so the run there trains on exactly the tokens prepared here.
+and file list, xz-compressed (the default model's 110 MB of token caches pack into 24.6 MiB, in 1.7 minutes on two
+cores), with a manifest of each file's SHA-256. Unpacking (8 s) checks every file against the manifest, so the run
+there trains on exactly the tokens prepared here.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 # corpus with the shipped tokenizer (phase 12's recipe inherits it from phase 10's export) and pack it:
 #   mkdir -p runs/default_lm_wide && cp -r earlyexit/default_model runs/default_lm_wide/export
 #   python -m earlyexit.train_lm --config configs/default_lm_phase12.yaml --prepare-only
-#   python -m earlyexit.corpus_pack pack runs/default_lm_deep runs/carry/corpus.tar.xz     # ~29 MiB
+#   python -m earlyexit.corpus_pack pack runs/default_lm_deep runs/carry/corpus.tar.xz     # 24.6 MiB, 1.7 min here
 # One device call, carrying it (the repository is ~26 MiB of the 64 MiB that travel):
 #   run(command="bash experiments/train_on_device.sh runs/carry/corpus.tar.xz 6.5", carry=["runs/carry"], timeout_s=580)
 # It unpacks the corpus (checked against its manifest), trains for MINUTES (compilation and the decay included), and
