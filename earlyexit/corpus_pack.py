@@ -21,8 +21,8 @@ from pathlib import Path
 
 from .config import exit_code
 from .errors import EarlyExitError
+from .train_lm import SPLITS
 
-SPLITS = ("train", "validation", "test")
 MANIFEST = "manifest.json"
 
 
