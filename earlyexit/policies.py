@@ -126,8 +126,10 @@ class EarlyExit:
         return None
 
     def stops(self, probs: torch.Tensor) -> torch.Tensor:
-        """`decide(...) == STOP` for many rows of action probabilities (N, 3) at once, on the device: (N,) bool."""
-        return (probs.argmax(-1) == STOP) & (probs[:, STOP] > self.thresholds.stop)
+        """`decide(...) == STOP` for many rows of action probabilities (N, 3) at once, on the device: (N,) bool.
+        The threshold is compared in float64, as `decide` compares it in Python: against a float32 tensor, torch would
+        round it to float32 first, and a probability equal to that rounding would stop in one and not the other."""
+        return (probs.argmax(-1) == STOP) & (probs[:, STOP].double() > self.thresholds.stop)
 
     @torch.inference_mode()
     def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> StepResult:

@@ -160,3 +160,17 @@ def test_the_policys_precomputed_bias_gives_the_heads_own_probabilities(model):
         _, probs = policy.check_rows(layer, x, delta, prevs)
         want = torch.stack([heads.action_logits(layer, x[i] + delta[i], int(p)).softmax(-1) for i, p in enumerate(prevs)])
         assert torch.allclose(probs, want, atol=1e-5)
+
+
+def test_stops_and_decide_agree_where_the_threshold_does_not_round_to_float32(tiny_tokenizer):
+    """0.1 rounds up in float32: a STOP probability of exactly float32(0.1) is above the threshold 0.1, for both."""
+    model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer)))
+    policy = EarlyExit(model, ExitHeads.for_backbone(model, rank=4).eval(), Thresholds(exit=0.5, stop=0.1))
+    at = torch.tensor(0.1, dtype=torch.float32).item()  # 0.10000000149...
+    below = torch.nextafter(torch.tensor(at), torch.tensor(0.0)).item()
+    probs = torch.zeros(3, 3)
+    probs[:, CONTINUE], probs[:, EXIT] = 0.01, 0.02
+    probs[:, STOP] = torch.tensor([at, below, 0.9])
+    assert at > 0.1 > below
+    expected = [policy.decide(row, allow_exit=True) == STOP for row in probs]
+    assert expected == [True, False, True] and policy.stops(probs).tolist() == expected
