@@ -421,7 +421,8 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += cfg.tokens_per_step
-        tps = cfg.tokens_per_step / (time.time() - t0)
+        step_seconds = time.time() - t0
+        tps = cfg.tokens_per_step / step_seconds
         bar.update(1)
         bar.set_postfix(loss=f"{loss_total:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr_at(cfg, step - 1):.2e}")
         record = {"step": step, "tokens_seen": tokens_seen, "loss": loss_total, "tok_s": tps, "time": time.time()}
@@ -439,7 +440,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
             save_checkpoint(work / "checkpoint_stable.pt", model, optimizer, step, tokens_seen)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
             export(model, tok, cfg, step, tokens_seen, meta, last_eval)
-            eval_seconds = time.time() - t0 - cfg.tokens_per_step / tps  # this step's evaluation, checkpoint and export
+            eval_seconds = time.time() - t0 - step_seconds  # this step's evaluation, checkpoint and export
         if step == timed_from:
             timer = (step, time.time())
         elif timer and step < cfg.decay_start and (step == timer[0] + BUDGET_FIRST_FIT or step % cfg.eval_interval == 0):
