@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .decoding import Completion, GenerationSettings, Transcript, per_kept_token, prepare_prompt
+from .decoding import Completion, GenerationSettings, Transcript, check_reproducible, per_kept_token, prepare_prompt
 from .errors import EarlyExitError
 from .model import GPT2
 from .policies import FullDepth
@@ -38,8 +38,7 @@ def generate_batch(
     settings = settings or GenerationSettings()
     policy = policy or FullDepth()
     speculative = getattr(policy, "speculative", False)
-    if speculative and logits_processor is not None:
-        raise EarlyExitError(f"logits processors change greedy tokens, which {policy.name} mode must reproduce: use full or early-exit")
+    check_reproducible(policy, logits_processor)
     if not hasattr(policy, "step_batch" if not speculative else "run_batch"):
         raise EarlyExitError(f"policy {type(policy).__name__} has no batched step")
     if isinstance(prompts, str) or not len(prompts):
@@ -51,8 +50,8 @@ def generate_batch(
     for b, (ids, *_) in enumerate(rows):
         padded[b, :len(ids)] = torch.tensor(ids)
     cache = model.new_cache(batch=B, capacity=int(lengths.max()) + settings.max_new_tokens + getattr(policy, "max_draft", 0) + 1)
-    transcripts = [Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria, healed)
-                   for ids, healed, _ in rows]
+    transcripts = [Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria, healed, truncated)
+                   for ids, healed, truncated in rows]
     finish: list[str | None] = [None] * B
     token_ms: list[list[float]] = [[] for _ in range(B)]
 
@@ -90,6 +89,6 @@ def generate_batch(
             write(b, step.logits[i:i + 1], step.layers[i], step.stop[i], ms)
     return [
         Completion(text=t.final_text(), token_ids=t.new, prompt_tokens=len(ids), finish_reason=finish[b], exit_layers=t.layers,
-                   prefill_ms=prefill_ms, token_ms=per_kept_token(token_ms[b], len(t.new)), prompt_truncated_tokens=dropped, speculation=stats[b], healed_prefix=healed)
-        for b, (t, (ids, healed, dropped)) in enumerate(zip(transcripts, rows))
+                   prefill_ms=prefill_ms, token_ms=per_kept_token(token_ms[b], len(t.new)), prompt_truncated_tokens=len(truncated), speculation=stats[b], healed_prefix=healed)
+        for b, (t, (ids, healed, truncated)) in enumerate(zip(transcripts, rows))
     ]

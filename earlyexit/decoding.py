@@ -38,6 +38,7 @@ class GenerationSettings:
     token_healing: bool = False  # back off a prompt's partial word and make the new tokens write it again first (earlyexit.healing)
     healing_mode: str = "word"  # "word": the whole partial word; "token": the last token only, as earlier versions (earlyexit.healing)
     stop_on_repetition: bool = False  # end a completion that loops, keeping one copy of the loop (earlyexit.repetition)
+    cache_weight: float = 0.0  # blend weight of the n-gram cache over the prompt, truncated part included; 0: off (earlyexit.ngram_cache)
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -48,6 +49,9 @@ class GenerationSettings:
 
         if self.healing_mode not in HEALING_MODES:
             raise EarlyExitError(f"healing_mode must be one of {HEALING_MODES}, got {self.healing_mode!r}")
+        from .ngram_cache import check_weight
+
+        check_weight(self.cache_weight)
 
 
 @dataclass
@@ -89,7 +93,7 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 
 def fit_context(ids: list[int], model: GPT2, settings: GenerationSettings) -> tuple[list[int], int]:
-    """Check (or left-truncate) the prompt so prompt + new tokens fit the context."""
+    """Check the prompt against the context: (ids, how many of its first tokens to drop so prompt + new tokens fit)."""
     context = model.dims.n_positions
     if settings.max_new_tokens >= context:
         raise EarlyExitError(f"max_new_tokens ({settings.max_new_tokens}) must be smaller than the model's context ({context})")
@@ -103,22 +107,23 @@ def fit_context(ids: list[int], model: GPT2, settings: GenerationSettings) -> tu
         )
     dropped = len(ids) - room
     warnings.warn(f"prompt left-truncated by {dropped} tokens to fit the context of {context}", stacklevel=3)
-    return ids[dropped:], dropped
+    return ids, dropped
 
 
 def prepare_prompt(tokenizer, model: GPT2, prompt, settings: GenerationSettings):
     """A prompt's ids, checked against the context (or left-truncated) and healed when asked:
-    (ids, backed-off text the completion must write first, tokens truncated)."""
+    (ids, backed-off text the completion must write first, the ids truncated)."""
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise EarlyExitError("prompt is empty: give at least one token to complete")
     ids, dropped = fit_context(ids, model, settings)
+    truncated, ids = ids[:dropped], ids[dropped:]
     healed = ""
     if settings.token_healing:
         from .healing import heal
 
         ids, healed = heal(ids, tokenizer, settings.healing_mode)
-    return ids, healed, dropped
+    return ids, healed, truncated
 
 
 @torch.inference_mode()
@@ -141,8 +146,10 @@ def _stop_string_cut(text: str, stop_strings: Sequence[str]) -> int | None:
 class Transcript:
     """The tokens written so far and the checks that end a completion (EOS, stop strings, criteria)."""
 
-    def __init__(self, tokenizer, settings: GenerationSettings, input_ids: torch.Tensor, stopping_criteria=None, healed: str = ""):
+    def __init__(self, tokenizer, settings: GenerationSettings, input_ids: torch.Tensor, stopping_criteria=None, healed: str = "",
+                 truncated: Sequence[int] = ()):
         self.tokenizer, self.settings, self.stopping_criteria = tokenizer, settings, stopping_criteria
+        self.truncated = torch.tensor(list(truncated), dtype=torch.long)  # prompt ids left of the context: the n-gram cache searches them
         self.healed = healed  # text of the backed-off prompt tokens: written again, not reported
         self.pending = healed  # what of it the next tokens must still write (earlyexit.healing)
         self.input_ids = input_ids  # (1, prompt + written)
@@ -168,13 +175,32 @@ class Transcript:
         allowed = allowed_tokens(self.pending, self.tokenizer, self.settings.healing_mode)
         return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
+    def cached(self, logits: torch.Tensor, ahead: Sequence[int] = ()) -> torch.Tensor:
+        """Next-token scores (1, V) after what was written and then `ahead` (tokens not written yet: a speculative
+        policy's drafts), blended with the n-gram cache over the prompt (its truncated part first), what was written and
+        `ahead`, where `settings.cache_weight` > 0 (earlyexit.ngram_cache)."""
+        if not self.settings.cache_weight:
+            return logits
+        from .ngram_cache import blend, continuations
+
+        sequence = torch.cat([self.truncated, self.input_ids[0].cpu(), torch.tensor(list(ahead), dtype=torch.long)])
+        return blend(logits[0], continuations(sequence), self.settings.cache_weight).unsqueeze(0)
+
+    def greedy_ahead(self, logits: torch.Tensor, ahead: Sequence[int]) -> list[int]:
+        """Greedy tokens after what was written and each prefix of `ahead`: logits (>= len(ahead) + 1, V), row i the
+        next-token logits after ahead[:i]. With the n-gram cache off this is the argmax of each row."""
+        n = len(ahead) + 1
+        if not self.settings.cache_weight:
+            return logits[:n].argmax(-1).tolist()
+        return [int(self.cached(logits[i:i + 1], ahead[:i]).argmax(-1)) for i in range(n)]
+
     def write_greedy(self, logits: torch.Tensor, layers: int, stopped: bool = False, logits_processor=None) -> str | None:
         """Write the greedy token of next-token `logits` (1, V), after token healing's constraint and then
         `logits_processor`: the finish reason as `write` gives it, or "stop", writing nothing, where the policy
         `stopped` before this token. Every non-speculative step of every engine writes through here."""
         if stopped:
             return "stop"
-        logits = self.constrain(logits)
+        logits = self.cached(self.constrain(logits))
         if logits_processor is not None:
             logits = logits_processor(self.input_ids, logits)
         return self.write(int(logits.argmax(-1)), layers, logits)
@@ -237,6 +263,12 @@ def per_kept_token(token_ms: list[float], kept: int) -> list[float]:
 
 
 @torch.inference_mode()
+def check_reproducible(policy, logits_processor) -> None:
+    """A speculative policy writes full mode's greedy tokens (the n-gram cache's included): no other processor may change them."""
+    if getattr(policy, "speculative", False) and logits_processor is not None:
+        raise EarlyExitError(f"logits processors change greedy tokens, which {policy.name} mode must reproduce: use full or early-exit")
+
+
 def generate(
     model: GPT2,
     tokenizer,
@@ -257,12 +289,10 @@ def generate(
     """
     settings = settings or GenerationSettings()
     policy = policy or FullDepth()
-    ids, healed, dropped = prepare_prompt(tokenizer, model, prompt, settings)
-    speculative = getattr(policy, "speculative", False)
-    if speculative and logits_processor is not None:
-        raise EarlyExitError(f"logits processors change greedy tokens, which {policy.name} mode must reproduce: use full or early-exit")
+    ids, healed, truncated = prepare_prompt(tokenizer, model, prompt, settings)
+    check_reproducible(policy, logits_processor)
     cache = model.new_cache(batch=1, capacity=len(ids) + settings.max_new_tokens + getattr(policy, "max_draft", 0))
-    transcript = Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria, healed)
+    transcript = Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria, healed, truncated)
 
     t0 = time.perf_counter()
     result = policy.prefill(model, transcript.input_ids, cache)
@@ -271,7 +301,7 @@ def generate(
     stats: dict = {}
     if result.stop:
         finish = "stop"
-    elif speculative:
+    elif getattr(policy, "speculative", False):
         finish, token_ms, stats = policy.run(model, cache, transcript, transcript.constrain(result.logits))
     else:
         finish = None
@@ -285,6 +315,6 @@ def generate(
     return Completion(
         text=transcript.final_text(), token_ids=transcript.new, prompt_tokens=len(ids), finish_reason=finish,
         exit_layers=transcript.layers, prefill_ms=prefill_ms, token_ms=per_kept_token(token_ms, len(transcript.new)),
-        prompt_truncated_tokens=dropped,
+        prompt_truncated_tokens=len(truncated),
         speculation=stats, healed_prefix=healed,
     )

@@ -44,6 +44,7 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .decoding import GenerationSettings
+    from .ngram_cache import DEFAULT_WEIGHT as DEFAULT_CACHE_WEIGHT
 
     defaults = GenerationSettings()
     p = argparse.ArgumentParser(prog="python -m earlyexit.generate", description=__doc__.split("\n\n")[0])
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-token-healing", action="store_true", help="do not back off a prompt's partial last word (healing is on by default)")
     p.add_argument("--no-repetition-stop", action="store_true",
                    help="let a completion that loops (a line, block or phrase written again) run on (by default it ends with one copy)")
+    p.add_argument("--ngram-cache", type=float, metavar="WEIGHT", default=DEFAULT_CACHE_WEIGHT,
+                   help="blend weight in [0, 1] of the n-gram cache, which copies what followed the same tokens earlier in the prompt "
+                        "(all of it, the part --truncate-prompt drops included) into the next-token distribution; 0 turns it off "
+                        "(default: %(default)s; lossless mode writes full mode's tokens with the same cache)")
     p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt too long for the context instead of refusing it")
     p.add_argument("--mode", choices=("full", "early-exit", "lossless"),
                    help="early-exit (the default when the model has exit heads), full depth, or lossless (full's exact tokens, drafted cheaply and verified)")
@@ -119,7 +124,8 @@ def run(args: argparse.Namespace) -> dict:
     from .loading import load_runtime_model, resolve_model_dir
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop), truncate_prompt=args.truncate_prompt,
-                                  token_healing=not args.no_token_healing, stop_on_repetition=not args.no_repetition_stop)
+                                  token_healing=not args.no_token_healing, stop_on_repetition=not args.no_repetition_stop,
+                                  cache_weight=args.ngram_cache)
     Thresholds(exit=1.0 if args.exit_threshold is None else args.exit_threshold,
                stop=1.0 if args.stop_threshold is None else args.stop_threshold)  # validate before loading anything
     if args.target_agreement is not None:
@@ -147,7 +153,8 @@ def run(args: argparse.Namespace) -> dict:
         completion = generate(model, tokenizer, prompt, settings, policy=policy)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    result = {"prompt": prompt, "mode": policy.name, "weights": args.weights, "n_layer": model.dims.n_layer, **completion.to_dict()}
+    result = {"prompt": prompt, "mode": policy.name, "weights": args.weights, "n_layer": model.dims.n_layer, "ngram_cache": settings.cache_weight,
+              **completion.to_dict()}
     if hasattr(policy, "thresholds"):
         result["thresholds"] = asdict(policy.thresholds)
     result["tokens"] = [tokenizer.decode([t]) for t in completion.token_ids]

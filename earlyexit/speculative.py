@@ -21,6 +21,11 @@ tokens, cut where the controller predicts wrong code (tested). Off by default, s
 With `adaptive`, k grows by one after a round whose drafts were all accepted and falls to
 one more than the accepted count after a rejection, within [1, max_draft].
 
+With the n-gram cache on (`GenerationSettings.cache_weight`), the verify pass blends each
+position's logits with the cache over the prompt, what was written and the drafts before
+that position, as full mode would after them; the drafts themselves do without it (they
+only have to be guessed right often), so the output is full mode's with the same cache.
+
 Drafts come from `draft_model`: by default (`draft="auto"`) a weight-only int8 copy of an
 fp32 CPU model (earlyexit.quantize), whose weights fit in the CPU's cache where the fp32
 ones do not, or the model itself (`draft="same"`). The draft copy writes into the same fp32
@@ -44,7 +49,7 @@ from .policies import EarlyExit, FullDepth, StepResult
 @torch.inference_mode()
 def verify_and_check(model: GPT2, controller: EarlyExit, tokens: torch.Tensor, cache: KVCache, pos, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The full-depth pass over tokens (B, T) at positions pos.. that also asks the controller after every block at every position, as
-    `EarlyExit.step` would for a token after a full-depth one: greedy next tokens (B, T) and whether it stops there (B, T)."""
+    `EarlyExit.step` would for a token after a full-depth one: next-token logits (B, T, V) and whether it stops there (B, T)."""
     L = model.dims.n_layer
     x = model.embed(tokens, pos)
     B, T, d = x.shape
@@ -54,7 +59,7 @@ def verify_and_check(model: GPT2, controller: EarlyExit, tokens: torch.Tensor, c
         h, probs = controller.check_rows(layer, x_mid.reshape(-1, d), mlp_out.reshape(-1, d), L)
         stops |= controller.stops(probs)
         x = h.view(B, T, d)
-    return model.logits(x).argmax(-1), stops.view(B, T)
+    return model.logits(x), stops.view(B, T)
 
 
 DRAFTS = ("auto", "int8", "same")
@@ -105,12 +110,17 @@ class Lossless:
     def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> StepResult:
         return (self.stopper or FullDepth()).prefill(model, ids, cache)
 
-    def verify_window(self, model: GPT2, window: torch.Tensor, cache: KVCache, pos, rows=None) -> tuple[list, list | None]:
-        """The full model over each row's window (B, T): its greedy tokens and, with a stop threshold, where the controller stops."""
+    def verify_window(self, model: GPT2, window: torch.Tensor, cache: KVCache, pos, transcripts: list, drafts: list[list[int]],
+                      rows=None) -> tuple[list, list | None]:
+        """The full model over each row's window (B, T: the last written token, then that row's drafts): its greedy tokens
+        after each (the n-gram cache applied as the row's transcript would, see `Transcript.greedy_ahead`) and, with a
+        stop threshold, where the controller stops."""
         if self.stopper is None:
-            return model(window, cache, pos, rows).argmax(-1).tolist(), None
-        truth, stops = verify_and_check(model, self.stopper, window, cache, pos, rows)
-        return truth.tolist(), stops.tolist()
+            logits, stops = model(window, cache, pos, rows), None
+        else:
+            logits, stops = verify_and_check(model, self.stopper, window, cache, pos, rows)
+            stops = stops.tolist()
+        return [t.greedy_ahead(row, d) for t, row, d in zip(transcripts, logits, drafts)], stops
 
     def draft(self, model: GPT2, cache: KVCache, last: int, pos: int, prev_layers: int, n: int, eos: int) -> tuple[list[int], list[int]]:
         """Up to n draft tokens after `last` (at `pos`), with the layers each one used."""
@@ -186,7 +196,7 @@ class Lossless:
         """Write tokens into `transcript` until it ends: (finish reason, ms per token, drafting statistics)."""
         L = model.dims.n_layer
         eos = transcript.tokenizer.eos_token_id
-        finish = transcript.write(int(first_logits.argmax(-1)), L)
+        finish = transcript.write(int(transcript.cached(first_logits).argmax(-1)), L)
         finish, token_ms = self.write_pending(model, cache, transcript, finish)
         k, drafted, accepted, rounds = self.max_draft, 0, 0, 0
         while finish is None:
@@ -195,7 +205,7 @@ class Lossless:
             budget = transcript.settings.max_new_tokens - len(transcript.new)
             drafts, layers = self.draft(model, cache, transcript.new[-1], pos, transcript.layers[-1], min(k, budget), eos)
             window = torch.tensor([[transcript.new[-1], *drafts]], device=model.device)  # (1, n + 1)
-            truth, stops = self.verify_window(model, window, cache, pos)  # the full model's token after each
+            truth, stops = self.verify_window(model, window, cache, pos, [transcript], [drafts])  # the full model's token after each
             m, written, finish = self.accept(transcript, drafts, layers, truth[0], L, stops and stops[0])
             drafted, accepted, rounds = drafted + len(drafts), accepted + m, rounds + 1
             k = self.next_draft(k, m, len(drafts))
@@ -224,7 +234,7 @@ class Lossless:
         device = model.device
         eos = transcripts[0].tokenizer.eos_token_id
         stopped = stopped or [False] * B
-        finish = ["stop" if stopped[b] else t.write(int(first_logits[b].argmax(-1)), L) for b, t in enumerate(transcripts)]
+        finish = ["stop" if stopped[b] else t.write(int(t.cached(first_logits[b:b + 1]).argmax(-1)), L) for b, t in enumerate(transcripts)]
         token_ms = self.write_pending_batch(model, cache, transcripts, finish)
         k = [self.max_draft] * B
         drafted, accepted, rounds = [0] * B, [0] * B, [0] * B
@@ -255,7 +265,8 @@ class Lossless:
                 window[i, :1 + len(drafts[b])] = torch.tensor([transcripts[b].new[-1], *drafts[b]])
             starts = torch.tensor([pos[b] for b in live], device=device)
             rows = torch.tensor(live, device=device)
-            truth, stops = self.verify_window(model, window, cache, starts, rows)  # (live, width): the full model's token after each
+            truth, stops = self.verify_window(model, window, cache, starts, [transcripts[b] for b in live], [drafts[b] for b in live],
+                                              rows)  # per live row: the full model's token after each of its window's tokens
             elapsed = (time.perf_counter() - t0) * 1e3
             for i, b in enumerate(live):
                 m, written, finish[b] = self.accept(transcripts[b], drafts[b], layers[b], truth[i], L, stops and stops[i])

@@ -91,6 +91,7 @@ def llama_dir(tmp_path):
         ("no_heads_lossless", ["x", "--mode", "lossless"], "no exit heads"),
         ("max_draft", ["x", "--max-draft", "0"], "--max-draft must be a positive integer"),
         ("int8_lossless", ["x", "--mode", "lossless", "--weights", "int8"], "--weights int8 does not apply to lossless"),
+        ("cache_weight", ["x", "--ngram-cache", "1.5"], "n-gram cache weight must be a number in [0, 1], got 1.5"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(capsys, tmp_path, tiny_model_dir, case, args, message):
@@ -200,3 +201,22 @@ def test_repetition_stop_is_on_by_default_with_a_flag_to_turn_it_off(capsys, tin
                            "--no-repetition-stop")
     ran_on = json.loads(out)
     assert ran_on["finish_reason"] == "max_tokens" and ran_on["token_ids"][:len(stopped["token_ids"])] == stopped["token_ids"]
+
+
+def test_ngram_cache_is_on_by_default_in_every_mode_with_a_flag_to_turn_it_off(capsys, tiny_model_dir):
+    from earlyexit.ngram_cache import DEFAULT_WEIGHT
+
+    heads_for(tiny_model_dir).save(tiny_model_dir)
+    prompt = "def push(self, item):\n    self.items.append(item)\n\ndef push(self, it"
+    outs = {}
+    for mode in ("full", "lossless"):
+        for weight in (None, "0", "1"):
+            code, out, _ = run_cli(capsys, prompt, "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--json", "--mode", mode,
+                                   *(["--ngram-cache", weight] if weight else []))
+            assert code == 0
+            outs[mode, weight] = json.loads(out)
+    assert outs["full", None]["ngram_cache"] == DEFAULT_WEIGHT and outs["full", "0"]["ngram_cache"] == 0.0
+    assert outs["full", "1"]["text"].startswith("em):\n")  # weight 1 copies what followed earlier
+    assert outs["full", "1"]["token_ids"] != outs["full", "0"]["token_ids"]
+    for weight in (None, "0", "1"):  # lossless writes full mode's tokens, cache included
+        assert outs["lossless", weight]["token_ids"] == outs["full", weight]["token_ids"]

@@ -333,3 +333,18 @@ def test_quality_curve_scores_each_checkpoint(tmp_path, monkeypatch, capsys):
     assert quality_curve.main([export_point, "line_examples=4", "max_line_tokens=3"]) == 0
     assert quality_curve.main([f"points=[[{config}, {tmp_path / 'missing.pt'}]]", "line_examples=4"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_ngram_cache_sweep_limit_run(model_with_heads, tmp_path, capsys):
+    import ngram_cache_sweep
+
+    assert ngram_cache_sweep.main(["--model", str(model_with_heads), "--limit", "4", "weights=[0, 1.0]", "plot=false"]) == 0
+    result = json.loads((tmp_path / "results/ngram_cache_sweep/results.json").read_text())
+    rows = {(r["prompt"], r["weight"]): r for r in result["rows"]}
+    assert set(rows) == {("whole file", 0.0), ("whole file", 1.0), ("card", 0.0), ("card", 1.0)}
+    assert all(len(r["exact"]) == 4 for r in rows.values()) and result["best_weight"] in (0.0, 1.0)
+    assert rows[("card", 0.0)]["against_no_cache"] == {"gained": 0, "lost": 0, "p_value": 1.0}
+    assert ngram_cache_sweep.main(["--model", str(model_with_heads), "weights=[0.3]"]) == 2  # no baseline to compare with
+    assert ngram_cache_sweep.main(["--model", str(model_with_heads), "weights=[0, 1.5]"]) == 2
+    assert "n-gram cache weight must be a number in [0, 1], got 1.5" in capsys.readouterr().err
+
