@@ -21,6 +21,7 @@ import torch
 
 from .errors import EarlyExitError
 from .model import GPT2, KVCache
+from .ngram_cache import SKIP_RECENT
 from .policies import FullDepth
 from .repetition import loop_tail
 
@@ -39,6 +40,7 @@ class GenerationSettings:
     healing_mode: str = "word"  # "word": the whole partial word; "token": the last token only, as earlier versions (earlyexit.healing)
     stop_on_repetition: bool = False  # end a completion that loops, keeping one copy of the loop (earlyexit.repetition)
     cache_weight: float = 0.0  # blend weight of the n-gram cache over the prompt, truncated part included; 0: off (earlyexit.ngram_cache)
+    cache_skip_recent: int = SKIP_RECENT  # the cache does not search the last this many tokens (earlyexit.ngram_cache)
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -49,9 +51,10 @@ class GenerationSettings:
 
         if self.healing_mode not in HEALING_MODES:
             raise EarlyExitError(f"healing_mode must be one of {HEALING_MODES}, got {self.healing_mode!r}")
-        from .ngram_cache import check_weight
+        from .ngram_cache import check_skip_recent, check_weight
 
         check_weight(self.cache_weight)
+        check_skip_recent(self.cache_skip_recent)
 
 
 @dataclass
@@ -184,7 +187,7 @@ class Transcript:
         from .ngram_cache import blend, continuations
 
         sequence = torch.cat([self.truncated, self.input_ids[0].cpu(), torch.tensor(list(ahead), dtype=torch.long)])
-        return blend(logits[0], continuations(sequence), self.settings.cache_weight).unsqueeze(0)
+        return blend(logits[0], continuations(sequence, skip_recent=self.settings.cache_skip_recent), self.settings.cache_weight).unsqueeze(0)
 
     def greedy_ahead(self, logits: torch.Tensor, ahead: Sequence[int]) -> list[int]:
         """Greedy tokens after what was written and each prefix of `ahead`: logits (>= len(ahead) + 1, V), row i the

@@ -25,6 +25,7 @@ from .backbone_quality import (TARGET_LINE_COMPLETION, TARGET_VALIDATION_LOSS, c
 from .config import config_parser, exit_code, load_config, to_dict
 from .errors import EarlyExitError
 from .provenance import git_commit, machine
+from .ngram_cache import DEFAULT_WEIGHT as DEFAULT_CACHE_WEIGHT
 from .recipe import schedule_lines
 
 
@@ -40,6 +41,7 @@ class ModelCardConfig:
     shown_line_examples: int = 8  # line completions shown in the card as scored, with where they all go wrong
     sample_max_new_tokens: int = 40
     sample_prompts: list[str] = field(default_factory=lambda: ["def fibonacci(n):\n"])
+    cache_weight: float = DEFAULT_CACHE_WEIGHT  # the n-gram cache's, as the CLI runs it (earlyexit.ngram_cache)
 
 
 def corpus_splits(state: dict):
@@ -131,6 +133,16 @@ def evaluate(model_dir: Path, cfg: ModelCardConfig, log: Path | None = None) -> 
     # curve began, so its phases compare
     result["line_completion_one_token_healing"] = completion_metrics(model, tok, lines, cfg.max_line_tokens, True,
                                                                      "line completion (one-token healing)", healing=True, healing_mode="token")
+    # the CLI's n-gram cache, over the same prompts, and over the whole file above each cut (as an editor gives it;
+    # the model still sees the last context-full of tokens, the cache all of it): the same cuts and targets
+    result["line_completion_cached"] = completion_metrics(model, tok, lines, cfg.max_line_tokens, True, "line completion (healed, cache)",
+                                                          healing=True, cache_weight=cfg.cache_weight)
+    whole_file = line_cut_examples(splits["test"], cfg.line_examples, max_prompt_chars=10 ** 12, seed=cfg.seed)
+    result["line_completion_whole_file"] = completion_metrics(model, tok, whole_file, cfg.max_line_tokens, True,
+                                                              "line completion (whole file, healed, cache)", healing=True,
+                                                              cache_weight=cfg.cache_weight)
+    result["line_completion_whole_file_no_cache"] = completion_metrics(model, tok, whole_file, cfg.max_line_tokens, True,
+                                                                       "line completion (whole file, healed)", healing=True)
     cuts = token_cut_examples(splits["test"], tok, cfg.token_examples, cfg.target_tokens, seed=cfg.seed)
     result["token_completion"] = completion_metrics(model, tok, cuts, cfg.target_tokens, False, f"{cfg.target_tokens}-token completion")
     from .decoding import GenerationSettings, generate
@@ -141,8 +153,9 @@ def evaluate(model_dir: Path, cfg: ModelCardConfig, log: Path | None = None) -> 
     for prompt in cfg.sample_prompts:
         # with token healing, as the CLI runs them: a prompt ending in a newline cut the model's usual ":\n    " token
         alone = generate(model, tok, prompt, GenerationSettings(max_new_tokens=cfg.sample_max_new_tokens, token_healing=True))
-        # and with the CLI's other default, the repetition stop: a loop ends with one copy kept
-        cli = generate(model, tok, prompt, GenerationSettings(max_new_tokens=cfg.sample_max_new_tokens, token_healing=True, stop_on_repetition=True))
+        # and with the CLI's other defaults, the n-gram cache and the repetition stop: a loop ends with one copy kept
+        cli = generate(model, tok, prompt, GenerationSettings(max_new_tokens=cfg.sample_max_new_tokens, token_healing=True, stop_on_repetition=True,
+                                                              cache_weight=cfg.cache_weight))
         result["samples"].append({"prompt": prompt, "completion": alone.text, "degenerate": is_degenerate(alone.token_ids),
                                   "cli_completion": cli.text, "cli_finish": cli.finish_reason, "cli_degenerate": is_degenerate(cli.token_ids)})
     result["samples_degenerate_rate"] = sum(s["degenerate"] for s in result["samples"]) / max(1, len(result["samples"]))
@@ -280,6 +293,40 @@ def line_error_lines(lc: dict) -> list[str]:
     return out
 
 
+def completion_row(label: str, m: dict) -> str:
+    return (f"| {label} | {m['examples']} | {m['exact_match']:.1%} | {m['edit_similarity']:.3f} | {m['rouge_l']:.3f} | "
+            f"{m['degenerate_rate']:.1%} |")
+
+
+def cache_rows(r: dict) -> list[str]:
+    """The line completion rows with the n-gram cache (cards written before it have none)."""
+    if "line_completion_cached" not in r:
+        return []
+    w = r["config"]["cache_weight"]
+    return [completion_row(f"the same lines with the n-gram cache (weight {w:g}, the CLI's default)", r["line_completion_cached"]),
+            completion_row("the same cuts, the whole file above each as the prompt: token healing", r["line_completion_whole_file_no_cache"]),
+            completion_row("the same, with the n-gram cache: the CLI's defaults on a file in an editor", r["line_completion_whole_file"])]
+
+
+def cache_note(r: dict) -> list[str]:
+    if "line_completion_cached" not in r:
+        return []
+    return ["", "The n-gram cache (`earlyexit.ngram_cache`, on by default in the CLI) blends into the model's next-token "
+            "distribution what followed the longest earlier copy of the last tokens in the prompt; its weight was chosen on "
+            "validation lines (`experiments/ngram_cache_sweep.py`). The line prompts above are the last 2,000 characters before "
+            "each cut; in an editor the whole file above the cursor is at hand: the model still sees its last context-full "
+            "of tokens, the cache searches all of it (`--truncate-prompt`)."]
+
+
+def cache_target_rows(r: dict) -> list[str]:
+    if "line_completion_whole_file" not in r:
+        return []
+    m = r["line_completion_whole_file"]
+    return [f"| the same with the CLI's n-gram cache, whole file above the cut: exact match | ≥ {TARGET_LINE_COMPLETION['exact_match']:.0%} | "
+            f"{m['exact_match']:.1%} |",
+            f"| the same: edit similarity | ≥ {TARGET_LINE_COMPLETION['edit_similarity']:.2f} | {m['edit_similarity']:.3f} |"]
+
+
 def render_card(r: dict, has_plot: bool) -> str:
     tc = r["training"]["config"]
     v, t, lc, kc = r["validation"], r["test"], r["line_completion"], r["token_completion"]
@@ -336,12 +383,14 @@ def render_card(r: dict, has_plot: bool) -> str:
         f"| line: random point inside a line, target = rest of the line, token healing | {lc['examples']} | {lc['exact_match']:.1%} | {lc['edit_similarity']:.3f} | {lc['rouge_l']:.3f} | {lc['degenerate_rate']:.1%} |",
         *([f"| the same lines, healing only the last token (the quality curve's measure) | {one['examples']} | {one['exact_match']:.1%} | "
            f"{one['edit_similarity']:.3f} | {one['rouge_l']:.3f} | {one['degenerate_rate']:.1%} |"] if one else []),
+        *cache_rows(r),
         f"| the same lines without token healing | {raw['examples']} | {raw['exact_match']:.1%} | {raw['edit_similarity']:.3f} | {raw['rouge_l']:.3f} | {raw['degenerate_rate']:.1%} |",
         f"| the study's: random token, target = next {r['config']['target_tokens']} tokens | {kc['examples']} | {kc['exact_match']:.1%} | {kc['edit_similarity']:.3f} | {kc['rouge_l']:.3f} | {kc['degenerate_rate']:.1%} |",
         "",
         "Line prompts are cut at a random character, often inside a word. Token healing (on by default in the CLI) backs off "
         "the prompt's partial word (the longest run of last tokens some single token starts with) and makes the first "
         "generated token extend it; the rows below the first show what backing off one token only, or nothing, gives.",
+        *cache_note(r),
         "",
     ]
     lines += line_error_lines(lc)
@@ -358,8 +407,9 @@ def render_card(r: dict, has_plot: bool) -> str:
               f"| validation loss (nats/token) | ≤ {TARGET_VALIDATION_LOSS:.1f} | {v['loss']:.3f} |",
               f"| line completion exact match (healed) | ≥ {TARGET_LINE_COMPLETION['exact_match']:.0%} | {lc['exact_match']:.1%} |",
               f"| line completion edit similarity (healed) | ≥ {TARGET_LINE_COMPLETION['edit_similarity']:.2f} | {lc['edit_similarity']:.3f} |",
+              *cache_target_rows(r),
               f"| sample completions with degenerate repetition, the model alone | 0 of {n} | {sum(s['degenerate'] for s in r['samples'])} of {n} |",
-              f"| the same, as the CLI writes them (repetition stop on) | 0 of {n} | {sum(s['cli_degenerate'] for s in r['samples'])} of {n} |", "",
+              f"| the same, as the CLI writes them (n-gram cache and repetition stop on) | 0 of {n} | {sum(s['cli_degenerate'] for s in r['samples'])} of {n} |", "",
               *([f"Edit similarity here is 1 - Levenshtein distance / longer length. The horizon the issue names (CodeGPT-small-py "
                  f"on PY150, 39% / 71) is scored by CodeXGLUE's evaluator with an insert/delete-only ratio, 2 · LCS / total "
                  f"length, which credits a partly right line more: on that ratio these healed lines score "

@@ -10,7 +10,10 @@ from everything given, including the part of a long prompt that left-truncation 
 At each step the cache finds the longest suffix of the tokens so far (up to `MAX_ORDER`
 tokens) that occurred earlier, counts the tokens that followed its earlier occurrences
 into a distribution q, and the next-token distribution becomes (1 - w) p + w q. Where the
-last token never occurred before, p is left as it is. Masked tokens (-inf, e.g. token
+last token never occurred before, p is left as it is. Occurrences among the last
+`SKIP_RECENT` tokens are not searched: the model copies recent text well by itself, and a
+cache that copies the line just written makes greedy decoding write it again and again
+(`if n < 2:` after `if n < 2: return False`); the sweep measured both effects. Masked tokens (-inf, e.g. token
 healing's constraint) stay masked, so the cache never writes what another rule forbade.
 
 `GenerationSettings(cache_weight=w)` turns it on inside the runtime (the CLI's
@@ -22,12 +25,12 @@ the order were chosen on validation lines by `experiments/ngram_cache_sweep.py`.
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor
 
 from .errors import EarlyExitError
 
 MAX_ORDER = 8  # tokens of suffix matched at most (experiments/ngram_cache_sweep.py)
 DEFAULT_WEIGHT = 0.3  # the CLI's default blend weight (experiments/ngram_cache_sweep.py)
+SKIP_RECENT = 64  # tokens before the current one whose occurrences are not searched (experiments/ngram_cache_sweep.py)
 
 
 def check_weight(weight: float) -> float:
@@ -36,13 +39,21 @@ def check_weight(weight: float) -> float:
     return float(weight)
 
 
-def continuations(sequence: torch.Tensor, max_order: int = MAX_ORDER) -> torch.Tensor:
+def check_skip_recent(skip_recent: int) -> int:
+    if isinstance(skip_recent, bool) or not isinstance(skip_recent, int) or skip_recent < 0:
+        raise EarlyExitError(f"n-gram cache skip_recent must be a non-negative integer, got {skip_recent!r}")
+    return skip_recent
+
+
+def continuations(sequence: torch.Tensor, max_order: int = MAX_ORDER, skip_recent: int = 0) -> torch.Tensor:
     """The tokens that followed the earlier occurrences of the longest suffix of `sequence` (1-D ids) that occurred
-    before, matching at most `max_order` tokens: one entry per occurrence, empty where the last token is new."""
+    before, matching at most `max_order` tokens: one entry per occurrence, empty where the last token is new.
+    Occurrences whose following token is one of the last `skip_recent` tokens of `sequence` are not searched."""
     last = sequence.numel() - 1
-    if last < 1:
+    searched = last - skip_recent  # earlier copies of the suffix may end before this position
+    if searched < 1:
         return sequence[:0]
-    ends = (sequence[:last] == sequence[last]).nonzero().flatten()  # where earlier copies of the suffix end
+    ends = (sequence[:searched] == sequence[last]).nonzero().flatten()  # where earlier copies of the suffix end
     for k in range(1, min(max_order, last + 1)):
         longer = ends[ends >= k]
         longer = longer[sequence[longer - k] == sequence[last - k]]
@@ -66,17 +77,18 @@ def blend(scores: torch.Tensor, followers: torch.Tensor, weight: float) -> torch
     return mixed.masked_fill(scores == float("-inf"), float("-inf")).to(scores.dtype)
 
 
-class NGramCacheLogitsProcessor(LogitsProcessor):
-    """The n-gram cache as a transformers logits processor: each row of `input_ids` is searched, after
+class NGramCacheLogitsProcessor:
+    """The n-gram cache as a transformers logits processor (a callable `LogitsProcessorList` takes as it is, so importing
+    this module does not import transformers): each row of `input_ids` is searched, after
     `context` (ids of text before the input, e.g. what left-truncation dropped), if given. Returns log-probabilities
     (the blend), so place it after processors that mask tokens and before any that expect raw logits.
     With left padding, the pad tokens are searched too: give unpadded rows for exact results."""
 
-    def __init__(self, weight: float = DEFAULT_WEIGHT, max_order: int = MAX_ORDER, context=None):
+    def __init__(self, weight: float = DEFAULT_WEIGHT, max_order: int = MAX_ORDER, skip_recent: int = SKIP_RECENT, context=None):
         self.weight = check_weight(weight)
         if isinstance(max_order, bool) or not isinstance(max_order, int) or max_order < 1:
             raise EarlyExitError(f"n-gram cache max_order must be a positive integer, got {max_order!r}")
-        self.max_order = max_order
+        self.max_order, self.skip_recent = max_order, check_skip_recent(skip_recent)
         self.context = None if context is None else torch.as_tensor(list(context) if not torch.is_tensor(context) else context,
                                                                     dtype=torch.long).flatten()
 
@@ -87,5 +99,5 @@ class NGramCacheLogitsProcessor(LogitsProcessor):
         for ids, row in zip(input_ids, scores):
             ids = ids.cpu()
             sequence = ids if self.context is None or not self.context.numel() else torch.cat([self.context, ids])
-            rows.append(blend(row, continuations(sequence, self.max_order), self.weight))
+            rows.append(blend(row, continuations(sequence, self.max_order, self.skip_recent), self.weight))
         return torch.stack(rows)

@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 run() { echo "+ $*" >&2; "$@"; }
 run python -m earlyexit.train_heads --config configs/heads.yaml
 run python -m earlyexit.calibrate --config configs/calibrate.yaml
+# the n-gram cache's weight, on validation lines: where its best weight moved, set earlyexit.ngram_cache.DEFAULT_WEIGHT
+# to it (a test fails until they agree) before the card, which scores the CLI's default
+run python experiments/ngram_cache_sweep.py --config configs/ngram_cache_sweep.yaml
 # the quality curve scores the recipe's phase checkpoints where they are on this machine (where the model trained)
 # and keeps the committed rows of the others; it runs before the card, which quotes it
 run python experiments/quality_curve.py --config configs/quality_curve.yaml

@@ -67,7 +67,7 @@ def section(results: Path) -> str:
     runs = [("per_layer_study", "Per-layer study (RQ1)"), ("threshold_sweep", "Threshold sweep (RQ2)"),
             ("stop_analysis", "Stop analysis"), ("member_completion", "Member completion"),
             ("benchmark_generate", "Speed against other engines"), ("decode_profile", "Decode-step profile, torch.compile"),
-            ("head_loss_ablation", "Head-loss ablation")]
+            ("head_loss_ablation", "Head-loss ablation"), ("ngram_cache_sweep", "N-gram cache weight")]
     out += ["| experiment | results | how it ran |", "|---|---|---|"]
     for name, title in runs:
         r = load(results, name)
@@ -89,6 +89,14 @@ def section(results: Path) -> str:
         out += ["", f"Member completion ({member['sites_scored']:,} `name.` sites): full top-1 {f['top1']:.1%}, top-5 {f['top5']:.1%}, "
                 f"MRR {f['mrr']:.3f}" + (f"; early-exit at the chosen threshold {chosen['top1']:.1%} / {chosen['top5']:.1%} / "
                                        f"{chosen['mrr']:.3f} with {chosen['mean_layers']:.2f} layers." if chosen else ".")]
+    cache = load(results, "ngram_cache_sweep")
+    if cache:
+        whole = {r["weight"]: r for r in cache["rows"] if r["prompt"] == "whole file"}
+        off, best = whole[0.0], whole[cache["best_weight"]]
+        out += ["", f"N-gram cache ({cache['lines']} validation lines, the whole file above each cut as the prompt): weight "
+                f"{cache['best_weight']:g}, the CLI's default, takes exact match from {off['exact_match']:.1%} to {best['exact_match']:.1%} "
+                f"and edit similarity from {off['edit_similarity']:.3f} to {best['edit_similarity']:.3f} "
+                f"({best['against_no_cache']['gained']} lines gained, {best['against_no_cache']['lost']} lost)."]
     bench = load(results, "benchmark_generate")
     if bench:
         out += ["", "Speed (batch 1; median ms per generated token and its ratio to `transformers` `generate`; tokens/s with "

@@ -207,12 +207,13 @@ def test_ngram_cache_is_on_by_default_in_every_mode_with_a_flag_to_turn_it_off(c
     from earlyexit.ngram_cache import DEFAULT_WEIGHT
 
     heads_for(tiny_model_dir).save(tiny_model_dir)
-    prompt = "def push(self, item):\n    self.items.append(item)\n\ndef push(self, it"
+    # a long file: the cache searches the part --truncate-prompt drops (the default skips only the last tokens)
+    prompt = "def push(self, item):\n    self.items.append(item)\n\n" * 8 + "def push(self, it"
     outs = {}
     for mode in ("full", "lossless"):
         for weight in (None, "0", "1"):
             code, out, _ = run_cli(capsys, prompt, "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--json", "--mode", mode,
-                                   *(["--ngram-cache", weight] if weight else []))
+                                   "--truncate-prompt", *(["--ngram-cache", weight] if weight else []))
             assert code == 0
             outs[mode, weight] = json.loads(out)
     assert outs["full", None]["ngram_cache"] == DEFAULT_WEIGHT and outs["full", "0"]["ngram_cache"] == 0.0

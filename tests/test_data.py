@@ -102,6 +102,11 @@ def test_examples_are_seeded_and_cut_where_promised(corpus_dir, tiny_tokenizer):
         assert "\n" not in ex.target and len(ex.target) >= 3
         assert texts[ex.path].startswith(ex.prompt)
         assert texts[ex.path][len(ex.prompt):].split("\n")[0] == ex.target
+    # a prompt limit changes only how much text comes before each cut: the cuts and targets stay (the model card
+    # scores the same lines with its prompts and with the whole file above them)
+    short = line_cut_examples(files, n=20, seed=3, max_prompt_chars=10)
+    assert [(e.path, e.target) for e in short] == [(e.path, e.target) for e in lines]
+    assert all(len(s.prompt) <= 10 and e.prompt.endswith(s.prompt) for s, e in zip(short, lines))
 
 
 def test_near_duplicate_test_files_are_dropped():

@@ -337,14 +337,30 @@ def test_quality_curve_scores_each_checkpoint(tmp_path, monkeypatch, capsys):
 
 def test_ngram_cache_sweep_limit_run(model_with_heads, tmp_path, capsys):
     import ngram_cache_sweep
+    from earlyexit.ngram_cache import DEFAULT_WEIGHT, SKIP_RECENT
 
-    assert ngram_cache_sweep.main(["--model", str(model_with_heads), "--limit", "4", "weights=[0, 1.0]", "plot=false"]) == 0
+    card = tmp_path / "card.yaml"
+    card.write_text("sample_prompts: ['def f(', 'class A:']\nsample_max_new_tokens: 6\n")
+    assert ngram_cache_sweep.main(["--model", str(model_with_heads), "--limit", "4", "weights=[0, 1.0]", "skip_recent=[0, 8]",
+                                   f"samples_from={card}", "plot=false"]) == 0
     result = json.loads((tmp_path / "results/ngram_cache_sweep/results.json").read_text())
-    rows = {(r["prompt"], r["weight"]): r for r in result["rows"]}
-    assert set(rows) == {("whole file", 0.0), ("whole file", 1.0), ("card", 0.0), ("card", 1.0)}
-    assert all(len(r["exact"]) == 4 for r in rows.values()) and result["best_weight"] in (0.0, 1.0)
-    assert rows[("card", 0.0)]["against_no_cache"] == {"gained": 0, "lost": 0, "p_value": 1.0}
+    rows = {(r["sweep"], r["prompt"], r["weight"], r["skip_recent"]): r for r in result["rows"]}
+    assert set(rows) == {("weight", k, w, SKIP_RECENT) for k in ("whole file", "card") for w in (0.0, 1.0)} | \
+        {("skip_recent", "whole file", DEFAULT_WEIGHT, k) for k in (0, 8)}
+    assert all(len(r["exact"]) == 4 and 0 <= r["sample_loops"] <= 2 for r in rows.values()) and result["samples"] == 2
+    assert rows[("weight", "card", 0.0, SKIP_RECENT)]["against_no_cache"] == {"gained": 0, "lost": 0, "p_value": 1.0}
+    assert result["best_weight"] in (0.0, 1.0) and result["best_skip_recent"] in (0, 8)
     assert ngram_cache_sweep.main(["--model", str(model_with_heads), "weights=[0.3]"]) == 2  # no baseline to compare with
     assert ngram_cache_sweep.main(["--model", str(model_with_heads), "weights=[0, 1.5]"]) == 2
     assert "n-gram cache weight must be a number in [0, 1], got 1.5" in capsys.readouterr().err
 
+
+def test_chosen_skip_recent_is_the_best_that_loops_no_more_than_no_cache():
+    from ngram_cache_sweep import chosen
+
+    def row(sweep, weight, skip, es, loops):
+        return {"sweep": sweep, "prompt": "whole file", "weight": weight, "skip_recent": skip, "edit_similarity": es, "sample_loops": loops}
+
+    rows = [row("weight", 0.0, 64, 0.50, 8), row("weight", 0.3, 64, 0.55, 8), row("weight", 0.5, 64, 0.54, 9),
+            row("skip_recent", 0.3, 0, 0.56, 10), row("skip_recent", 0.3, 64, 0.55, 8), row("skip_recent", 0.3, 128, 0.53, 7)]
+    assert chosen(rows) == {"best_weight": 0.3, "best_skip_recent": 64}  # 0 scores higher but loops more

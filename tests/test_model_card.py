@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from earlyexit import model_card
+from earlyexit.ngram_cache import DEFAULT_WEIGHT as DEFAULT_CACHE_WEIGHT
 from earlyexit.train_lm import main as train_main
 
 from test_train_lm import make_corpus, tiny_recipe
@@ -24,8 +25,12 @@ def test_model_card_from_a_tiny_run(tmp_path):
         assert result[split]["loss"] > 0 and 0 <= result[split]["top1"] <= 1 and result[split]["tokens"] > 0
     assert result["line_completion"]["examples"] == 3 and result["token_completion"]["examples"] == 3
     assert [s["prompt"] for s in result["samples"]] == ["def f(", "class A:"]
-    # each sample twice: the model alone and as the CLI writes it (repetition stop), which only ever cuts
-    assert all(s["completion"].startswith(s["cli_completion"]) and s["cli_finish"] for s in result["samples"])
+    # each sample twice: the model alone and as the CLI writes it (n-gram cache, repetition stop)
+    assert all(s["cli_finish"] for s in result["samples"])
+    # the same lines with the n-gram cache, and the same cuts with the whole file above them
+    for key in ("line_completion_cached", "line_completion_whole_file", "line_completion_whole_file_no_cache"):
+        assert result[key]["examples"] == 3
+    assert result["config"]["cache_weight"] == DEFAULT_CACHE_WEIGHT
     card = (export / "MODEL_CARD.md").read_text()
     assert f"{result['validation']['loss']:.3f}" in card and (export / "training_curve.png").exists()
     loops = sum(s["cli_finish"] == "repetition" for s in result["samples"])
@@ -36,6 +41,10 @@ def test_model_card_from_a_tiny_run(tmp_path):
     assert "### Where line completions go wrong" in card and card.count("| `") + card.count("| *(nothing)*") >= 3
     # the horizon's measure beside the issue's, named as not the issue's
     assert f"these healed lines score {result['line_completion']['indel_similarity']:.3f}" in card
+    editor = result["line_completion_whole_file"]
+    assert (f"| the same, with the n-gram cache: the CLI's defaults on a file in an editor | 3 | {editor['exact_match']:.1%} | "
+            f"{editor['edit_similarity']:.3f} |") in card
+    assert f"whole file above the cut: exact match | ≥ 25% | {editor['exact_match']:.1%} |" in card
 
 
 def test_model_card_refuses_a_model_without_training_state(tmp_path, tiny_model_dir, capsys):

@@ -8,7 +8,7 @@ from earlyexit.decoding import GenerationSettings, generate
 from earlyexit.errors import EarlyExitError
 from earlyexit.heads import ExitHeads, Thresholds
 from earlyexit.model import GPT2
-from earlyexit.ngram_cache import NGramCacheLogitsProcessor, blend, continuations
+from earlyexit.ngram_cache import SKIP_RECENT, NGramCacheLogitsProcessor, blend, continuations
 from earlyexit.policies import EarlyExit
 from earlyexit.speculative import Lossless
 
@@ -36,6 +36,15 @@ def test_continuations_count_every_earlier_occurrence():
     assert sorted(continuations(ids(3, 8, 3, 8, 3, 9, 3)).tolist()) == [8, 8, 9]
 
 
+def test_recent_occurrences_are_not_searched():
+    sequence = ids(5, 6, 1, 2, 7, 5, 6, 3, 5, 6)  # 5 6 -> 1 far back, 5 6 -> 3 recent
+    assert sorted(continuations(sequence).tolist()) == [1, 3]
+    assert sorted(continuations(sequence, skip_recent=2).tolist()) == [1, 3]  # the follower 3 is not among the last 2
+    assert continuations(sequence, skip_recent=3).tolist() == [1]  # it is among the last 3
+    assert continuations(sequence, skip_recent=7).tolist() == [1]
+    assert continuations(sequence, skip_recent=8).tolist() == []  # the follower 1 is among the last 8
+
+
 def test_blend_mixes_probabilities_and_keeps_masks():
     scores = torch.tensor([2.0, 1.0, 0.0, NEG])
     mixed = blend(scores, ids(2, 2, 3), 0.5)
@@ -49,16 +58,18 @@ def test_blend_mixes_probabilities_and_keeps_masks():
 
 def test_processor_searches_each_row_after_the_context():
     scores = torch.zeros(2, 10)
-    processor = NGramCacheLogitsProcessor(weight=0.8, context=[4, 5, 9])
+    processor = NGramCacheLogitsProcessor(weight=0.8, skip_recent=0, context=[4, 5, 9])
     out = processor(ids(1, 2, 1).view(1, 3).repeat(2, 1), scores)
     assert out.argmax(-1).tolist() == [2, 2]  # 1 was followed by 2 in the row itself
     out = processor(torch.tensor([[3, 4], [0, 6]]), scores)
     assert out[0].argmax() == 5  # 4 was followed by 5 in the context only
     assert torch.equal(out[1], scores[1])  # 6 never occurred before: left alone
     assert torch.equal(NGramCacheLogitsProcessor(weight=0.0)(torch.tensor([[1, 1]]), scores[:1]), scores[:1])
+    assert torch.equal(NGramCacheLogitsProcessor(weight=0.8, skip_recent=2)(ids(1, 2, 1).view(1, 3), scores[:1]), scores[:1])
 
 
-@pytest.mark.parametrize("kwargs", [{"weight": -0.1}, {"weight": 1.5}, {"weight": "0.3"}, {"weight": True}, {"max_order": 0}])
+@pytest.mark.parametrize("kwargs", [{"weight": -0.1}, {"weight": 1.5}, {"weight": "0.3"}, {"weight": True}, {"max_order": 0},
+                                    {"skip_recent": -1}, {"skip_recent": 1.5}])
 def test_bad_settings_are_named(kwargs):
     with pytest.raises(EarlyExitError, match="n-gram cache"):
         NGramCacheLogitsProcessor(**kwargs)
@@ -67,6 +78,8 @@ def test_bad_settings_are_named(kwargs):
 def test_settings_reject_a_weight_outside_the_unit_interval():
     with pytest.raises(EarlyExitError, match=r"n-gram cache weight must be a number in \[0, 1\], got 2"):
         GenerationSettings(cache_weight=2)
+    with pytest.raises(EarlyExitError, match="n-gram cache skip_recent must be a non-negative integer, got -3"):
+        GenerationSettings(cache_skip_recent=-3)
 
 
 REPEATING = "def push(self, item):\n    self.items.append(item)\n\ndef pop(self):\n    return self.items.pop()\n\ndef push(self, it"
@@ -81,13 +94,13 @@ def test_runtime_cache_is_the_processor_over_the_truncated_prompt(model, tiny_to
     """The runtime's cache searches the prompt, its left-truncated part first, as the processor with that part as
     context does; alone and batched; and a strong cache changes what the random model writes."""
     prompt = REPEATING * 6  # longer than the tiny model's context: truncated
-    settings = GenerationSettings(max_new_tokens=12, truncate_prompt=True, cache_weight=0.6)
+    settings = GenerationSettings(max_new_tokens=12, truncate_prompt=True, cache_weight=0.6, cache_skip_recent=0)
     with pytest.warns(UserWarning, match="left-truncated"):
         cached = generate(model, tiny_tokenizer, prompt, settings)
     assert cached.prompt_truncated_tokens > 0
     full_ids = tiny_tokenizer.encode(prompt)
     dropped = full_ids[:cached.prompt_truncated_tokens]
-    processor = NGramCacheLogitsProcessor(weight=0.6, context=dropped)
+    processor = NGramCacheLogitsProcessor(weight=0.6, skip_recent=0, context=dropped)
     plain = GenerationSettings(max_new_tokens=12, truncate_prompt=True)
     with pytest.warns(UserWarning):
         via_processor = generate(model, tiny_tokenizer, prompt, plain, logits_processor=processor)
@@ -100,12 +113,17 @@ def test_runtime_cache_is_the_processor_over_the_truncated_prompt(model, tiny_to
 
 
 def test_cache_with_healing_and_early_exit_writes_the_backed_off_text_first(model, tiny_tokenizer):
-    settings = GenerationSettings(max_new_tokens=8, token_healing=True, cache_weight=1.0)
+    settings = GenerationSettings(max_new_tokens=8, token_healing=True, cache_weight=1.0, cache_skip_recent=0)
     heads = ExitHeads.for_backbone(model, rank=2)
     for policy in (None, EarlyExit(model, heads, Thresholds(exit=0.5, stop=1.0))):
         c = generate(model, tiny_tokenizer, REPEATING, settings, policy=policy)
         assert c.healed_prefix and tiny_tokenizer.decode(c.token_ids).startswith(c.healed_prefix)
         assert c.text.startswith("em):\n")  # weight 1: the cache copies the line written before
+    # by default it does not search the last SKIP_RECENT tokens: this prompt is shorter, so nothing changes
+    plain = generate(model, tiny_tokenizer, REPEATING, GenerationSettings(max_new_tokens=8, token_healing=True))
+    assert len(tiny_tokenizer.encode(REPEATING)) < SKIP_RECENT
+    assert generate(model, tiny_tokenizer, REPEATING, GenerationSettings(max_new_tokens=8, token_healing=True, cache_weight=1.0)).token_ids \
+        == plain.token_ids
 
 
 @pytest.mark.parametrize("draft", ["same", "int8"])
@@ -116,7 +134,7 @@ def test_lossless_with_the_cache_writes_full_modes_cached_tokens(model, tiny_tok
     with torch.no_grad():
         heads.layer_bias[:, 1] = 5.0  # drafts exit early, often wrongly: rejections happen
     prompts = [REPEATING, REPEATING * 6, "class Stack:\n    def pu", "def f():\n    ret"]
-    settings = GenerationSettings(max_new_tokens=14, token_healing=True, truncate_prompt=True, cache_weight=0.6)
+    settings = GenerationSettings(max_new_tokens=14, token_healing=True, truncate_prompt=True, cache_weight=0.6, cache_skip_recent=4)
     with pytest.warns(UserWarning):
         full = [generate(model, tiny_tokenizer, p, settings) for p in prompts]
         lossless = Lossless(model, heads, exit_threshold=0.2, max_draft=4, draft=draft)
