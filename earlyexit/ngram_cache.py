@@ -29,8 +29,8 @@ import torch
 from .errors import EarlyExitError
 
 MAX_ORDER = 8  # tokens of suffix matched at most (experiments/ngram_cache_sweep.py)
-DEFAULT_WEIGHT = 0.3  # the CLI's default blend weight (experiments/ngram_cache_sweep.py)
-SKIP_RECENT = 64  # tokens before the current one whose occurrences are not searched (experiments/ngram_cache_sweep.py)
+DEFAULT_WEIGHT = 0.1  # the CLI's default blend weight (experiments/ngram_cache_sweep.py)
+SKIP_RECENT = 32  # tokens before the current one whose occurrences are not searched (experiments/ngram_cache_sweep.py)
 
 
 def check_weight(weight: float) -> float:

@@ -36,7 +36,7 @@ PROMPTS = {"whole file": None, "card": "card_prompt_chars"}  # prompt kind -> th
 
 @dataclass
 class CacheSweepConfig:
-    weights: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    weights: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4])
     skip_recent: list[int] = field(default_factory=lambda: [0, 32, 64, 128])  # the weight sweep uses SKIP_RECENT
     lines: int = 600
     max_line_tokens: int = 32

@@ -8,7 +8,7 @@ from earlyexit.decoding import GenerationSettings, generate
 from earlyexit.errors import EarlyExitError
 from earlyexit.heads import ExitHeads, Thresholds
 from earlyexit.model import GPT2
-from earlyexit.ngram_cache import SKIP_RECENT, NGramCacheLogitsProcessor, blend, continuations
+from earlyexit.ngram_cache import NGramCacheLogitsProcessor, blend, continuations
 from earlyexit.policies import EarlyExit
 from earlyexit.speculative import Lossless
 
@@ -119,11 +119,10 @@ def test_cache_with_healing_and_early_exit_writes_the_backed_off_text_first(mode
         c = generate(model, tiny_tokenizer, REPEATING, settings, policy=policy)
         assert c.healed_prefix and tiny_tokenizer.decode(c.token_ids).startswith(c.healed_prefix)
         assert c.text.startswith("em):\n")  # weight 1: the cache copies the line written before
-    # by default it does not search the last SKIP_RECENT tokens: this prompt is shorter, so nothing changes
+    # skipping the last tokens, it does not copy the line just written: with the prompt inside them, nothing changes
     plain = generate(model, tiny_tokenizer, REPEATING, GenerationSettings(max_new_tokens=8, token_healing=True))
-    assert len(tiny_tokenizer.encode(REPEATING)) < SKIP_RECENT
-    assert generate(model, tiny_tokenizer, REPEATING, GenerationSettings(max_new_tokens=8, token_healing=True, cache_weight=1.0)).token_ids \
-        == plain.token_ids
+    skipped = GenerationSettings(max_new_tokens=8, token_healing=True, cache_weight=1.0, cache_skip_recent=len(tiny_tokenizer.encode(REPEATING)))
+    assert generate(model, tiny_tokenizer, REPEATING, skipped).token_ids == plain.token_ids
 
 
 @pytest.mark.parametrize("draft", ["same", "int8"])
