@@ -91,7 +91,7 @@ def section(results: Path) -> str:
                                        f"{chosen['mrr']:.3f} with {chosen['mean_layers']:.2f} layers." if chosen else ".")]
     cache = load(results, "ngram_cache_sweep")
     if cache:
-        whole = {r["weight"]: r for r in cache["rows"] if r["prompt"] == "whole file"}
+        whole = {r["weight"]: r for r in cache["rows"] if r["prompt"] == "whole file" and r["sweep"] == "weight"}
         off, best = whole[0.0], whole[cache["best_weight"]]
         out += ["", f"N-gram cache ({cache['lines']} validation lines, the whole file above each cut as the prompt): weight "
                 f"{cache['best_weight']:g}, the CLI's default, takes exact match from {off['exact_match']:.1%} to {best['exact_match']:.1%} "

@@ -350,6 +350,11 @@ def test_ngram_cache_sweep_limit_run(model_with_heads, tmp_path, capsys):
     assert all(len(r["exact"]) == 4 and 0 <= r["sample_loops"] <= 2 for r in rows.values()) and result["samples"] == 2
     assert rows[("weight", "card", 0.0, SKIP_RECENT)]["against_no_cache"] == {"gained": 0, "lost": 0, "p_value": 1.0}
     assert result["best_weight"] in (0.0, 1.0) and result["best_skip_recent"] in (0, 8)
+    import summarize
+
+    best = rows[("weight", "whole file", result["best_weight"], SKIP_RECENT)]  # the weight sweep's row, not the skip sweep's
+    assert f"edit similarity from {rows[('weight', 'whole file', 0.0, SKIP_RECENT)]['edit_similarity']:.3f} to " \
+           f"{best['edit_similarity']:.3f}" in summarize.section(tmp_path / "results")
     assert ngram_cache_sweep.main(["--model", str(model_with_heads), "weights=[0.3]"]) == 2  # no baseline to compare with
     assert ngram_cache_sweep.main(["--model", str(model_with_heads), "weights=[0, 1.5]"]) == 2
     assert "n-gram cache weight must be a number in [0, 1], got 1.5" in capsys.readouterr().err
@@ -364,3 +369,11 @@ def test_chosen_skip_recent_is_the_best_that_loops_no_more_than_no_cache():
     rows = [row("weight", 0.0, 64, 0.50, 8), row("weight", 0.3, 64, 0.55, 8), row("weight", 0.5, 64, 0.54, 9),
             row("skip_recent", 0.3, 0, 0.56, 10), row("skip_recent", 0.3, 64, 0.55, 8), row("skip_recent", 0.3, 128, 0.53, 7)]
     assert chosen(rows) == {"best_weight": 0.3, "best_skip_recent": 64}  # 0 scores higher but loops more
+
+
+def test_the_caches_defaults_are_the_committed_sweeps_choice():
+    from earlyexit.ngram_cache import DEFAULT_WEIGHT, SKIP_RECENT
+
+    committed = json.loads((Path(__file__).resolve().parents[1] / "experiments/results/ngram_cache_sweep/results.json").read_text())
+    assert (committed["best_weight"], committed["best_skip_recent"]) == (DEFAULT_WEIGHT, SKIP_RECENT)
+    assert (committed["default_weight"], committed["default_skip_recent"]) == (DEFAULT_WEIGHT, SKIP_RECENT)  # swept around them
