@@ -21,7 +21,7 @@ import torch
 
 from .errors import EarlyExitError
 from .model import GPT2, KVCache
-from .ngram_cache import SKIP_RECENT
+from .ngram_cache import SKIP_RECENT, cached_scores, check_skip_recent, check_weight
 from .policies import FullDepth
 from .repetition import loop_tail
 
@@ -51,8 +51,6 @@ class GenerationSettings:
 
         if self.healing_mode not in HEALING_MODES:
             raise EarlyExitError(f"healing_mode must be one of {HEALING_MODES}, got {self.healing_mode!r}")
-        from .ngram_cache import check_skip_recent, check_weight
-
         check_weight(self.cache_weight)
         check_skip_recent(self.cache_skip_recent)
 
@@ -184,10 +182,8 @@ class Transcript:
         `ahead`, where `settings.cache_weight` > 0 (earlyexit.ngram_cache)."""
         if not self.settings.cache_weight:
             return logits
-        from .ngram_cache import blend, continuations
-
         sequence = torch.cat([self.truncated, self.input_ids[0].cpu(), torch.tensor(list(ahead), dtype=torch.long)])
-        return blend(logits[0], continuations(sequence, skip_recent=self.settings.cache_skip_recent), self.settings.cache_weight).unsqueeze(0)
+        return cached_scores(logits[0], sequence, self.settings.cache_weight, skip_recent=self.settings.cache_skip_recent).unsqueeze(0)
 
     def greedy_ahead(self, logits: torch.Tensor, ahead: Sequence[int]) -> list[int]:
         """Greedy tokens after what was written and each prefix of `ahead`: logits (>= len(ahead) + 1, V), row i the
@@ -265,13 +261,13 @@ def per_kept_token(token_ms: list[float], kept: int) -> list[float]:
     return out
 
 
-@torch.inference_mode()
 def check_reproducible(policy, logits_processor) -> None:
     """A speculative policy writes full mode's greedy tokens (the n-gram cache's included): no other processor may change them."""
     if getattr(policy, "speculative", False) and logits_processor is not None:
         raise EarlyExitError(f"logits processors change greedy tokens, which {policy.name} mode must reproduce: use full or early-exit")
 
 
+@torch.inference_mode()
 def generate(
     model: GPT2,
     tokenizer,

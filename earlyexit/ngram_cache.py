@@ -77,6 +77,13 @@ def blend(scores: torch.Tensor, followers: torch.Tensor, weight: float) -> torch
     return mixed.masked_fill(scores == float("-inf"), float("-inf")).to(scores.dtype)
 
 
+def cached_scores(scores: torch.Tensor, sequence: torch.Tensor, weight: float, max_order: int = MAX_ORDER,
+                  skip_recent: int = SKIP_RECENT) -> torch.Tensor:
+    """The next-token scores (V,) after `sequence` (1-D ids) blended with the cache over it: what the runtime and the
+    logits processor both write with."""
+    return blend(scores, continuations(sequence, max_order, skip_recent), weight)
+
+
 class NGramCacheLogitsProcessor:
     """The n-gram cache as a transformers logits processor (a callable `LogitsProcessorList` takes as it is, so importing
     this module does not import transformers): each row of `input_ids` is searched, after
@@ -89,8 +96,7 @@ class NGramCacheLogitsProcessor:
         if isinstance(max_order, bool) or not isinstance(max_order, int) or max_order < 1:
             raise EarlyExitError(f"n-gram cache max_order must be a positive integer, got {max_order!r}")
         self.max_order, self.skip_recent = max_order, check_skip_recent(skip_recent)
-        self.context = None if context is None else torch.as_tensor(list(context) if not torch.is_tensor(context) else context,
-                                                                    dtype=torch.long).flatten()
+        self.context = None if context is None else torch.as_tensor(context, dtype=torch.long).flatten()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.weight == 0.0:
@@ -99,5 +105,5 @@ class NGramCacheLogitsProcessor:
         for ids, row in zip(input_ids, scores):
             ids = ids.cpu()
             sequence = ids if self.context is None or not self.context.numel() else torch.cat([self.context, ids])
-            rows.append(blend(row, continuations(sequence, self.max_order, self.skip_recent), self.weight))
+            rows.append(cached_scores(row, sequence, self.weight, self.max_order, self.skip_recent))
         return torch.stack(rows)

@@ -89,3 +89,24 @@ def test_too_long_prompt_is_refused_or_truncated_on_request(model, tiny_tokenize
         got = generate(model, tiny_tokenizer, long_prompt, GenerationSettings(max_new_tokens=8, truncate_prompt=True))
     assert got.prompt_tokens == 96 - 8 and got.prompt_truncated_tokens > 0
     assert any("left-truncated" in str(w.message) for w in caught)
+
+
+def test_generate_and_generate_batch_run_without_autograd(model, tiny_tokenizer):
+    """Decoding records no graph: every step runs in inference mode, alone and batched."""
+    from earlyexit.batch import generate_batch
+    from earlyexit.policies import FullDepth
+
+    seen = []
+
+    class Recording(FullDepth):
+        def step(self, *args, **kwargs):
+            seen.append(torch.is_inference_mode_enabled())
+            return super().step(*args, **kwargs)
+
+        def step_batch(self, *args, **kwargs):
+            seen.append(torch.is_inference_mode_enabled())
+            return super().step_batch(*args, **kwargs)
+
+    generate(model, tiny_tokenizer, "def f", GenerationSettings(max_new_tokens=3), policy=Recording())
+    generate_batch(model, tiny_tokenizer, ["def f", "x"], GenerationSettings(max_new_tokens=3), policy=Recording())
+    assert len(seen) >= 4 and all(seen)
