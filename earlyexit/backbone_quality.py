@@ -11,6 +11,8 @@ import math
 import numpy as np
 import torch
 
+from .ngram_cache import SKIP_RECENT
+
 
 @torch.inference_mode()
 def lm_metrics(hf, tok, files, windows: int, seq_len: int) -> dict:
@@ -31,10 +33,9 @@ def lm_metrics(hf, tok, files, windows: int, seq_len: int) -> dict:
 
 def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: bool, desc: str, healing: bool = False,
                        batch_size: int = 16, per_example: bool = False, healing_mode: str = "word", shown: int = 0,
-                       cache_weight: float = 0.0, cache_skip_recent: int | None = None) -> dict:
+                       cache_weight: float = 0.0, cache_skip_recent: int = SKIP_RECENT) -> dict:
     """Greedy completions of `examples` (batched: equal to one at a time, row for row) scored against their targets.
-    `healing_mode`: how far token healing backs off; `cache_weight`, `cache_skip_recent`: the n-gram cache's (`GenerationSettings`;
-    None: its default).
+    `healing_mode`: how far token healing backs off; `cache_weight`, `cache_skip_recent`: the n-gram cache's (`GenerationSettings`).
 
     `per_example` adds `exact`: one character per example, "1" where it matched exactly, for paired comparisons
     of two models on the same examples (`paired_exact_match`). `shown` > 0 adds `breakdown` (`completion_breakdown`)
@@ -49,8 +50,7 @@ def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: boo
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, stop_strings=("\n",) if line_mode else (), truncate_prompt=True,
                                   token_healing=healing, healing_mode=healing_mode,
-                                  cache_weight=cache_weight,
-                                  **({} if cache_skip_recent is None else {"cache_skip_recent": cache_skip_recent}))
+                                  cache_weight=cache_weight, cache_skip_recent=cache_skip_recent)
     em, es, indel, rl, degenerate = [], [], [], [], 0
     completions, predictions = [], []
     with warnings.catch_warnings():

@@ -380,12 +380,11 @@ def render_card(r: dict, has_plot: bool) -> str:
         "",
         "| completion task (test split, greedy) | examples | exact match | edit similarity | ROUGE-L | degenerate repetition |",
         "|---|---|---|---|---|---|",
-        f"| line: random point inside a line, target = rest of the line, token healing | {lc['examples']} | {lc['exact_match']:.1%} | {lc['edit_similarity']:.3f} | {lc['rouge_l']:.3f} | {lc['degenerate_rate']:.1%} |",
-        *([f"| the same lines, healing only the last token (the quality curve's measure) | {one['examples']} | {one['exact_match']:.1%} | "
-           f"{one['edit_similarity']:.3f} | {one['rouge_l']:.3f} | {one['degenerate_rate']:.1%} |"] if one else []),
+        completion_row("line: random point inside a line, target = rest of the line, token healing", lc),
+        *([completion_row("the same lines, healing only the last token (the quality curve's measure)", one)] if one else []),
         *cache_rows(r),
-        f"| the same lines without token healing | {raw['examples']} | {raw['exact_match']:.1%} | {raw['edit_similarity']:.3f} | {raw['rouge_l']:.3f} | {raw['degenerate_rate']:.1%} |",
-        f"| the study's: random token, target = next {r['config']['target_tokens']} tokens | {kc['examples']} | {kc['exact_match']:.1%} | {kc['edit_similarity']:.3f} | {kc['rouge_l']:.3f} | {kc['degenerate_rate']:.1%} |",
+        completion_row("the same lines without token healing", raw),
+        completion_row(f"the study's: random token, target = next {r['config']['target_tokens']} tokens", kc),
         "",
         "Line prompts are cut at a random character, often inside a word. Token healing (on by default in the CLI) backs off "
         "the prompt's partial word (the longest run of last tokens some single token starts with) and makes the first "
