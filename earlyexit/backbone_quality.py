@@ -44,7 +44,7 @@ def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: boo
 
     from tqdm import tqdm
 
-    from .batch import generate_batch
+    from .batch import complete_batch
     from .decoding import GenerationSettings
     from .metrics import edit_similarity, exact_match, indel_similarity, is_degenerate, rouge_l
 
@@ -56,7 +56,7 @@ def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: boo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # long prompts are left-truncated on purpose
         for i in tqdm(range(0, len(examples), batch_size), desc=desc, dynamic_ncols=True):
-            completions += generate_batch(model, tok, [ex.prompt for ex in examples[i:i + batch_size]], settings)
+            completions += complete_batch(model, tok, [ex.prompt for ex in examples[i:i + batch_size]], settings)
     for ex, c in zip(examples, completions):
         pred = c.text.split("\n")[0] if line_mode else c.text
         predictions.append(pred)

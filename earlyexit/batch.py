@@ -1,7 +1,7 @@
 """Batched greedy decoding, for evaluation throughput: B prompts at once, each row its own completion.
 
-`generate_batch` takes what `generate` takes, with a list of prompts, and returns one
-`Completion` per prompt, equal row for row to what `generate` returns for that prompt
+`complete_batch` takes what `complete` takes, with a list of prompts, and returns one
+`Completion` per prompt, equal row for row to what `complete` returns for that prompt
 alone (tested). Prompts are right-padded into one prefill; every later step runs the
 rows still writing, each at its own position of its own cache row, so rows of different
 lengths never shift each other's positions. Under early exit a row exits or stops on its
@@ -26,7 +26,7 @@ from .policies import FullDepth
 
 
 @torch.inference_mode()
-def generate_batch(
+def complete_batch(
     model: GPT2,
     tokenizer,
     prompts: Sequence[str | Sequence[int]],
@@ -42,7 +42,7 @@ def generate_batch(
     if not hasattr(policy, "step_batch" if not speculative else "run_batch"):
         raise EarlyExitError(f"policy {type(policy).__name__} has no batched step")
     if isinstance(prompts, str) or not len(prompts):
-        raise EarlyExitError("generate_batch takes a non-empty list of prompts (use generate for one)")
+        raise EarlyExitError("complete_batch takes a non-empty list of prompts (use complete for one)")
     rows = [prepare_prompt(tokenizer, model, p, settings) for p in prompts]
     B = len(rows)
     lengths = torch.tensor([len(r[0]) for r in rows], device=model.device)

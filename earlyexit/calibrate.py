@@ -86,7 +86,7 @@ def choose_threshold(table: list[dict], target: float, delta: float) -> tuple[fl
 @torch.inference_mode()
 def agreement_row(model, heads, tok, prompts: list[list[int]], threshold: float, max_new_tokens: int) -> dict:
     """Decode every prompt with early exit at `threshold` (stop off); count tokens that disagree with the full model."""
-    from .batch import generate_batch
+    from .batch import complete_batch
     from .decoding import GenerationSettings
     from .heads import Thresholds
     from .policies import EarlyExit
@@ -96,7 +96,7 @@ def agreement_row(model, heads, tok, prompts: list[list[int]], threshold: float,
     tokens = disagreements = layers = 0
     completions = []
     for i in range(0, len(prompts), 16):  # batched: equal to decoding each prompt alone, row for row
-        completions += generate_batch(model, tok, prompts[i:i + 16], settings, policy=policy)
+        completions += complete_batch(model, tok, prompts[i:i + 16], settings, policy=policy)
     for ids, c in zip(prompts, completions):
         written = c.token_ids
         if len(written) < 2:

@@ -1,6 +1,6 @@
-"""Greedy decoding over our GPT-2 runtime, in named phases: prefill, decode_one_token, generate.
+"""Greedy decoding over our GPT-2 runtime, in named phases: prefill, decode_one_token, complete.
 
-`generate` takes a prompt string (or token ids) and returns a `Completion` that says what
+`complete` takes a prompt string (or token ids) and returns a `Completion` that says what
 was written, why it ended and how long each phase took. It accepts transformers'
 `LogitsProcessorList` and `StoppingCriteriaList`, so code written for `model.generate`
 carries over.
@@ -268,7 +268,7 @@ def check_reproducible(policy, logits_processor) -> None:
 
 
 @torch.inference_mode()
-def generate(
+def complete(
     model: GPT2,
     tokenizer,
     prompt: str | Sequence[int],

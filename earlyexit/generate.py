@@ -119,7 +119,7 @@ def calibrated_exit(heads, target: float) -> float:
 def run(args: argparse.Namespace) -> dict:
     from dataclasses import asdict
 
-    from .decoding import GenerationSettings, generate
+    from .decoding import GenerationSettings, complete
     from .heads import Thresholds
     from .loading import load_runtime_model, resolve_model_dir
 
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
     policy = build_policy(args, model, model_dir, backbone)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        completion = generate(model, tokenizer, prompt, settings, policy=policy)
+        completion = complete(model, tokenizer, prompt, settings, policy=policy)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     result = {"prompt": prompt, "mode": policy.name, "weights": args.weights, "n_layer": model.dims.n_layer, "ngram_cache": settings.cache_weight,

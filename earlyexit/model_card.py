@@ -145,16 +145,16 @@ def evaluate(model_dir: Path, cfg: ModelCardConfig, log: Path | None = None) -> 
                                                                        "line completion (whole file, healed)", healing=True)
     cuts = token_cut_examples(splits["test"], tok, cfg.token_examples, cfg.target_tokens, seed=cfg.seed)
     result["token_completion"] = completion_metrics(model, tok, cuts, cfg.target_tokens, False, f"{cfg.target_tokens}-token completion")
-    from .decoding import GenerationSettings, generate
+    from .decoding import GenerationSettings, complete
 
     from .metrics import is_degenerate
 
     result["samples"] = []
     for prompt in cfg.sample_prompts:
         # with token healing, as the CLI runs them: a prompt ending in a newline cut the model's usual ":\n    " token
-        alone = generate(model, tok, prompt, GenerationSettings(max_new_tokens=cfg.sample_max_new_tokens, token_healing=True))
+        alone = complete(model, tok, prompt, GenerationSettings(max_new_tokens=cfg.sample_max_new_tokens, token_healing=True))
         # and with the CLI's other defaults, the n-gram cache and the repetition stop: a loop ends with one copy kept
-        cli = generate(model, tok, prompt, GenerationSettings(max_new_tokens=cfg.sample_max_new_tokens, token_healing=True, stop_on_repetition=True,
+        cli = complete(model, tok, prompt, GenerationSettings(max_new_tokens=cfg.sample_max_new_tokens, token_healing=True, stop_on_repetition=True,
                                                               cache_weight=cfg.cache_weight))
         result["samples"].append({"prompt": prompt, "completion": alone.text, "degenerate": is_degenerate(alone.token_ids),
                                   "cli_completion": cli.text, "cli_finish": cli.finish_reason, "cli_degenerate": is_degenerate(cli.token_ids)})

@@ -383,7 +383,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
     if resume_from and not start_path.is_file():
         raise EarlyExitError(f"--resume-from: no checkpoint at {start_path}")
     if (resume or resume_from) and start_path.exists():
-        state = torch.load(start_path, map_location="cpu")
+        state = torch.load(start_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, tokens_seen = state["step"], state["tokens_seen"]

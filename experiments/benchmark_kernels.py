@@ -34,7 +34,7 @@ def end_to_end(device: str, prompts: int, max_new_tokens: int) -> dict:
     """Early-exit decoding of the embedded model with its heads, through the Triton kernels and through the references."""
     import numpy as np
 
-    from earlyexit.decoding import GenerationSettings, generate
+    from earlyexit.decoding import GenerationSettings, complete
     from earlyexit.heads import load_heads
     from earlyexit.loading import DEFAULT_MODEL_DIR, load_runtime_model
     from earlyexit.policies import EarlyExit
@@ -49,7 +49,7 @@ def end_to_end(device: str, prompts: int, max_new_tokens: int) -> dict:
     out = {}
     for backend in ("torch", "triton"):
         policy = EarlyExit(model, heads, kernel_backend=backend)
-        runs = [generate(model, tok, t, settings, policy=policy) for t in texts]
+        runs = [complete(model, tok, t, settings, policy=policy) for t in texts]
         out[backend] = runs
     ms = {b: float(np.median([m for c in runs for m in c.token_ms] or [float("nan")])) for b, runs in out.items()}
     identical = np.mean([a.token_ids == b.token_ids for a, b in zip(out["torch"], out["triton"])])
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import earlyexit.kernels as K
+    import earlyexit.kernels.dispatch as K
     from common import stamp, write_results
 
     cuda = torch.cuda.is_available() and not args.interpret

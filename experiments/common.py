@@ -64,11 +64,11 @@ def our_engine(model, tok, policy):
     """A runner (ids, max_new) -> (token ids, seconds, per-token ms, Completion) over earlyexit.generate."""
     import time
 
-    from earlyexit.decoding import GenerationSettings, generate
+    from earlyexit.decoding import GenerationSettings, complete
 
     def run(ids: list[int], max_new: int):
         t0 = time.perf_counter()
-        c = generate(model, tok, ids, GenerationSettings(max_new_tokens=max_new), policy=policy)
+        c = complete(model, tok, ids, GenerationSettings(max_new_tokens=max_new), policy=policy)
         return c.token_ids, time.perf_counter() - t0, c.token_ms, c
 
     return run

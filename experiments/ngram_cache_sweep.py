@@ -98,11 +98,11 @@ def run(args, cfg: CacheSweepConfig) -> None:
 
 def sample_loops(model, tok, card, weight: float, skip_recent: int) -> int:
     """How many of the model card's sample prompts end by the repetition stop as the CLI completes them with this cache."""
-    from earlyexit.decoding import GenerationSettings, generate
+    from earlyexit.decoding import GenerationSettings, complete
 
     settings = GenerationSettings(max_new_tokens=card.sample_max_new_tokens, token_healing=True, stop_on_repetition=True,
                                   cache_weight=weight, cache_skip_recent=skip_recent)
-    return sum(generate(model, tok, p, settings).finish_reason == "repetition" for p in card.sample_prompts)
+    return sum(complete(model, tok, p, settings).finish_reason == "repetition" for p in card.sample_prompts)
 
 
 def chosen(rows: list[dict]) -> dict:

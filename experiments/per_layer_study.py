@@ -58,7 +58,7 @@ def first_layers(model, heads, windows: torch.Tensor, batch: int = 8):
 def acceptance_proxy(model, tok, examples) -> dict:
     from tqdm import tqdm
 
-    from earlyexit.batch import generate_batch
+    from earlyexit.batch import complete_batch
     from earlyexit.decoding import GenerationSettings
     from earlyexit.metrics import edit_similarity, exact_match
 
@@ -68,7 +68,7 @@ def acceptance_proxy(model, tok, examples) -> dict:
     for i in tqdm(range(0, len(examples), 16), desc="completions"):  # batched by target length, equal to one at a time
         for n in sorted({len(t) for t in targets[i:i + 16]}):
             chunk = [j for j in range(i, min(i + 16, len(examples))) if len(targets[j]) == n]
-            completions += list(zip(chunk, generate_batch(model, tok, [examples[j].prompt for j in chunk],
+            completions += list(zip(chunk, complete_batch(model, tok, [examples[j].prompt for j in chunk],
                                                           GenerationSettings(max_new_tokens=max(1, n), truncate_prompt=True))))
     for j, c in sorted(completions, key=lambda jc: jc[0]):
         ex, target_ids = examples[j], targets[j]

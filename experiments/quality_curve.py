@@ -73,7 +73,7 @@ def load_point(recipe: str, checkpoint: str):
     if not path.is_file():
         raise EarlyExitError(f"checkpoint not found: {checkpoint}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a truncated or foreign file
         raise EarlyExitError(f"cannot read checkpoint {checkpoint}: {type(e).__name__}") from None
     tok = AutoTokenizer.from_pretrained(str(Path(lm.work_dir) / "tokenizer"))

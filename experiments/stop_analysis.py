@@ -111,7 +111,7 @@ def run(args, cfg: StopConfig) -> None:
     from tqdm import tqdm
 
     from earlyexit.data import token_cut_examples
-    from earlyexit.batch import generate_batch
+    from earlyexit.batch import complete_batch
     from earlyexit.decoding import GenerationSettings
     from earlyexit.heads import Thresholds, load_heads
     from earlyexit.loading import load_runtime_model, resolve_model_dir
@@ -132,9 +132,9 @@ def run(args, cfg: StopConfig) -> None:
     full, kept, stopped = [], {t: [] for t in policies}, {t: [] for t in policies}
     for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="prompts"):  # batched: equal to one at a time, row for row
         chunk = prompts[i:i + cfg.batch_size]
-        full += [c.token_ids for c in generate_batch(model, tok, chunk, settings)]
+        full += [c.token_ids for c in complete_batch(model, tok, chunk, settings)]
         for t, policy in policies.items():
-            for c in generate_batch(model, tok, chunk, settings, policy=policy):
+            for c in complete_batch(model, tok, chunk, settings, policy=policy):
                 kept[t].append(c.token_ids)
                 stopped[t].append(c.finish_reason == "stop")
     diverged = sum(k != f[:len(k)] for t in policies for k, f in zip(kept[t], full))

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from earlyexit.batch import generate_batch
-from earlyexit.decoding import GenerationSettings, generate
+from earlyexit.batch import complete_batch
+from earlyexit.decoding import GenerationSettings, complete
 from earlyexit.errors import EarlyExitError
 from earlyexit.heads import ExitHeads, Thresholds
 from earlyexit.model import GPT2
@@ -36,8 +36,8 @@ def random_heads(model, seed):
 
 
 def assert_rows_equal(model, tok, prompts, settings, policy):
-    alone = [generate(model, tok, p, settings, policy=policy) for p in prompts]
-    together = generate_batch(model, tok, prompts, settings, policy=policy)
+    alone = [complete(model, tok, p, settings, policy=policy) for p in prompts]
+    together = complete_batch(model, tok, prompts, settings, policy=policy)
     assert len(together) == len(prompts)
     for a, b in zip(alone, together):
         assert (b.token_ids, b.exit_layers, b.finish_reason, b.text) == (a.token_ids, a.exit_layers, a.finish_reason, a.text)
@@ -74,10 +74,10 @@ def test_lossless_batch_equals_batch_one_and_full(tiny_tokenizer, seed, max_draf
     heads = random_heads(model, seed)
     settings = GenerationSettings(max_new_tokens=13)
     prompts = PROMPTS * 2
-    full = [c.token_ids for c in generate_batch(model, tiny_tokenizer, prompts, settings)]
+    full = [c.token_ids for c in complete_batch(model, tiny_tokenizer, prompts, settings)]
     policy = Lossless(model, heads, exit_threshold=0.3, max_draft=max_draft)
-    alone = [generate(model, tiny_tokenizer, p, settings, policy=policy) for p in prompts]
-    together = generate_batch(model, tiny_tokenizer, prompts, settings, policy=policy)
+    alone = [complete(model, tiny_tokenizer, p, settings, policy=policy) for p in prompts]
+    together = complete_batch(model, tiny_tokenizer, prompts, settings, policy=policy)
     for a, b, f in zip(alone, together, full):
         assert b.token_ids == a.token_ids == f  # the full model's greedy tokens, row for row
         assert (b.exit_layers, b.speculation, b.finish_reason) == (a.exit_layers, a.speculation, a.finish_reason)
@@ -89,11 +89,11 @@ def test_batch_refuses_what_it_cannot_do(tiny_tokenizer):
 
     model = tiny(tiny_tokenizer, 0)
     with pytest.raises(EarlyExitError, match="logits processors"):
-        generate_batch(model, tiny_tokenizer, PROMPTS, logits_processor=LogitsProcessorList(), policy=Lossless(model, random_heads(model, 0)))
+        complete_batch(model, tiny_tokenizer, PROMPTS, logits_processor=LogitsProcessorList(), policy=Lossless(model, random_heads(model, 0)))
     with pytest.raises(EarlyExitError, match="non-empty list"):
-        generate_batch(model, tiny_tokenizer, [])
+        complete_batch(model, tiny_tokenizer, [])
     with pytest.raises(EarlyExitError, match="prompt is empty"):
-        generate_batch(model, tiny_tokenizer, ["x", ""])
+        complete_batch(model, tiny_tokenizer, ["x", ""])
 
 
 def test_default_model_batch_equals_batch_one():
@@ -105,8 +105,8 @@ def test_default_model_batch_equals_batch_one():
     prompts = ["import os\n", "def fibonacci(n):\n    ", "class Stack:\n    def __init__(self):\n        self.", "x = [i for i in range("]
     settings = GenerationSettings(max_new_tokens=12)
     assert_rows_equal(model, tok, prompts, settings, EarlyExit(model, heads, Thresholds(exit=0.5, stop=0.9)))
-    full = [c.token_ids for c in generate_batch(model, tok, prompts, settings)]
-    assert [c.token_ids for c in generate_batch(model, tok, prompts, settings, policy=Lossless(model, heads, exit_threshold=0.5))] == full
+    full = [c.token_ids for c in complete_batch(model, tok, prompts, settings)]
+    assert [c.token_ids for c in complete_batch(model, tok, prompts, settings, policy=Lossless(model, heads, exit_threshold=0.5))] == full
 
 
 def test_lossless_batch_with_stops_equals_batch_one(tiny_tokenizer):
@@ -118,6 +118,6 @@ def test_lossless_batch_with_stops_equals_batch_one(tiny_tokenizer):
         policy = Lossless(model, heads, exit_threshold=0.3, max_draft=1 + seed, stop_threshold=0.6)
         out = assert_rows_equal(model, tiny_tokenizer, PROMPTS * 2, settings, policy)
         no_exits = EarlyExit(model, heads, Thresholds(exit=1.0, stop=0.6))  # what lossless with stops reproduces
-        assert [c.token_ids for c in out] == [generate(model, tiny_tokenizer, p, settings, policy=no_exits).token_ids for p in PROMPTS * 2]
+        assert [c.token_ids for c in out] == [complete(model, tiny_tokenizer, p, settings, policy=no_exits).token_ids for p in PROMPTS * 2]
         reasons += [c.finish_reason for c in out]
     assert "stop" in reasons and set(reasons) - {"stop"}, reasons  # some rows stopped, others wrote to the end

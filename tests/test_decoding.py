@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from earlyexit.decoding import GenerationSettings, generate
+from earlyexit.decoding import GenerationSettings, complete
 from earlyexit.errors import EarlyExitError
 from earlyexit.model import GPT2
 
@@ -27,19 +27,19 @@ def model(tiny_hf):
 
 
 def test_eos_ends_the_completion_and_is_kept_in_ids_not_text(model, tiny_tokenizer):
-    free = generate(model, tiny_tokenizer, "def add(", GenerationSettings(max_new_tokens=10))
+    free = complete(model, tiny_tokenizer, "def add(", GenerationSettings(max_new_tokens=10))
     eos = free.token_ids[3]
     first = free.token_ids.index(eos)
-    got = generate(model, EosIs(tiny_tokenizer, eos), "def add(", GenerationSettings(max_new_tokens=10))
+    got = complete(model, EosIs(tiny_tokenizer, eos), "def add(", GenerationSettings(max_new_tokens=10))
     assert got.finish_reason == "eos"
     assert got.token_ids == free.token_ids[:first + 1]
     assert len(got.token_ms) == len(got.token_ids) - 1
 
 
 def test_stop_string_cuts_the_text(model, tiny_tokenizer):
-    free = generate(model, tiny_tokenizer, "class Stack:", GenerationSettings(max_new_tokens=12))
+    free = complete(model, tiny_tokenizer, "class Stack:", GenerationSettings(max_new_tokens=12))
     stop = free.text[4:6]
-    got = generate(model, tiny_tokenizer, "class Stack:", GenerationSettings(max_new_tokens=12, stop_strings=[stop]))
+    got = complete(model, tiny_tokenizer, "class Stack:", GenerationSettings(max_new_tokens=12, stop_strings=[stop]))
     assert got.finish_reason == "stop_string"
     assert got.text == free.text[:free.text.find(stop)]
     assert stop not in got.text
@@ -59,12 +59,12 @@ def test_logits_processor_and_stopping_criteria_follow_transformers_conventions(
         def __call__(self, input_ids, scores, **kwargs):
             return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 8, dtype=torch.bool)
 
-    free = generate(model, tiny_tokenizer, "import", GenerationSettings(max_new_tokens=6))
+    free = complete(model, tiny_tokenizer, "import", GenerationSettings(max_new_tokens=6))
     banned = free.token_ids[0]
-    got = generate(model, tiny_tokenizer, "import", GenerationSettings(max_new_tokens=6), logits_processor=LogitsProcessorList([Ban(banned)]))
+    got = complete(model, tiny_tokenizer, "import", GenerationSettings(max_new_tokens=6), logits_processor=LogitsProcessorList([Ban(banned)]))
     assert banned not in got.token_ids
     prompt_len = got.prompt_tokens
-    stopped = generate(model, tiny_tokenizer, "import", GenerationSettings(max_new_tokens=30), stopping_criteria=StoppingCriteriaList([AtLength()]))
+    stopped = complete(model, tiny_tokenizer, "import", GenerationSettings(max_new_tokens=30), stopping_criteria=StoppingCriteriaList([AtLength()]))
     assert stopped.finish_reason == "stopping_criteria"
     assert prompt_len + len(stopped.token_ids) == max(8, prompt_len + 1)
 
@@ -77,23 +77,23 @@ def test_max_new_tokens_must_be_a_positive_integer(bad):
 
 def test_empty_prompt_is_refused(model, tiny_tokenizer):
     with pytest.raises(EarlyExitError, match="prompt is empty"):
-        generate(model, tiny_tokenizer, "")
+        complete(model, tiny_tokenizer, "")
 
 
 def test_too_long_prompt_is_refused_or_truncated_on_request(model, tiny_tokenizer):
     long_prompt = "x = 1\n" * 200  # far over the tiny model's 96 positions
     with pytest.raises(EarlyExitError, match="context of 96"):
-        generate(model, tiny_tokenizer, long_prompt, GenerationSettings(max_new_tokens=8))
+        complete(model, tiny_tokenizer, long_prompt, GenerationSettings(max_new_tokens=8))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = generate(model, tiny_tokenizer, long_prompt, GenerationSettings(max_new_tokens=8, truncate_prompt=True))
+        got = complete(model, tiny_tokenizer, long_prompt, GenerationSettings(max_new_tokens=8, truncate_prompt=True))
     assert got.prompt_tokens == 96 - 8 and got.prompt_truncated_tokens > 0
     assert any("left-truncated" in str(w.message) for w in caught)
 
 
 def test_generate_and_generate_batch_run_without_autograd(model, tiny_tokenizer):
     """Decoding records no graph: every step runs in inference mode, alone and batched."""
-    from earlyexit.batch import generate_batch
+    from earlyexit.batch import complete_batch
     from earlyexit.policies import FullDepth
 
     seen = []
@@ -107,6 +107,6 @@ def test_generate_and_generate_batch_run_without_autograd(model, tiny_tokenizer)
             seen.append(torch.is_inference_mode_enabled())
             return super().step_batch(*args, **kwargs)
 
-    generate(model, tiny_tokenizer, "def f", GenerationSettings(max_new_tokens=3), policy=Recording())
-    generate_batch(model, tiny_tokenizer, ["def f", "x"], GenerationSettings(max_new_tokens=3), policy=Recording())
+    complete(model, tiny_tokenizer, "def f", GenerationSettings(max_new_tokens=3), policy=Recording())
+    complete_batch(model, tiny_tokenizer, ["def f", "x"], GenerationSettings(max_new_tokens=3), policy=Recording())
     assert len(seen) >= 4 and all(seen)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from earlyexit.decoding import GenerationSettings, generate
+from earlyexit.decoding import GenerationSettings, complete
 from earlyexit.generate import main
 from earlyexit.loading import DEFAULT_MODEL_DIR
 from earlyexit.model import GPT2
@@ -47,7 +47,7 @@ def test_greedy_equals_transformers_generate(hf_and_tok):
         with torch.no_grad():
             ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
                               pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
-        assert generate(ours, tok, prompt, GenerationSettings(max_new_tokens=24)).token_ids == ref
+        assert complete(ours, tok, prompt, GenerationSettings(max_new_tokens=24)).token_ids == ref
 
 
 def test_cli_completes_with_the_default_model(capsys):
@@ -62,7 +62,7 @@ def test_cli_completes_with_the_default_model(capsys):
 def test_token_healing_on_prompts_cut_inside_a_word(hf_and_tok, prompt, word):
     hf, tok = hf_and_tok
     ours = GPT2.from_hf(hf)
-    c = generate(ours, tok, prompt, GenerationSettings(max_new_tokens=6, token_healing=True))
+    c = complete(ours, tok, prompt, GenerationSettings(max_new_tokens=6, token_healing=True))
     assert c.healed_prefix and tok.decode(c.token_ids).startswith(c.healed_prefix)
     assert tok.decode(tok.encode(prompt)[:c.prompt_tokens] + c.token_ids) == prompt + c.text
     assert c.text.startswith(word)  # the word the prompt began, finished

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from earlyexit.decoding import GenerationSettings, generate
+from earlyexit.decoding import GenerationSettings, complete
 from earlyexit.export_ggml import GGML_MAGIC, byte_level_alphabet, token_bytes, write_ggml
 from earlyexit.model import GPT2
 
@@ -75,7 +75,7 @@ def test_ggml_runner_gives_our_greedy_tokens(tmp_path, model, tiny_tokenizer):
     run = ggml_engine(model, tiny_tokenizer, tmp_path, threads=1)
     for prompt in ("class Stack:", "for i in range(10):\n    print("):
         ids = tiny_tokenizer.encode(prompt)
-        ours = generate(model, tiny_tokenizer, ids, GenerationSettings(max_new_tokens=12)).token_ids
+        ours = complete(model, tiny_tokenizer, ids, GenerationSettings(max_new_tokens=12)).token_ids
         assert run(ids, 12)[0] == ours
         assert run(ids, 12)[0] == ours  # a second call starts from a reset context
 
@@ -98,4 +98,4 @@ def test_onnx_export_matches_our_runtime(tmp_path, model, tiny_tokenizer):
         out, past_k, past_v = session.run(None, {"input_ids": x, "past_k": past_k, "past_v": past_v})
         tokens.append(int(out[0].argmax()))
         x = np.asarray([[tokens[-1]]])
-    assert tokens == generate(model, tiny_tokenizer, ids[0].tolist(), GenerationSettings(max_new_tokens=10)).token_ids
+    assert tokens == complete(model, tiny_tokenizer, ids[0].tolist(), GenerationSettings(max_new_tokens=10)).token_ids

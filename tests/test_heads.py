@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from earlyexit.decoding import GenerationSettings, generate
+from earlyexit.decoding import GenerationSettings, complete
 from earlyexit.errors import EarlyExitError
 from earlyexit.heads import CONTINUE, EXIT, STOP, ExitHeads, Thresholds, load_heads
 from earlyexit.model import GPT2
@@ -45,15 +45,15 @@ def test_early_exit_with_exits_and_stop_off_equals_full(model, tiny_tokenizer, s
             p.add_(torch.randn_like(p))
     policy = EarlyExit(model, heads, Thresholds(exit=1.0, stop=1.0))
     settings = GenerationSettings(max_new_tokens=20)
-    full = generate(model, tiny_tokenizer, prompt, settings)
-    early = generate(model, tiny_tokenizer, prompt, settings, policy=policy)
+    full = complete(model, tiny_tokenizer, prompt, settings)
+    early = complete(model, tiny_tokenizer, prompt, settings, policy=policy)
     assert early.token_ids == full.token_ids and early.exit_layers == full.exit_layers
 
 
 def test_exit_at_layer_one_uses_the_head_and_state_copies_the_skipped_layers(model, tiny_tokenizer):
     heads = forced(ExitHeads.for_backbone(model, rank=4), EXIT)
     policy = EarlyExit(model, heads, Thresholds(exit=0.5, stop=1.0))
-    c = generate(model, tiny_tokenizer, "def add(a, b):", GenerationSettings(max_new_tokens=6), policy=policy)
+    c = complete(model, tiny_tokenizer, "def add(a, b):", GenerationSettings(max_new_tokens=6), policy=policy)
     assert c.exit_layers == [4, 1, 1, 1, 1, 1]  # the first token comes from the full-depth prefill
     # one step by hand: the skipped layers' K/V at this position come from the exit hidden state
     cache = model.new_cache(1, capacity=8)
@@ -75,9 +75,9 @@ def test_stop_ends_the_completion_and_keeps_what_was_written(model, tiny_tokeniz
     heads = forced(ExitHeads.for_backbone(model, rank=0), STOP, from_layer=3)
     heads.prev_bias.data[model.dims.n_layer, STOP] = -200.0  # not before the first token: let one be written
     policy = EarlyExit(model, heads, Thresholds(exit=1.0, stop=0.9))
-    c = generate(model, tiny_tokenizer, "import os", GenerationSettings(max_new_tokens=10), policy=policy)
+    c = complete(model, tiny_tokenizer, "import os", GenerationSettings(max_new_tokens=10), policy=policy)
     assert c.finish_reason == "stop" and len(c.token_ids) == 1
-    full = generate(model, tiny_tokenizer, "import os", GenerationSettings(max_new_tokens=10))
+    full = complete(model, tiny_tokenizer, "import os", GenerationSettings(max_new_tokens=10))
     assert c.token_ids == full.token_ids[:1]
 
 
@@ -128,14 +128,14 @@ def test_save_load_and_refusals(tmp_path, model, tiny_tokenizer):
 
 
 def test_early_exit_through_the_triton_kernels_matches_the_reference_path(model, tiny_tokenizer):
-    import earlyexit.kernels as K
+    import earlyexit.kernels.dispatch as K
 
     heads = forced(ExitHeads.for_backbone(model, rank=4), EXIT, from_layer=1)  # exit after block 1: two layers state-copied
     settings = GenerationSettings(max_new_tokens=8)
     runs = {}
     for backend in ("torch", "triton"):  # triton: the interpreter on CPU tensors
         policy = EarlyExit(model, heads, Thresholds(exit=0.4, stop=1.0), kernel_backend=backend)
-        runs[backend] = generate(model, tiny_tokenizer, "def add(a, b):", settings, policy=policy)
+        runs[backend] = complete(model, tiny_tokenizer, "def add(a, b):", settings, policy=policy)
         assert K.last_backend["layer_check"] == backend
     assert runs["triton"].token_ids == runs["torch"].token_ids
     assert runs["triton"].exit_layers == runs["torch"].exit_layers

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from earlyexit.decoding import GenerationSettings, generate
+from earlyexit.decoding import GenerationSettings, complete
 from earlyexit.errors import EarlyExitError
 from earlyexit.healing import allowed_tokens, heal, still_pending, vocabulary, vocabulary_strings
 from earlyexit.model import GPT2
@@ -31,7 +31,7 @@ def test_first_token_extends_the_backed_off_text(model, tiny_tokenizer, prompt):
     vocabulary = vocabulary_strings(tiny_tokenizer)
     assert allowed.any() and all(vocabulary[i].startswith(prefix) or (prefix.startswith(vocabulary[i]) and prefix[len(vocabulary[i]):].isspace())
                                  for i in torch.nonzero(allowed).flatten().tolist())
-    c = generate(model, tiny_tokenizer, prompt, GenerationSettings(max_new_tokens=6, token_healing=True))
+    c = complete(model, tiny_tokenizer, prompt, GenerationSettings(max_new_tokens=6, token_healing=True))
     assert c.healed_prefix == prefix and c.prompt_tokens == len(kept)
     assert tiny_tokenizer.decode(c.token_ids).startswith(prefix)  # the backed-off text is written again first
     assert tiny_tokenizer.decode(kept + c.token_ids) == prompt + c.text  # the text continues the prompt exactly
@@ -72,7 +72,7 @@ def test_token_mode_is_the_earlier_healing(model, tiny_tokenizer):
     allowed = allowed_tokens(prefix, tiny_tokenizer, "token")
     vocabulary = vocabulary_strings(tiny_tokenizer)
     assert kept == ids[:-1] and all(vocabulary[i].startswith(prefix) for i in torch.nonzero(allowed).flatten().tolist())
-    c = generate(model, tiny_tokenizer, "def f():\n    ", GenerationSettings(max_new_tokens=4, token_healing=True, healing_mode="token"))
+    c = complete(model, tiny_tokenizer, "def f():\n    ", GenerationSettings(max_new_tokens=4, token_healing=True, healing_mode="token"))
     assert tiny_tokenizer.decode(c.token_ids[:1]).startswith(prefix)
 
 
@@ -86,13 +86,13 @@ def test_a_word_split_into_several_tokens_is_backed_off_whole(tiny_tokenizer):
     assert [vocabulary_strings(tiny_tokenizer)[i] for i in torch.nonzero(allowed).flatten().tolist()] == [" return"]
     settings = GenerationSettings(max_new_tokens=3, token_healing=True, healing_mode="token")
     model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer)))
-    assert generate(model, tiny_tokenizer, "def add(a, b):\n    retu", settings).healed_prefix == "u"
+    assert complete(model, tiny_tokenizer, "def add(a, b):\n    retu", settings).healed_prefix == "u"
     with pytest.raises(EarlyExitError, match="healing_mode"):
         GenerationSettings(healing_mode="line")
 
 
 def test_healing_is_off_by_default_and_skipped_for_one_token_prompts(model, tiny_tokenizer):
-    plain = generate(model, tiny_tokenizer, "ret", GenerationSettings(max_new_tokens=5))
+    plain = complete(model, tiny_tokenizer, "ret", GenerationSettings(max_new_tokens=5))
     assert plain.healed_prefix == "" and plain.prompt_tokens == len(tiny_tokenizer.encode("ret"))
     one = tiny_tokenizer.encode("x")
     assert len(one) == 1 and heal(one, tiny_tokenizer) == (one, "")
@@ -104,7 +104,7 @@ HEALED = ["self.it", "class A:\n    x = 1\n\n    ", "def f():\n    ", "def add(a
 def test_lossless_and_batches_with_healing_equal_full_alone(model, tiny_tokenizer):
     """The backed-off text may take several constrained tokens (`1`, `\n\n   `, ...): every policy writes them as
     full mode does, alone and batched, and lossless mode's stop sees them as early-exit mode's does."""
-    from earlyexit.batch import generate_batch
+    from earlyexit.batch import complete_batch
     from earlyexit.heads import Thresholds
     from earlyexit.policies import EarlyExit, FullDepth
 
@@ -113,22 +113,22 @@ def test_lossless_and_batches_with_healing_equal_full_alone(model, tiny_tokenize
     with torch.no_grad():
         heads.layer_bias[:, 1] = 5.0  # exit early, often wrongly
         heads.cls.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(2))  # and stop now and then
-    full = [generate(model, tiny_tokenizer, p, settings) for p in HEALED]
+    full = [complete(model, tiny_tokenizer, p, settings) for p in HEALED]
     assert any(tiny_tokenizer.decode(c.token_ids[:1]) != c.healed_prefix for c in full)  # some took several tokens
     for draft in ("same", "int8"):
         lossless = Lossless(model, heads, exit_threshold=0.1, max_draft=3, draft=draft)
         for p, f in zip(HEALED, full):
-            got = generate(model, tiny_tokenizer, p, settings, policy=lossless)
+            got = complete(model, tiny_tokenizer, p, settings, policy=lossless)
             assert (got.token_ids, got.text) == (f.token_ids, f.text)
-        assert [c.token_ids for c in generate_batch(model, tiny_tokenizer, HEALED, settings, policy=lossless)] == [c.token_ids for c in full]
+        assert [c.token_ids for c in complete_batch(model, tiny_tokenizer, HEALED, settings, policy=lossless)] == [c.token_ids for c in full]
     stopping, no_exits = Lossless(model, heads, max_draft=3, stop_threshold=0.6), EarlyExit(model, heads, Thresholds(exit=1.0, stop=0.6))
-    reference = [generate(model, tiny_tokenizer, p, settings, policy=no_exits) for p in HEALED]
+    reference = [complete(model, tiny_tokenizer, p, settings, policy=no_exits) for p in HEALED]
     assert [c.finish_reason for c in reference] == ["max_tokens", "stop", "stop", "max_tokens"]  # one stop while rewriting
     written = tiny_tokenizer.decode(reference[1].token_ids)
     assert reference[1].healed_prefix.startswith(written) and written != reference[1].healed_prefix and reference[1].text == ""
     for policy in (FullDepth(), EarlyExit(model, heads, Thresholds(exit=0.1, stop=0.6)), stopping):
-        alone = [generate(model, tiny_tokenizer, p, settings, policy=policy) for p in HEALED]
-        together = generate_batch(model, tiny_tokenizer, HEALED, settings, policy=policy)
+        alone = [complete(model, tiny_tokenizer, p, settings, policy=policy) for p in HEALED]
+        together = complete_batch(model, tiny_tokenizer, HEALED, settings, policy=policy)
         assert [(c.token_ids, c.finish_reason, c.text) for c in together] == [(c.token_ids, c.finish_reason, c.text) for c in alone]
     assert [(c.token_ids, c.finish_reason) for c in alone] == [(c.token_ids, c.finish_reason) for c in reference]  # lossless, stopping
 

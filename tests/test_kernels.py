@@ -8,7 +8,7 @@ launch parameters are set so that the multi-split, multi-tile paths are still ex
 import pytest
 import torch
 
-import earlyexit.kernels as K
+import earlyexit.kernels.dispatch as K
 from earlyexit.kernels.exit_confidence import split_plan
 from earlyexit.model import GPT2
 

@@ -20,7 +20,7 @@ pytestmark = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("B", [1, 8, 64])
 def test_exit_confidence_on_gpu(dtype, B):
-    import earlyexit.kernels as K
+    import earlyexit.kernels.dispatch as K
 
     d, V = 768, 50257
     h = torch.randn(B, d, device="cuda", dtype=dtype)
@@ -35,7 +35,7 @@ def test_exit_confidence_on_gpu(dtype, B):
 
 
 def test_layer_check_and_state_copy_on_gpu():
-    import earlyexit.kernels as K
+    import earlyexit.kernels.dispatch as K
 
     B, d, L, nh = 4, 768, 12, 12
     x, delta = torch.randn(B, d, device="cuda"), torch.randn(B, d, device="cuda")

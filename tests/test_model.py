@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from earlyexit.decoding import GenerationSettings, generate
+from earlyexit.decoding import GenerationSettings, complete
 from earlyexit.errors import EarlyExitError
 from earlyexit.model import GPT2, GPT2Dims
 
@@ -64,7 +64,7 @@ def test_greedy_tokens_equal_transformers_generate(tiny_tokenizer, seed, prompt_
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, prompt_len, dtype=torch.long),
                           do_sample=False, max_new_tokens=max_new, pad_token_id=eos)[0, prompt_len:].tolist()
-    got = generate(ours, tiny_tokenizer, prompt, GenerationSettings(max_new_tokens=max_new))
+    got = complete(ours, tiny_tokenizer, prompt, GenerationSettings(max_new_tokens=max_new))
     assert got.token_ids == ref
     assert got.finish_reason == ("eos" if ref[-1] == eos else "max_tokens")
     assert got.exit_layers == [hf.config.n_layer] * len(ref)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from earlyexit.batch import generate_batch
-from earlyexit.decoding import GenerationSettings, generate
+from earlyexit.batch import complete_batch
+from earlyexit.decoding import GenerationSettings, complete
 from earlyexit.errors import EarlyExitError
 from earlyexit.heads import ExitHeads, Thresholds
 from earlyexit.model import GPT2
@@ -96,33 +96,33 @@ def test_runtime_cache_is_the_processor_over_the_truncated_prompt(model, tiny_to
     prompt = REPEATING * 6  # longer than the tiny model's context: truncated
     settings = GenerationSettings(max_new_tokens=12, truncate_prompt=True, cache_weight=0.6, cache_skip_recent=0)
     with pytest.warns(UserWarning, match="left-truncated"):
-        cached = generate(model, tiny_tokenizer, prompt, settings)
+        cached = complete(model, tiny_tokenizer, prompt, settings)
     assert cached.prompt_truncated_tokens > 0
     full_ids = tiny_tokenizer.encode(prompt)
     dropped = full_ids[:cached.prompt_truncated_tokens]
     processor = NGramCacheLogitsProcessor(weight=0.6, skip_recent=0, context=dropped)
     plain = GenerationSettings(max_new_tokens=12, truncate_prompt=True)
     with pytest.warns(UserWarning):
-        via_processor = generate(model, tiny_tokenizer, prompt, plain, logits_processor=processor)
-        without = generate(model, tiny_tokenizer, prompt, plain)
+        via_processor = complete(model, tiny_tokenizer, prompt, plain, logits_processor=processor)
+        without = complete(model, tiny_tokenizer, prompt, plain)
     assert cached.token_ids == via_processor.token_ids != without.token_ids
     with pytest.warns(UserWarning):
-        batched = generate_batch(model, tiny_tokenizer, [prompt, REPEATING], settings)
+        batched = complete_batch(model, tiny_tokenizer, [prompt, REPEATING], settings)
     assert batched[0].token_ids == cached.token_ids
-    assert batched[1].token_ids == generate(model, tiny_tokenizer, REPEATING, settings).token_ids
+    assert batched[1].token_ids == complete(model, tiny_tokenizer, REPEATING, settings).token_ids
 
 
 def test_cache_with_healing_and_early_exit_writes_the_backed_off_text_first(model, tiny_tokenizer):
     settings = GenerationSettings(max_new_tokens=8, token_healing=True, cache_weight=1.0, cache_skip_recent=0)
     heads = ExitHeads.for_backbone(model, rank=2)
     for policy in (None, EarlyExit(model, heads, Thresholds(exit=0.5, stop=1.0))):
-        c = generate(model, tiny_tokenizer, REPEATING, settings, policy=policy)
+        c = complete(model, tiny_tokenizer, REPEATING, settings, policy=policy)
         assert c.healed_prefix and tiny_tokenizer.decode(c.token_ids).startswith(c.healed_prefix)
         assert c.text.startswith("em):\n")  # weight 1: the cache copies the line written before
     # skipping the last tokens, it does not copy the line just written: with the prompt inside them, nothing changes
-    plain = generate(model, tiny_tokenizer, REPEATING, GenerationSettings(max_new_tokens=8, token_healing=True))
+    plain = complete(model, tiny_tokenizer, REPEATING, GenerationSettings(max_new_tokens=8, token_healing=True))
     skipped = GenerationSettings(max_new_tokens=8, token_healing=True, cache_weight=1.0, cache_skip_recent=len(tiny_tokenizer.encode(REPEATING)))
-    assert generate(model, tiny_tokenizer, REPEATING, skipped).token_ids == plain.token_ids
+    assert complete(model, tiny_tokenizer, REPEATING, skipped).token_ids == plain.token_ids
 
 
 @pytest.mark.parametrize("draft", ["same", "int8"])
@@ -135,11 +135,11 @@ def test_lossless_with_the_cache_writes_full_modes_cached_tokens(model, tiny_tok
     prompts = [REPEATING, REPEATING * 6, "class Stack:\n    def pu", "def f():\n    ret"]
     settings = GenerationSettings(max_new_tokens=14, token_healing=True, truncate_prompt=True, cache_weight=0.6, cache_skip_recent=4)
     with pytest.warns(UserWarning):
-        full = [generate(model, tiny_tokenizer, p, settings) for p in prompts]
+        full = [complete(model, tiny_tokenizer, p, settings) for p in prompts]
         lossless = Lossless(model, heads, exit_threshold=0.2, max_draft=4, draft=draft)
-        alone = [generate(model, tiny_tokenizer, p, settings, policy=lossless) for p in prompts]
-        together = generate_batch(model, tiny_tokenizer, prompts, settings, policy=lossless)
-    without = [generate(model, tiny_tokenizer, p, GenerationSettings(max_new_tokens=14, token_healing=True)) for p in prompts[:1]]
+        alone = [complete(model, tiny_tokenizer, p, settings, policy=lossless) for p in prompts]
+        together = complete_batch(model, tiny_tokenizer, prompts, settings, policy=lossless)
+    without = [complete(model, tiny_tokenizer, p, GenerationSettings(max_new_tokens=14, token_healing=True)) for p in prompts[:1]]
     assert full[0].token_ids != without[0].token_ids  # the cache changes what is written
     assert [c.token_ids for c in alone] == [c.token_ids for c in full] == [c.token_ids for c in together]
     assert sum(c.speculation["drafted"] - c.speculation["accepted"] for c in alone) > 0  # some drafts were rejected

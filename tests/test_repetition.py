@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from earlyexit.decoding import GenerationSettings, generate
+from earlyexit.decoding import GenerationSettings, complete
 from earlyexit.heads import ExitHeads
 from earlyexit.model import GPT2
 from earlyexit.repetition import loop_tail
@@ -65,9 +65,9 @@ class ForceCycle:
 def test_a_looping_completion_ends_with_one_copy(tiny_hf, tiny_tokenizer):
     model = GPT2.from_hf(tiny_hf)
     cycle = tiny_tokenizer.encode("    if n < 2:\n        return False\n", add_special_tokens=False)
-    off = generate(model, tiny_tokenizer, "def f(n):\n", GenerationSettings(max_new_tokens=60), ForceCycle(cycle))
+    off = complete(model, tiny_tokenizer, "def f(n):\n", GenerationSettings(max_new_tokens=60), ForceCycle(cycle))
     assert off.finish_reason == "max_tokens" and off.text.count("return False") > 2
-    on = generate(model, tiny_tokenizer, "def f(n):\n", GenerationSettings(max_new_tokens=60, stop_on_repetition=True), ForceCycle(cycle))
+    on = complete(model, tiny_tokenizer, "def f(n):\n", GenerationSettings(max_new_tokens=60, stop_on_repetition=True), ForceCycle(cycle))
     assert on.finish_reason == "repetition"
     assert on.token_ids == cycle and len(on.exit_layers) == len(cycle)
     assert len(on.token_ms) == len(cycle) - 1  # the cut tokens' time is charged to the last kept one
@@ -84,24 +84,24 @@ def test_repetition_stop_is_off_by_default_and_lossless_cuts_the_same(tiny_hf, t
     reasons = set()
     for max_new in (6, 40):
         settings = GenerationSettings(max_new_tokens=max_new, stop_on_repetition=True)
-        full = generate(model, tiny_tokenizer, prompt, settings)
-        lossless = generate(model, tiny_tokenizer, prompt, settings, policy=Lossless(model, heads, exit_threshold=0.1, draft="same"))
+        full = complete(model, tiny_tokenizer, prompt, settings)
+        lossless = complete(model, tiny_tokenizer, prompt, settings, policy=Lossless(model, heads, exit_threshold=0.1, draft="same"))
         assert (lossless.token_ids, lossless.finish_reason) == (full.token_ids, full.finish_reason)
         assert len(full.token_ms) == len(lossless.token_ms) == len(full.token_ids) - 1
         reasons.add(full.finish_reason)
-        raw = generate(model, tiny_tokenizer, prompt, GenerationSettings(max_new_tokens=max_new))
+        raw = complete(model, tiny_tokenizer, prompt, GenerationSettings(max_new_tokens=max_new))
         assert raw.token_ids[:len(full.token_ids)] == full.token_ids  # the stop only ever cuts greedy's tokens
     assert reasons == {"max_tokens", "repetition"}  # the random model writes blank lines: a loop by 40 tokens, not by 6
 
 
 def test_batched_completions_cut_loops_as_one_at_a_time(tiny_hf, tiny_tokenizer):
-    from earlyexit.batch import generate_batch
+    from earlyexit.batch import complete_batch
 
     model = GPT2.from_hf(tiny_hf)
     prompts = ["import os\n", "def add(a, b):\n", "x"]
     settings = GenerationSettings(max_new_tokens=30, stop_on_repetition=True)
-    batched = generate_batch(model, tiny_tokenizer, prompts, settings)
-    single = [generate(model, tiny_tokenizer, p, settings) for p in prompts]
+    batched = complete_batch(model, tiny_tokenizer, prompts, settings)
+    single = [complete(model, tiny_tokenizer, p, settings) for p in prompts]
     assert [(c.token_ids, c.finish_reason) for c in batched] == [(c.token_ids, c.finish_reason) for c in single]
     assert all(len(c.token_ms) == len(c.token_ids) - 1 for c in batched)
     assert "repetition" in {c.finish_reason for c in single}

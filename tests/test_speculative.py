@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from earlyexit.decoding import GenerationSettings, generate
+from earlyexit.decoding import GenerationSettings, complete
 from earlyexit.errors import EarlyExitError
 from earlyexit.heads import EXIT, ExitHeads
 from earlyexit.model import GPT2
@@ -33,12 +33,12 @@ def test_lossless_equals_full_greedy(tiny_tokenizer, seed, k, draft):
     model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=n_layer, n_embd=n_embd, seed=seed, eos=tiny_tokenizer.eos_token_id))
     prompt = torch.randint(1, len(tiny_tokenizer), (1 + 7 * seed % 23,), generator=g).tolist()  # odd lengths
     settings = GenerationSettings(max_new_tokens=25 + seed)
-    full = generate(model, tiny_tokenizer, prompt, settings)
+    full = complete(model, tiny_tokenizer, prompt, settings)
     # seeds 0-2 draft with exits, 3-5 at full depth (an int8 draft of width 48 then takes earlyexit.draft_step's lean path)
     lossless = Lossless(model, random_heads(model, seed), exit_threshold=0.3 if seed < 3 else 1.0, max_draft=k,
                         adaptive=seed % 2 == 0, draft=draft)
     assert (lossless.lean is not None) == (draft == "int8" and n_embd == 48 and seed >= 3)
-    got = generate(model, tiny_tokenizer, prompt, settings, policy=lossless)
+    got = complete(model, tiny_tokenizer, prompt, settings, policy=lossless)
     assert got.token_ids == full.token_ids and got.finish_reason == full.finish_reason
     s = got.speculation
     assert s["draft"] == draft
@@ -49,8 +49,8 @@ def test_lossless_equals_full_greedy(tiny_tokenizer, seed, k, draft):
 def test_a_perfect_drafter_is_accepted_whole(tiny_tokenizer):
     model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=3, seed=4))
     heads = ExitHeads.for_backbone(model, rank=0)  # never exits: drafts are full-depth, hence always right
-    got = generate(model, tiny_tokenizer, "def add(", GenerationSettings(max_new_tokens=17), policy=Lossless(model, heads, 1.0, max_draft=4, draft="same"))
-    full = generate(model, tiny_tokenizer, "def add(", GenerationSettings(max_new_tokens=17))
+    got = complete(model, tiny_tokenizer, "def add(", GenerationSettings(max_new_tokens=17), policy=Lossless(model, heads, 1.0, max_draft=4, draft="same"))
+    full = complete(model, tiny_tokenizer, "def add(", GenerationSettings(max_new_tokens=17))
     assert got.token_ids == full.token_ids
     # the first token comes from the prefill; then rounds of 4 accepted drafts + 1 bonus: 5 + 5 + 5 + the last one
     assert got.speculation["acceptance_rate"] == 1.0 and got.speculation["rounds"] == 4
@@ -66,7 +66,7 @@ def test_lossless_refuses_logits_processors_and_bad_draft_lengths(tiny_tokenizer
     with pytest.raises(EarlyExitError, match="fp32 model"):
         Lossless(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2, seed=1), dtype=torch.float64), heads, draft="int8")
     with pytest.raises(EarlyExitError, match="logits processors"):
-        generate(model, tiny_tokenizer, "x", policy=Lossless(model, heads), logits_processor=lambda ids, s: s)
+        complete(model, tiny_tokenizer, "x", policy=Lossless(model, heads), logits_processor=lambda ids, s: s)
 
 
 def test_lossless_with_a_stop_threshold_stops_where_early_exit_without_exits_does(tiny_tokenizer):
@@ -85,11 +85,11 @@ def test_lossless_with_a_stop_threshold_stops_where_early_exit_without_exits_doe
         prompt = torch.randint(1, len(tiny_tokenizer), (2 + 5 * seed % 17,), generator=g).tolist()
         settings = GenerationSettings(max_new_tokens=30)
         stop = 0.45
-        reference = generate(model, tiny_tokenizer, prompt, settings, policy=EarlyExit(model, heads, Thresholds(exit=1.0, stop=stop)))
-        full = generate(model, tiny_tokenizer, prompt, settings)
+        reference = complete(model, tiny_tokenizer, prompt, settings, policy=EarlyExit(model, heads, Thresholds(exit=1.0, stop=stop)))
+        full = complete(model, tiny_tokenizer, prompt, settings)
         for draft, exit_threshold in [("same", 0.3), ("int8", 1.0)]:
             policy = Lossless(model, heads, exit_threshold, max_draft=1 + seed % 5, adaptive=seed % 2 == 0, draft=draft, stop_threshold=stop)
-            got = generate(model, tiny_tokenizer, prompt, settings, policy=policy)
+            got = complete(model, tiny_tokenizer, prompt, settings, policy=policy)
             assert (got.token_ids, got.finish_reason) == (reference.token_ids, reference.finish_reason), (seed, draft)
             assert got.token_ids == full.token_ids[:len(got.token_ids)]
             assert len(got.token_ms) == max(0, len(got.token_ids) - 1)

@@ -43,7 +43,7 @@ def test_runs_unchanged_under_torchrun_with_two_processes(tmp_path, tiny_model_d
     out = tmp_path / "heads"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "earlyexit.train_heads", "--model", str(tiny_model_dir), *recipe(tmp_path, corpus, out)],
         capture_output=True, text=True, env=env, timeout=300,
     )

@@ -36,9 +36,9 @@ def make_corpus(tmp_path):
 def test_train_checkpoint_resume_and_export(tmp_path):
     corpus = make_corpus(tmp_path)
     assert main(tiny_recipe(tmp_path, corpus, max_steps=2)) == 0
-    assert torch.load(tmp_path / "run/checkpoint.pt")["step"] == 2
+    assert torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["step"] == 2
     assert main(["--resume", *tiny_recipe(tmp_path, corpus)]) == 0
-    state = torch.load(tmp_path / "run/checkpoint.pt")
+    state = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
     assert state["step"] == 4 and state["tokens_seen"] == 4 * 2 * 32
     log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
@@ -52,7 +52,7 @@ def test_train_checkpoint_resume_and_export(tmp_path):
     assert model.config.n_positions == 32 and model.transformer.wpe.weight.shape[0] == 32
     (export / "model.safetensors").unlink()
     assert main(["--resume", *tiny_recipe(tmp_path, corpus)]) == 0  # a finished run is re-exported, not trained further
-    assert torch.load(tmp_path / "run/checkpoint.pt")["step"] == 4
+    assert torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["step"] == 4
     assert AutoModelForCausalLM.from_pretrained(export).config.n_positions == 32
 
 
@@ -95,9 +95,9 @@ def test_wsd_keeps_the_stable_checkpoint_and_resumes_from_it(tmp_path):
     recipe = tiny_recipe(tmp_path, corpus, schedule="wsd", decay_steps=2, warmup_steps=1)
     assert main(recipe) == 0
     stable = tmp_path / "run/checkpoint_stable.pt"
-    assert torch.load(stable)["step"] == 2 and torch.load(tmp_path / "run/checkpoint.pt")["step"] == 4
+    assert torch.load(stable, weights_only=True)["step"] == 2 and torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["step"] == 4
     assert main(["--resume-from", str(stable), *recipe, "max_steps=6"]) == 0  # a longer run from the stable point
-    assert torch.load(tmp_path / "run/checkpoint.pt")["step"] == 6
+    assert torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["step"] == 6
     assert main(["--resume-from", str(tmp_path / "nope.pt"), *recipe]) == 2
 
 
@@ -125,7 +125,7 @@ def test_init_from_an_export_continues_its_step_and_tokens(tmp_path):
     recipe = tiny_recipe(tmp_path, corpus, max_steps=3, init_from=first, work_dir=second, out_dir=second / "export",
                          n_positions=48, rewarm_at=2)
     assert main(recipe) == 0
-    state = torch.load(second / "checkpoint.pt")
+    state = torch.load(second / "checkpoint.pt", weights_only=True)
     assert state["step"] == 3 and state["tokens_seen"] == 3 * 2 * 32
     start = AutoModelForCausalLM.from_pretrained(first).state_dict()
     # the export's 32 positions were copied into the 48-row table; the weights moved on from the export's
@@ -142,7 +142,7 @@ def test_init_from_in_a_fresh_work_dir_inherits_the_exports_tokenizer(tmp_path):
                          out_dir=second / "export", rewarm_at=2)
     assert main(recipe) == 0
     assert (second / "tokenizer/tokenizer.json").read_text() == (tmp_path / "run/tokenizer/tokenizer.json").read_text()
-    assert torch.load(second / "checkpoint.pt")["step"] == 3
+    assert torch.load(second / "checkpoint.pt", weights_only=True)["step"] == 3
     assert "extra.py" in "".join((second / f"files_{s}.txt").read_text() for s in ("train", "validation", "test"))
     # the export's curve keeps the first run's points, tagged with the work_dir (validation split) each was measured on
     curve = json.loads((second / "export/training_state.json").read_text())["curve"]
@@ -167,7 +167,7 @@ def test_a_phase_continues_from_its_own_export_when_the_checkpoint_is_gone(tmp_p
         shutil.rmtree(work / leftover) if (work / leftover).is_dir() else (work / leftover).unlink()
     recipe = tiny_recipe(tmp_path, corpus, max_steps=8, rewarm_at=4, init_from=work / "export")
     assert main(["--resume", *recipe]) == 0
-    assert torch.load(work / "checkpoint.pt")["step"] == 8
+    assert torch.load(work / "checkpoint.pt", weights_only=True)["step"] == 8
     curve = json.loads((work / "export/training_state.json").read_text())["curve"]
     assert [r["step"] for r in curve] == [2, 4, 6, 8] and curve[:2] == before
     # a later re-export (here: the finished run resumed) reads the export it wrote as init_from: still no duplicates

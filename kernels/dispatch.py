@@ -1,4 +1,9 @@
-"""Fused exit-check kernels, installed as `earlyexit.kernels`.
+"""Fused exit-check kernels, installed as `earlyexit.kernels`; this module is their dispatcher.
+
+`kernels/` has no `__init__.py`, on purpose: the top-level name `kernels` is the PyPI package that transformers
+imports with every GPT-2 model, and a regular package of that name at the repository root would shadow it whenever
+the root is on sys.path (`python -m` or `pytest` run there). The folder is the package `earlyexit.kernels` through
+the link `earlyexit/kernels -> ../kernels`, in the source tree and in wheels alike.
 
 Three kernels, each in its own file with its `@triton.jit` kernel(s), host launcher and
 PyTorch reference:
