@@ -93,15 +93,16 @@ class ExitHeads(nn.Module):
         self.prev_bias = nn.Parameter(torch.zeros(L + 1, len(ACTIONS)))  # E_prev; index L = no previous token
 
     @classmethod
-    def for_backbone(cls, model: GPT2, rank: int = 32) -> "ExitHeads":
-        """New heads whose layer norms start as the backbone's final one (so layer L-1's head is the model's own)."""
+    def for_backbone(cls, model: GPT2, rank: int = 32, exit_norms: dict[str, torch.Tensor] | None = None) -> "ExitHeads":
+        """New heads whose layer norms start as the backbone's final one (so layer L-1's head is the model's own),
+        or as the exit norms a backbone trained to exit came with (`ln.<l>.weight`/`.bias`, train_lm's EXIT_NORMS)."""
         dims = model.dims
         heads = cls(HeadsConfig(rank=rank, n_layer=dims.n_layer, n_embd=dims.n_embd, vocab_size=dims.vocab_size,
                                 backbone_sha256=backbone_fingerprint(model)))
         with torch.no_grad():
-            for ln in heads.ln:
-                ln.weight.copy_(model.ln_f.weight)
-                ln.bias.copy_(model.ln_f.bias)
+            for l, ln in enumerate(heads.ln):
+                ln.weight.copy_(exit_norms[f"ln.{l}.weight"] if exit_norms else model.ln_f.weight)
+                ln.bias.copy_(exit_norms[f"ln.{l}.bias"] if exit_norms else model.ln_f.bias)
         return heads.to(model.dtype)
 
     def parameter_share(self, model: GPT2) -> float:
@@ -153,6 +154,27 @@ class ExitHeads(nn.Module):
     def save_config(self, directory: str | Path) -> None:
         """Only exit_heads.json (thresholds, calibration): the weights stay as they are."""
         (Path(directory) / HEADS_CONFIG).write_text(json.dumps({"format": HEADS_FORMAT, **asdict(self.cfg)}, indent=2))
+
+
+def load_exit_norms(directory: str | Path, model: GPT2) -> dict[str, torch.Tensor] | None:
+    """The per-layer exit LayerNorms a backbone trained to exit was exported with (None where there are none)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .exit_loss import EXIT_NORMS
+
+    path = Path(directory) / EXIT_NORMS
+    if not path.is_file():
+        return None
+    try:
+        norms = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise EarlyExitError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    d, L = model.dims.n_embd, model.dims.n_layer
+    expected = {f"ln.{l}.{p}" for l in range(L - 1) for p in ("weight", "bias")}
+    if set(norms) != expected or any(v.shape != (d,) for v in norms.values()):
+        raise EarlyExitError(f"{path} does not hold {L - 1} layer norms of width {d}: not this backbone's exit norms")
+    return norms
 
 
 def heads_available(directory: str | Path) -> bool:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .config import config_parser, exit_code, load_config, to_dict
 from .errors import EarlyExitError
-from .heads import CONTINUE, EXIT, STOP, ExitHeads, Thresholds
+from .heads import CONTINUE, EXIT, STOP, ExitHeads, Thresholds, load_exit_norms
 from .model import GPT2
 
 
@@ -274,7 +274,7 @@ def train(model_dir: str, cfg: HeadsTrainConfig, resume: bool = False) -> Path:
         heads = load_heads(cfg.init_from, model).float().requires_grad_(True).train()
         heads.cfg.training, heads.cfg.thresholds = {}, Thresholds()
     else:
-        heads = ExitHeads.for_backbone(model, rank=cfg.rank).float().train()
+        heads = ExitHeads.for_backbone(model, rank=cfg.rank, exit_norms=load_exit_norms(model_dir, model)).float().train()
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "heads_checkpoint.pt"

@@ -28,6 +28,7 @@ import torch
 
 from .config import config_parser, exit_code, load_config, to_dict
 from .errors import EarlyExitError
+from .exit_loss import EXIT_NORMS
 
 
 @dataclass
@@ -72,6 +73,14 @@ class LMTrainConfig:
     # whose output projections start at zero, so the grown model first computes what the export did
     # (function-preserving depth growth, `grown_layer_sources`)
     grow_layers: bool = False
+    # early-exit continued pretraining (earlyexit.exit_loss, LayerSkip's recipe); early_exit_scale 0 and
+    # layer_dropout 0 train the plain last-layer loss
+    early_exit_scale: float = 0.0  # layer l's exit loss weighs early_exit_scale * (l + 1) / n_layer, the last 1
+    early_exit_curriculum: str = "rotational"  # rotational: every early_exit_rotation-th layer per step; all
+    early_exit_rotation: int = 3
+    early_exit_positions: int = 128  # positions per window where early exits are scored (0: all)
+    early_exit_kd: float = 0.0  # + early_exit_kd * KL(last layer || exit) at each scored exit
+    layer_dropout: float = 0.0  # skip probability of the last block, rising linearly from 0 at the first
     # bookkeeping
     eval_interval: int = 200
     eval_windows: int = 128
@@ -103,6 +112,7 @@ class LMTrainConfig:
             raise EarlyExitError("budget_minutes needs schedule: wsd (a cosine schedule's every step depends on max_steps)")
         if self.schedule == "wsd" and not 0 < self.decay_steps <= self.max_steps - self.rewarm_at - self.warmup_steps:
             raise EarlyExitError("wsd needs 0 < decay_steps <= max_steps - rewarm_at - warmup_steps")
+        self.objective  # validates the early-exit fields
 
     @property
     def decay_start(self) -> int:
@@ -110,6 +120,13 @@ class LMTrainConfig:
         if self.schedule == "wsd":
             return self.max_steps - self.decay_steps
         return self.rewarm_at + self.warmup_steps
+
+    @property
+    def objective(self):
+        from .exit_loss import EarlyExitObjective
+
+        return EarlyExitObjective(self.early_exit_scale, self.early_exit_curriculum, self.early_exit_rotation,
+                                  self.early_exit_positions, self.early_exit_kd, self.layer_dropout, self.seed)
 
     @property
     def tokens_per_step(self) -> int:
@@ -213,22 +230,33 @@ def build_model(cfg: LMTrainConfig, tok):
 
 
 @torch.no_grad()
-def evaluate(model, tokens: np.ndarray, cfg: LMTrainConfig) -> dict[str, float]:
-    """Mean next-token loss and top-1 accuracy on evenly spaced validation windows."""
+def evaluate(model, tokens: np.ndarray, cfg: LMTrainConfig, norms=None) -> dict:
+    """Mean next-token loss and top-1 accuracy on evenly spaced validation windows; with exit norms (early-exit
+    training), also each layer's top-1 through its exit and how often it agrees with the last layer."""
+    from .exit_loss import layer_top1
+
     model.eval()
     n_windows = (len(tokens) - 1) // cfg.seq_len
     picks = np.linspace(0, n_windows - 1, num=min(cfg.eval_windows, n_windows)).astype(int)
     loss_sum, correct, count = 0.0, 0, 0
+    right = agrees = 0
     for chunk in np.array_split(picks, max(1, len(picks) // cfg.batch_size)):
         x = torch.from_numpy(np.stack([np.asarray(tokens[i * cfg.seq_len:i * cfg.seq_len + cfg.seq_len + 1], dtype=np.int64) for i in chunk]))
         x = x.to(cfg.device)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = model(x[:, :-1]).logits.float()
+            if norms is not None:
+                r, a = layer_top1(model, norms, x)
+                right, agrees = right + r, agrees + a
         loss_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
         correct += (logits.argmax(-1) == x[:, 1:]).sum().item()
         count += x[:, 1:].numel()
     model.train()
-    return {"val_loss": loss_sum / count, "val_top1": correct / count}
+    out = {"val_loss": loss_sum / count, "val_top1": correct / count}
+    if norms is not None:
+        out["val_top1_by_layer"] = [round(v / count, 5) for v in right.tolist()]
+        out["val_agree_by_layer"] = [round(v / count, 5) for v in agrees.tolist()]
+    return out
 
 
 def grown_layer_sources(old: int, new: int) -> list[int]:
@@ -295,10 +323,14 @@ def budgeted(cfg: LMTrainConfig, step: int, seconds_per_step: float, seconds_lef
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path: Path, model, optimizer, step: int, tokens_seen: int) -> None:
+def save_checkpoint(path: Path, model, optimizer, step: int, tokens_seen: int, norms=None) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "tokens_seen": tokens_seen}, tmp)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "tokens_seen": tokens_seen}
+    if norms is not None:
+        state["exit_norms"] = norms.state_dict()
+    torch.save(state, tmp)
     os.replace(tmp, path)
+
 
 
 def read_curve(log_path: Path) -> list[dict]:
@@ -335,7 +367,7 @@ def trained_context_model(state: dict, tok, cfg: LMTrainConfig):
     return model
 
 
-def export(model, tok, cfg: LMTrainConfig, step: int, tokens_seen: int, meta: dict, last_eval: dict) -> None:
+def export(model, tok, cfg: LMTrainConfig, step: int, tokens_seen: int, meta: dict, last_eval: dict, norms=None) -> None:
     """fp16 safetensors + tokenizer + training_state.json: what ships as the default model.
 
     The exported context is `seq_len`, not `n_positions`: position embeddings past the
@@ -347,6 +379,10 @@ def export(model, tok, cfg: LMTrainConfig, step: int, tokens_seen: int, meta: di
     out.mkdir(parents=True, exist_ok=True)
     trained_context_model(model.state_dict(), tok, cfg).to(torch.float16).save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
+    if norms is not None:  # what train_heads starts the exit heads' layer norms from
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().to(torch.float32).contiguous() for k, v in norms.state_dict().items()}, str(out / EXIT_NORMS))
     state = {
         "step": step, "tokens_seen": tokens_seen, "config": to_dict(cfg), "corpus": meta, "last_eval": last_eval,
         "curve": training_curve(cfg),
@@ -371,9 +407,15 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
     if cfg.init_from and not (resume and (work / "checkpoint.pt").exists()) and not resume_from:
         step, tokens_seen = init_from_export(model, tok, Path(cfg.init_from), cfg.grow_layers)
         print(f"initialised from {cfg.init_from} (step {step}, {tokens_seen:,} tokens seen)", file=sys.stderr)
+    objective = cfg.objective
+    norms = None
+    if objective.scale:
+        from .exit_loss import ExitNorms
+
+        norms = ExitNorms(model.transformer.ln_f, cfg.n_layer).to(device)
     model.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2] + (list(norms.parameters()) if norms else [])
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95), fused=True,
@@ -385,14 +427,22 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
     if (resume or resume_from) and start_path.exists():
         state = torch.load(start_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
+        if norms is not None:
+            if "exit_norms" not in state:
+                raise EarlyExitError(f"{start_path} was not trained with early exits: start this recipe from its export (init_from)")
+            norms.load_state_dict(state["exit_norms"])
         optimizer.load_state_dict(state["optimizer"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         print(f"resumed at step {step} ({tokens_seen:,} tokens seen)", file=sys.stderr)
     if step >= cfg.max_steps:  # a finished run: export it again (what `export` writes may have changed since)
-        export(model, tok, cfg, step, tokens_seen, meta, evaluate(model, tokens["validation"], cfg))
+        export(model, tok, cfg, step, tokens_seen, meta, evaluate(model, tokens["validation"], cfg, norms), norms)
         print(f"already at max_steps ({cfg.max_steps}): re-exported to {cfg.out_dir}", file=sys.stderr)
         return
     step_fn = torch.compile(model) if cfg.compile else model
+    if objective.active:
+        from .exit_loss import block_forward, objective_loss
+
+        block_fn = torch.compile(block_forward) if cfg.compile else block_forward
     model.train()
     log = open(work / "log.jsonl", "a")
     t_start = time.time()
@@ -412,8 +462,12 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
         for micro in range(cfg.grad_accum):
             x = batch_at(tokens["train"], cfg, step, micro).to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = step_fn(x[:, :-1]).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()) / cfg.grad_accum
+                if objective.active:
+                    loss, per_layer = objective_loss(model, norms, x, objective, step * cfg.grad_accum + micro, block_fn)
+                else:
+                    logits = step_fn(x[:, :-1]).logits
+                    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            loss = loss / cfg.grad_accum
             loss.backward()
             loss_total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -424,22 +478,28 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
         step_seconds = time.time() - t0
         tps = cfg.tokens_per_step / step_seconds
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_total:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr_at(cfg, step - 1):.2e}")
         record = {"step": step, "tokens_seen": tokens_seen, "loss": loss_total, "tok_s": tps, "time": time.time()}
+        groups = {}
+        if objective.active:
+            record["ce_by_layer"] = {str(l): round(v, 4) for l, v in sorted(per_layer.items())}
+            groups = layer_groups(per_layer, cfg.n_layer)
+        bar.set_postfix(loss=f"{loss_total:.3f}", **groups, tok_s=f"{tps:,.0f}", lr=f"{lr_at(cfg, step - 1):.2e}")
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            last_eval = evaluate(model, tokens["validation"], cfg)
+            last_eval = evaluate(model, tokens["validation"], cfg, norms)
             record.update(last_eval)
-            bar.write(f"step {step}: val_loss {last_eval['val_loss']:.3f} val_top1 {last_eval['val_top1']:.3f}")
+            by_layer = last_eval.get("val_top1_by_layer")
+            bar.write(f"step {step}: val_loss {last_eval['val_loss']:.3f} val_top1 {last_eval['val_top1']:.3f}"
+                      + (f" top1 by layer {' '.join(f'{v:.3f}' for v in by_layer)}" if by_layer else ""))
         log.write(json.dumps(record) + "\n")
         log.flush()
         out_of_time = cfg.max_minutes and (time.time() - t_start) / 60 >= cfg.max_minutes
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or out_of_time:
-            save_checkpoint(ckpt_path, model, optimizer, step, tokens_seen)
+            save_checkpoint(ckpt_path, model, optimizer, step, tokens_seen, norms)
         if cfg.schedule == "wsd" and step == cfg.decay_start:
             # the end of the stable phase: a longer run later continues from here (--resume-from)
-            save_checkpoint(work / "checkpoint_stable.pt", model, optimizer, step, tokens_seen)
+            save_checkpoint(work / "checkpoint_stable.pt", model, optimizer, step, tokens_seen, norms)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
-            export(model, tok, cfg, step, tokens_seen, meta, last_eval)
+            export(model, tok, cfg, step, tokens_seen, meta, last_eval, norms)
             eval_seconds = time.time() - t0 - step_seconds  # this step's evaluation, checkpoint and export
         if step == timed_from:
             timer = (step, time.time())
@@ -455,6 +515,15 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
             bar.write(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached (resume with --resume)")
             break
     bar.close()
+
+
+def layer_groups(per_layer: dict[int, float], n_layer: int) -> dict[str, str]:
+    """Mean cross-entropy of the scored layers in the first, middle and last third of the network (progress bar)."""
+    groups: dict[str, list[float]] = {}
+    for l, v in per_layer.items():
+        name = "ce_last" if l == n_layer - 1 else ("ce_low", "ce_mid", "ce_high")[min(2, 3 * l // n_layer)]
+        groups.setdefault(name, []).append(v)
+    return {k: f"{sum(v) / len(v):.2f}" for k, v in sorted(groups.items())}
 
 
 def main(argv: list[str] | None = None) -> int:
