@@ -6,16 +6,16 @@
     print(completion.text, completion.finish_reason, completion.token_ms)
     completions = earlyexit.complete_batch(model, tokenizer, ["import os\n", "class A:"])   # one per prompt
 
-The functions are `complete`, not `generate`: `earlyexit.generate` is the command-line module
+The functions are `complete`, not `generate`: `earlyexit.cli` is the command-line module
 (`python -m earlyexit.generate`), and importing a submodule sets the package attribute of its name, so a
 function of that name would be replaced by the module as soon as anything imported the CLI.
 """
 
-from .batch import complete_batch
-from .decoding import Completion, GenerationSettings, complete
 from .errors import EarlyExitError
-from .loading import DEFAULT_MODEL_DIR, load_runtime_model
-from .model import GPT2, GPT2Dims, KVCache
+from .runtime.batch import complete_batch
+from .runtime.decoding import Completion, GenerationSettings, complete
+from .runtime.loading import DEFAULT_MODEL_DIR, load_runtime_model
+from .runtime.model import GPT2, GPT2Dims, KVCache
 
 __all__ = [
     "Completion", "DEFAULT_MODEL_DIR", "EarlyExitError", "GPT2", "GPT2Dims", "GenerationSettings", "KVCache",

@@ -6,7 +6,7 @@ Prompts are the study's: test-split files cut at a random token. Every prompt is
 by every engine in turn (interleaved, after warm-up) `--repeats` times: transformers'
 `generate`, our `full` loop and, when the model has exit heads, `early-exit` (heads'
 calibrated thresholds) and `lossless`, twice: with its default drafts (a weight-only int8
-copy of the model, earlyexit.quantize) and drafting with the fp32 model's own exits; and
+copy of the model, earlyexit.runtime.quantize) and drafting with the fp32 model's own exits; and
 `full` and `early-exit` over the int8 copy (`--weights int8`), whose tokens may differ. Per-token latency is the time between consecutive
 generated tokens (transformers' is read from a `StoppingCriteria` that timestamps every
 step; lossless spreads a round's time over the tokens it wrote); tokens/s counts prefill
@@ -85,7 +85,7 @@ class EngineParts:
     """What the engines are built from, loaded on first use: a memory probe builds only its engine's parts."""
 
     def __init__(self, model_dir: Path, tok, args):
-        from earlyexit.heads import heads_available
+        from earlyexit.runtime.heads import heads_available
 
         self.model_dir, self.tok, self.args = model_dir, tok, args
         self.has_heads = heads_available(model_dir)
@@ -93,32 +93,32 @@ class EngineParts:
 
     @cached_property
     def hf(self):
-        from earlyexit.loading import load_hf_model
+        from earlyexit.runtime.loading import load_hf_model
 
         return load_hf_model(self.model_dir)
 
     @cached_property
     def ours(self):
-        from earlyexit.loading import load_runtime_model
+        from earlyexit.runtime.loading import load_runtime_model
 
         return load_runtime_model(self.model_dir)[0]
 
     @cached_property
     def heads(self):
-        from earlyexit.heads import load_heads
+        from earlyexit.runtime.heads import load_heads
 
         return load_heads(self.model_dir, self.ours)
 
     @cached_property
     def int8(self):
-        from earlyexit.quantize import quantize_int8
+        from earlyexit.runtime.quantize import quantize_int8
 
         return quantize_int8(self.ours)
 
     def factories(self) -> dict:
         """Engine name -> a function building its runner (a peer's raises PeerUnavailable saying why), in table order."""
-        from earlyexit.policies import EarlyExit, FullDepth
-        from earlyexit.speculative import Lossless
+        from earlyexit.runtime.policies import EarlyExit, FullDepth
+        from earlyexit.runtime.speculative import Lossless
 
         a, tok = self.args, self.tok
 
@@ -207,9 +207,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from tqdm import tqdm
 
-    from earlyexit.data import token_cut_examples
-    from earlyexit.loading import load_tokenizer, resolve_model_dir
-    from earlyexit.metrics import rouge_l
+    from earlyexit.data.corpus import token_cut_examples
+    from earlyexit.runtime.loading import load_tokenizer, resolve_model_dir
+    from earlyexit.evaluation.metrics import rouge_l
 
     set_threads(args.threads)
     model_dir = resolve_model_dir(args.model)

@@ -34,10 +34,10 @@ def end_to_end(device: str, prompts: int, max_new_tokens: int) -> dict:
     """Early-exit decoding of the embedded model with its heads, through the Triton kernels and through the references."""
     import numpy as np
 
-    from earlyexit.decoding import GenerationSettings, complete
-    from earlyexit.heads import load_heads
-    from earlyexit.loading import DEFAULT_MODEL_DIR, load_runtime_model
-    from earlyexit.policies import EarlyExit
+    from earlyexit.runtime.decoding import GenerationSettings, complete
+    from earlyexit.runtime.heads import load_heads
+    from earlyexit.runtime.loading import DEFAULT_MODEL_DIR, load_runtime_model
+    from earlyexit.runtime.policies import EarlyExit
 
     model, tok = load_runtime_model()
     model = model.to(device)

@@ -24,8 +24,8 @@ def stamp(model: str, config: dict) -> dict:
 
 def test_split_files(model_dir: Path, data: str | None = None) -> list[dict[str, str]]:
     """The evaluation files: `data` when given (a directory of .py files, a local data file or a `datasets`
-    name, see earlyexit.data.load_eval_files), else the test split the model was trained beside."""
-    from earlyexit.data import load_eval_files, model_corpus
+    name, see earlyexit.data.corpus.load_eval_files), else the test split the model was trained beside."""
+    from earlyexit.data.corpus import load_eval_files, model_corpus
 
     if data:
         return load_eval_files(data)
@@ -61,10 +61,10 @@ def set_threads(n: int) -> None:
 
 
 def our_engine(model, tok, policy):
-    """A runner (ids, max_new) -> (token ids, seconds, per-token ms, Completion) over earlyexit.generate."""
+    """A runner (ids, max_new) -> (token ids, seconds, per-token ms, Completion) over earlyexit.cli."""
     import time
 
-    from earlyexit.decoding import GenerationSettings, complete
+    from earlyexit.runtime.decoding import GenerationSettings, complete
 
     def run(ids: list[int], max_new: int):
         t0 = time.perf_counter()

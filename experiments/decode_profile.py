@@ -4,7 +4,7 @@
 
 On one test-split prompt, after prefill: the median ms per full-depth decode step for our
 eager step, the same step under `torch.compile(dynamic=True)` (compile time reported
-apart), the same step over the weight-only int8 copy, generic and lean (earlyexit.lean_step:
+apart), the same step over the weight-only int8 copy, generic and lean (earlyexit.runtime.lean_step:
 lossless mode's draft), and the
 early-exit step at the heads' thresholds with stopping off (the controller's per-layer
 cost); each in alternation, after warm-up. Then a torch.profiler
@@ -53,11 +53,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (it takes a minute to compile)")
     args = p.parse_args(argv)
-    from earlyexit.data import token_cut_examples
-    from earlyexit.heads import Thresholds, heads_available, load_heads
-    from earlyexit.loading import load_runtime_model, resolve_model_dir
-    from earlyexit.policies import EarlyExit
-    from earlyexit.quantize import quantize_int8
+    from earlyexit.data.corpus import token_cut_examples
+    from earlyexit.runtime.heads import Thresholds, heads_available, load_heads
+    from earlyexit.runtime.loading import load_runtime_model, resolve_model_dir
+    from earlyexit.runtime.policies import EarlyExit
+    from earlyexit.runtime.quantize import quantize_int8
 
     set_threads(args.threads)
     model_dir = resolve_model_dir(args.model)

@@ -28,9 +28,9 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     from earlyexit.config import load_config
-    from earlyexit.heads import load_heads
-    from earlyexit.loading import load_runtime_model, resolve_model_dir
-    from earlyexit.train_heads import HeadsTrainConfig, train
+    from earlyexit.runtime.heads import load_heads
+    from earlyexit.runtime.loading import load_runtime_model, resolve_model_dir
+    from earlyexit.training.train_heads import HeadsTrainConfig, train
 
     model_dir = resolve_model_dir(args.model)
     model, _ = load_runtime_model(model_dir)

@@ -82,8 +82,8 @@ def score(model, heads, tok, files, cfg: MemberConfig, thresholds: list[float]):
     """Full ranks (N,), per threshold (ranks, layers used), every layer's ranks (L, N), sites found, sites merged."""
     from tqdm import tqdm
 
-    from earlyexit.heads import EXIT
-    from earlyexit.train_heads import layer_states, previous_exit_layers
+    from earlyexit.runtime.heads import EXIT
+    from earlyexit.training.train_heads import layer_states, previous_exit_layers
 
     jobs, merged = [], 0  # (window ids, offset of the dot token in the window)
     for f in files:
@@ -135,8 +135,8 @@ def main(argv=None) -> int:
 
 def run(args, cfg: MemberConfig) -> None:
     from earlyexit.errors import EarlyExitError
-    from earlyexit.heads import Thresholds, load_heads
-    from earlyexit.loading import load_runtime_model, resolve_model_dir
+    from earlyexit.runtime.heads import Thresholds, load_heads
+    from earlyexit.runtime.loading import load_runtime_model, resolve_model_dir
 
     if args.limit:
         cfg.max_sites = min(cfg.max_sites, args.limit)

@@ -18,7 +18,7 @@ written makes greedy decoding loop, which line completion alone would not show.
 
 Chosen: the `skip_recent` with the highest edit similarity among those whose samples loop no
 more often than without the cache, and the weight with the highest edit similarity on
-whole-file prompts; `earlyexit.ngram_cache.SKIP_RECENT` and `DEFAULT_WEIGHT` must equal them
+whole-file prompts; `earlyexit.runtime.ngram_cache.SKIP_RECENT` and `DEFAULT_WEIGHT` must equal them
 (a test checks). Writes experiments/results/ngram_cache_sweep/.
 """
 
@@ -49,13 +49,13 @@ class CacheSweepConfig:
 
 
 def run(args, cfg: CacheSweepConfig) -> None:
-    from earlyexit.backbone_quality import completion_metrics, paired_exact_match
+    from earlyexit.evaluation.backbone_quality import completion_metrics, paired_exact_match
     from earlyexit.config import load_config
-    from earlyexit.data import line_cut_examples, load_eval_files, model_corpus
+    from earlyexit.data.corpus import line_cut_examples, load_eval_files, model_corpus
     from earlyexit.errors import EarlyExitError
-    from earlyexit.loading import load_runtime_model, resolve_model_dir
-    from earlyexit.model_card import ModelCardConfig
-    from earlyexit.ngram_cache import DEFAULT_WEIGHT, SKIP_RECENT, check_skip_recent, check_weight
+    from earlyexit.runtime.loading import load_runtime_model, resolve_model_dir
+    from earlyexit.evaluation.model_card import ModelCardConfig
+    from earlyexit.runtime.ngram_cache import DEFAULT_WEIGHT, SKIP_RECENT, check_skip_recent, check_weight
 
     if args.limit:
         cfg.lines = min(cfg.lines, args.limit)
@@ -98,7 +98,7 @@ def run(args, cfg: CacheSweepConfig) -> None:
 
 def sample_loops(model, tok, card, weight: float, skip_recent: int) -> int:
     """How many of the model card's sample prompts end by the repetition stop as the CLI completes them with this cache."""
-    from earlyexit.decoding import GenerationSettings, complete
+    from earlyexit.runtime.decoding import GenerationSettings, complete
 
     settings = GenerationSettings(max_new_tokens=card.sample_max_new_tokens, token_healing=True, stop_on_repetition=True,
                                   cache_weight=weight, cache_skip_recent=skip_recent)
@@ -133,7 +133,7 @@ def render(cfg: CacheSweepConfig, result: dict) -> str:
                      f"{r['edit_similarity']:.3f} | {r['degenerate_rate']:.1%} | {r['sample_loops']} | {versus} |")
     lines += ["", f"Chosen: weight **{result['best_weight']:g}** (highest edit similarity on whole-file prompts) and skip recent "
               f"**{result['best_skip_recent']}** (highest edit similarity among those whose samples loop no more often than without "
-              f"the cache). The runtime's defaults (`earlyexit.ngram_cache`): weight {result['default_weight']:g}, skip recent "
+              f"the cache). The runtime's defaults (`earlyexit.runtime.ngram_cache`): weight {result['default_weight']:g}, skip recent "
               f"{result['default_skip_recent']}.", "", "![by weight](ngram_cache_sweep.png)"]
     return "\n".join(lines)
 

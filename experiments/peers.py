@@ -20,12 +20,12 @@ class PeerUnavailable(Exception):
 
 
 def ort_engine(model, eos: int, work: Path, threads: int):
-    """ONNX Runtime on our export (earlyexit.export_onnx), KV cache fed back between steps."""
+    """ONNX Runtime on our export (earlyexit.export.onnx), KV cache fed back between steps."""
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise PeerUnavailable(f"onnxruntime not installed ({e.msg}); pip install .[bench]") from None
-    from earlyexit.export_onnx import export_onnx
+    from earlyexit.export.onnx import export_onnx
 
     path = export_onnx(model, work / "model.onnx")
     options = ort.SessionOptions()
@@ -54,12 +54,12 @@ def ort_engine(model, eos: int, work: Path, threads: int):
 
 def ggml_engine(model, tokenizer, work: Path, threads: int):
     eos = tokenizer.eos_token_id
-    """ctransformers' GGML GPT-2 runner on our GGML file (earlyexit.export_ggml), float32."""
+    """ctransformers' GGML GPT-2 runner on our GGML file (earlyexit.export.ggml), float32."""
     try:
         from ctransformers import AutoModelForCausalLM
     except ImportError as e:
         raise PeerUnavailable(f"ctransformers not installed ({e.msg}); pip install .[bench]") from None
-    from earlyexit.export_ggml import write_ggml
+    from earlyexit.export.ggml import write_ggml
 
     path = write_ggml(model, tokenizer, work / "model-f32.bin")
     llm = AutoModelForCausalLM.from_pretrained(str(path), model_type="gpt2", threads=threads, context_length=model.dims.n_positions)

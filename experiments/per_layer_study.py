@@ -42,7 +42,7 @@ def first_layers(model, heads, windows: torch.Tensor, batch: int = 8):
     """Per token: first layer (1-based) right against the reference, first agreeing with the last layer (0 = never)."""
     from tqdm import tqdm
 
-    from earlyexit.train_heads import layer_predictions, layer_states
+    from earlyexit.training.train_heads import layer_predictions, layer_states
 
     right_first, agree_first = [], []
     for chunk in tqdm(windows.split(batch), desc="teacher-forced layers"):
@@ -58,9 +58,9 @@ def first_layers(model, heads, windows: torch.Tensor, batch: int = 8):
 def acceptance_proxy(model, tok, examples) -> dict:
     from tqdm import tqdm
 
-    from earlyexit.batch import complete_batch
-    from earlyexit.decoding import GenerationSettings
-    from earlyexit.metrics import edit_similarity, exact_match
+    from earlyexit.runtime.batch import complete_batch
+    from earlyexit.runtime.decoding import GenerationSettings
+    from earlyexit.evaluation.metrics import edit_similarity, exact_match
 
     groups = {"first token wrong": [], "first token right": []}
     targets = [tok.encode(ex.target) for ex in examples]
@@ -105,10 +105,10 @@ def main(argv=None) -> int:
 
 
 def run(args, cfg: StudyConfig) -> None:
-    from earlyexit.data import token_cut_examples, window_batch
-    from earlyexit.heads import load_heads
-    from earlyexit.loading import load_runtime_model, resolve_model_dir
-    from earlyexit.train_heads import tokenize_until
+    from earlyexit.data.corpus import token_cut_examples, window_batch
+    from earlyexit.runtime.heads import load_heads
+    from earlyexit.runtime.loading import load_runtime_model, resolve_model_dir
+    from earlyexit.training.train_heads import tokenize_until
 
     if args.limit:
         cfg.windows, cfg.completions = min(cfg.windows, args.limit), min(cfg.completions, args.limit)

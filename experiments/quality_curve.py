@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import training_experiment_main  # noqa: E402
 
-from earlyexit.backbone_quality import TARGET_LINE_COMPLETION, paired_lines, projection_lines, quality_projection  # noqa: E402
+from earlyexit.evaluation.backbone_quality import TARGET_LINE_COMPLETION, paired_lines, projection_lines, quality_projection  # noqa: E402
 from earlyexit.config import load_config, to_dict  # noqa: E402
 from earlyexit.errors import EarlyExitError  # noqa: E402
 
@@ -57,9 +57,9 @@ def load_point(recipe: str, checkpoint: str):
     import torch
     from transformers import AutoTokenizer
 
-    from earlyexit.loading import load_runtime_model
-    from earlyexit.model import GPT2
-    from earlyexit.train_lm import LMTrainConfig, trained_context_model
+    from earlyexit.runtime.loading import load_runtime_model
+    from earlyexit.runtime.model import GPT2
+    from earlyexit.training.train_lm import LMTrainConfig, trained_context_model
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -82,8 +82,8 @@ def load_point(recipe: str, checkpoint: str):
 
 
 def evaluate_point(recipe: str, checkpoint: str, test_files: list, cfg: QualityCurveConfig) -> dict:
-    from earlyexit.backbone_quality import completion_metrics
-    from earlyexit.data import line_cut_examples
+    from earlyexit.evaluation.backbone_quality import completion_metrics
+    from earlyexit.data.corpus import line_cut_examples
 
     model, tok, step, tokens_seen, context = load_point(recipe, checkpoint)
     examples = line_cut_examples(test_files, cfg.line_examples, seed=cfg.seed)
@@ -94,7 +94,7 @@ def evaluate_point(recipe: str, checkpoint: str, test_files: list, cfg: QualityC
 
 
 def recipe_of(recipe: str):
-    from earlyexit.train_lm import LMTrainConfig
+    from earlyexit.training.train_lm import LMTrainConfig
 
     return load_config(LMTrainConfig, recipe)
 
@@ -178,9 +178,9 @@ def plot(result: dict, out: Path) -> None:
 
 
 def compute(cfg: QualityCurveConfig) -> dict:
-    from earlyexit.data import file_list_hash
-    from earlyexit.model_card import corpus_splits
-    from earlyexit.train_lm import LMTrainConfig
+    from earlyexit.data.corpus import file_list_hash
+    from earlyexit.evaluation.model_card import corpus_splits
+    from earlyexit.training.train_lm import LMTrainConfig
 
     last = to_dict(load_config(LMTrainConfig, cfg.points[-1][0]))
     splits, _ = corpus_splits({"config": last})  # every phase reads the same corpus and split
@@ -198,7 +198,7 @@ def paired_steps(rows: list[dict]) -> list[dict]:
     """Each point against the one it continued from, line by line, where both kept their per-line exact matches: the
     point at its recipe's `rewarm_at` step where there is one (phases 11 and 12 both continue phase 10), else the
     point before it."""
-    from earlyexit.backbone_quality import paired_exact_match
+    from earlyexit.evaluation.backbone_quality import paired_exact_match
 
     by_step = {r["step"]: r for r in rows}
     pairs = []

@@ -2,7 +2,7 @@
 
     python experiments/recipe_sweep.py --config configs/recipe_sweep.yaml [key=value ...]
 
-Every run is `earlyexit.train_lm` itself (same data order, optimizer, schedule and
+Every run is `earlyexit.training.train_lm` itself (same data order, optimizer, schedule and
 evaluation) on a proxy of the shipped recipe: a smaller model and fewer steps, from
 scratch, on the default model's tokenized corpus (`data_dir`, built by train_lm). Two
 sweeps share one baseline: the learning rate at the base shape, then shapes of about the
@@ -87,7 +87,7 @@ def run_one(cfg: ProxyRunConfig, shape: str, lr: float, scratch: Path, data_dir:
     grad_accum > 1 keeps the tokens seen: cfg.steps / grad_accum optimizer steps of grad_accum x batch_size windows,
     and the warm-up shrinks with them (warmup_steps, default cfg.warmup_steps, counts batch_size-window steps).
     """
-    from earlyexit.train_lm import LMTrainConfig, train
+    from earlyexit.training.train_lm import LMTrainConfig, train
 
     layers, width, heads = parse_shape(shape)
     warmup = cfg.warmup_steps if warmup_steps is None else warmup_steps
@@ -169,7 +169,7 @@ def require_corpus(data_dir: str) -> None:
     """The proxy runs link a train_lm work_dir's tokenizer and token caches: refuse one without them."""
     for name in (*CORPUS_FILES, "tokenizer"):
         if not (Path(data_dir) / name).exists():
-            raise EarlyExitError(f"{data_dir} has no {name}: run earlyexit.train_lm once to build the tokenized corpus")
+            raise EarlyExitError(f"{data_dir} has no {name}: run earlyexit.training.train_lm once to build the tokenized corpus")
 
 
 def compute(cfg: RecipeSweepConfig) -> dict:

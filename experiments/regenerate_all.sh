@@ -5,15 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run() { echo "+ $*" >&2; "$@"; }
-run python -m earlyexit.train_heads --config configs/heads.yaml
-run python -m earlyexit.calibrate --config configs/calibrate.yaml
-# the n-gram cache's weight, on validation lines: where its best weight moved, set earlyexit.ngram_cache.DEFAULT_WEIGHT
+run python -m earlyexit.training.train_heads --config configs/heads.yaml
+run python -m earlyexit.training.calibrate --config configs/calibrate.yaml
+# the n-gram cache's weight, on validation lines: where its best weight moved, set earlyexit.runtime.ngram_cache.DEFAULT_WEIGHT
 # to it (a test fails until they agree) before the card, which scores the CLI's default
 run python experiments/ngram_cache_sweep.py --config configs/ngram_cache_sweep.yaml
 # the quality curve scores the recipe's phase checkpoints where they are on this machine (where the model trained)
 # and keeps the committed rows of the others; it runs before the card, which quotes it
 run python experiments/quality_curve.py --config configs/quality_curve.yaml
-run python -m earlyexit.model_card --model earlyexit/default_model --config configs/model_card.yaml
+run python -m earlyexit.evaluation.model_card --model earlyexit/default_model --config configs/model_card.yaml
 run python experiments/per_layer_study.py --config configs/per_layer_study.yaml
 run python experiments/threshold_sweep.py --config configs/threshold_sweep.yaml
 run python experiments/stop_analysis.py --config configs/stop_analysis.yaml

@@ -3,7 +3,7 @@
     python experiments/schedule_sweep.py --config configs/schedule_sweep.yaml [key=value ...]
 
 The same proxy as experiments/recipe_sweep.py (a small model from scratch on the default
-model's tokenized corpus, every run `earlyexit.train_lm` itself), at the shape and peak
+model's tokenized corpus, every run `earlyexit.training.train_lm` itself), at the shape and peak
 learning rate that sweep chose. Two sweeps share one baseline: the warm-up length, then
 the effective batch by gradient accumulation at the same tokens seen (accumulating k
 batches means 1/k as many optimizer steps, so the warm-up shrinks with them). Writes

@@ -110,12 +110,12 @@ def main(argv=None) -> int:
 def run(args, cfg: StopConfig) -> None:
     from tqdm import tqdm
 
-    from earlyexit.data import token_cut_examples
-    from earlyexit.batch import complete_batch
-    from earlyexit.decoding import GenerationSettings
-    from earlyexit.heads import Thresholds, load_heads
-    from earlyexit.loading import load_runtime_model, resolve_model_dir
-    from earlyexit.policies import EarlyExit
+    from earlyexit.data.corpus import token_cut_examples
+    from earlyexit.runtime.batch import complete_batch
+    from earlyexit.runtime.decoding import GenerationSettings
+    from earlyexit.runtime.heads import Thresholds, load_heads
+    from earlyexit.runtime.loading import load_runtime_model, resolve_model_dir
+    from earlyexit.runtime.policies import EarlyExit
 
     if args.limit:
         cfg.prompts = min(cfg.prompts, args.limit)

@@ -43,7 +43,7 @@ class SweepConfig:
 
 def sweep_points(cfg: SweepConfig, chosen) -> list[tuple[str, float, float]]:
     """(label, exit, stop) for every point: the exit sweep, the stop sweep, and the heads' chosen pair."""
-    from earlyexit.heads import Thresholds
+    from earlyexit.runtime.heads import Thresholds
 
     points = [(f"exit {e:g}" if e < 1 else "exit off", e, 1.0) for e in cfg.exit_thresholds]
     points += [(f"stop {s:g}", 1.0, s) for s in cfg.stop_thresholds if s < 1]
@@ -54,7 +54,7 @@ def sweep_points(cfg: SweepConfig, chosen) -> list[tuple[str, float, float]]:
 
 
 def quality(texts: list[str], refs: list[str], full_texts: list[str]) -> dict:
-    from earlyexit.metrics import edit_similarity, exact_match, rouge_l
+    from earlyexit.evaluation.metrics import edit_similarity, exact_match, rouge_l
 
     return {
         "rouge_l": float(np.mean([rouge_l(t, r) for t, r in zip(texts, refs)])),
@@ -126,10 +126,10 @@ def main(argv=None) -> int:
 
 
 def run(args, cfg: SweepConfig) -> None:
-    from earlyexit.data import token_cut_examples
-    from earlyexit.heads import Thresholds, load_heads
-    from earlyexit.loading import load_runtime_model, resolve_model_dir
-    from earlyexit.policies import EarlyExit, FullDepth
+    from earlyexit.data.corpus import token_cut_examples
+    from earlyexit.runtime.heads import Thresholds, load_heads
+    from earlyexit.runtime.loading import load_runtime_model, resolve_model_dir
+    from earlyexit.runtime.policies import EarlyExit, FullDepth
 
     if args.limit:
         cfg.prompts, cfg.repeats, cfg.warmup = min(cfg.prompts, args.limit), 1, 0

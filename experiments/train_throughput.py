@@ -33,7 +33,7 @@ VARIANTS = [
 
 
 def measure(cfg, steps: int) -> float:
-    from earlyexit.train_lm import batch_at, build_model, prepare_data
+    from earlyexit.training.train_lm import batch_at, build_model, prepare_data
 
     tok, tokens, _ = prepare_data(cfg)
     model = build_model(cfg, tok)
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     args = p.parse_args(argv)
     from earlyexit.config import load_config
-    from earlyexit.train_lm import LMTrainConfig
+    from earlyexit.training.train_lm import LMTrainConfig
 
     rows = []
     for name, overrides in VARIANTS:

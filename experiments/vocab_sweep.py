@@ -4,7 +4,7 @@
 
 For each vocabulary size a byte-level BPE is trained on one seeded sample of the recipe's
 training files (the same sample for every size), the sample and the whole validation and
-test splits are encoded with it, and a proxy `earlyexit.train_lm` run (the recipe sweep's:
+test splits are encoded with it, and a proxy `earlyexit.training.train_lm` run (the recipe sweep's:
 small model, few steps, from scratch) trains on it. Losses per token are not comparable
 across tokenizers: a larger vocabulary packs more text into each token. Each run's loss is
 therefore also given per byte (loss x validation tokens / validation bytes: the evaluation
@@ -60,8 +60,8 @@ def encoded_corpus(splits: dict, vocab: int, out: Path, cfg: VocabSweepConfig) -
     """A train_lm work_dir at `out` with its own tokenizer and token caches: its vocabulary and token counts."""
     import numpy as np
 
-    from earlyexit.tokenizer import train_tokenizer
-    from earlyexit.train_lm import encode_split
+    from earlyexit.data.tokenizer import train_tokenizer
+    from earlyexit.training.train_lm import encode_split
 
     out.mkdir(parents=True, exist_ok=True)
     texts = [r["text"] for r in splits["train"]]
@@ -74,9 +74,9 @@ def encoded_corpus(splits: dict, vocab: int, out: Path, cfg: VocabSweepConfig) -
 
 
 def sweep(cfg: VocabSweepConfig) -> dict:
-    from earlyexit.data import read_configured_corpus
-    from earlyexit.tokenizer import seeded_sample
-    from earlyexit.train_lm import LMTrainConfig
+    from earlyexit.data.corpus import read_configured_corpus
+    from earlyexit.data.tokenizer import seeded_sample
+    from earlyexit.training.train_lm import LMTrainConfig
 
     if not Path(cfg.recipe).is_file():
         raise EarlyExitError(f"recipe config not found: {cfg.recipe}")

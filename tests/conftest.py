@@ -36,7 +36,7 @@ for i in range(10):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
-    from earlyexit.tokenizer import train_tokenizer
+    from earlyexit.data.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     return train_tokenizer([SAMPLE_CODE] * 20, vocab_size=300, out_dir=out)

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from earlyexit.batch import complete_batch
-from earlyexit.decoding import GenerationSettings, complete
+from earlyexit.runtime.batch import complete_batch
+from earlyexit.runtime.decoding import GenerationSettings, complete
 from earlyexit.errors import EarlyExitError
-from earlyexit.heads import ExitHeads, Thresholds
-from earlyexit.model import GPT2
-from earlyexit.policies import EarlyExit, FullDepth
-from earlyexit.speculative import Lossless
+from earlyexit.runtime.heads import ExitHeads, Thresholds
+from earlyexit.runtime.model import GPT2
+from earlyexit.runtime.policies import EarlyExit, FullDepth
+from earlyexit.runtime.speculative import Lossless
 
 from conftest import make_tiny_hf
 
@@ -97,8 +97,8 @@ def test_batch_refuses_what_it_cannot_do(tiny_tokenizer):
 
 
 def test_default_model_batch_equals_batch_one():
-    from earlyexit.heads import load_heads
-    from earlyexit.loading import DEFAULT_MODEL_DIR, load_runtime_model
+    from earlyexit.runtime.heads import load_heads
+    from earlyexit.runtime.loading import DEFAULT_MODEL_DIR, load_runtime_model
 
     model, tok = load_runtime_model(DEFAULT_MODEL_DIR)
     heads = load_heads(DEFAULT_MODEL_DIR, model)

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from earlyexit.calibrate import binomial_tail, choose_threshold
-from earlyexit.calibrate import main as calibrate_main
+from earlyexit.training.calibrate import binomial_tail, choose_threshold
+from earlyexit.training.calibrate import main as calibrate_main
 from earlyexit.errors import EarlyExitError
 
 
@@ -36,8 +36,8 @@ def test_fixed_sequence_stops_at_the_first_threshold_it_cannot_certify():
 def calibrated_dir(tmp_path, tiny_model_dir):
     import torch
 
-    from earlyexit.heads import CONTINUE, ExitHeads
-    from earlyexit.loading import load_runtime_model
+    from earlyexit.runtime.heads import CONTINUE, ExitHeads
+    from earlyexit.runtime.loading import load_runtime_model
 
     from test_train_lm import make_corpus
 
@@ -54,7 +54,7 @@ def calibrated_dir(tmp_path, tiny_model_dir):
 
 
 def test_calibrate_certifies_and_writes_the_heads_config(calibrated_dir, capsys):
-    from earlyexit.generate import main as generate_main
+    from earlyexit.cli import main as generate_main
 
     assert calibrate_main(["--model", str(calibrated_dir), "--target-agreement", "0.9", "prompts=4", "max_new_tokens=10",
                            "grid=[0.9, 0.5]", "threads=1"]) == 0
@@ -71,9 +71,9 @@ def test_calibrate_certifies_and_writes_the_heads_config(calibrated_dir, capsys)
 
 
 def test_target_agreement_needs_a_calibration_table_and_a_valid_rate(tiny_model_dir, capsys):
-    from earlyexit.generate import main as generate_main
-    from earlyexit.heads import ExitHeads
-    from earlyexit.loading import load_runtime_model
+    from earlyexit.cli import main as generate_main
+    from earlyexit.runtime.heads import ExitHeads
+    from earlyexit.runtime.loading import load_runtime_model
 
     model, _ = load_runtime_model(tiny_model_dir)
     ExitHeads.for_backbone(model, rank=2).save(tiny_model_dir)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from earlyexit.generate import main
+from earlyexit.cli import main
 
 
 def run_cli(capsys, *args):
@@ -35,8 +35,8 @@ def test_plain_output_echoes_prompt_and_completion(capsys, tiny_model_dir):
 
 
 def test_every_finish_reason_has_a_note_for_the_command_line():
-    from earlyexit.decoding import FINISH_REASONS
-    from earlyexit.generate import FINISH_NOTES
+    from earlyexit.runtime.decoding import FINISH_REASONS
+    from earlyexit.cli import FINISH_NOTES
 
     assert set(FINISH_NOTES) == set(FINISH_REASONS)
 
@@ -123,8 +123,8 @@ def test_no_traceback_from_a_real_process(tmp_path):
 
 
 def heads_for(model_dir, seed=0):
-    from earlyexit.heads import ExitHeads
-    from earlyexit.loading import load_runtime_model
+    from earlyexit.runtime.heads import ExitHeads
+    from earlyexit.runtime.loading import load_runtime_model
 
     model, _ = load_runtime_model(model_dir)
     heads = ExitHeads.for_backbone(model, rank=4)
@@ -204,7 +204,7 @@ def test_repetition_stop_is_on_by_default_with_a_flag_to_turn_it_off(capsys, tin
 
 
 def test_ngram_cache_is_on_by_default_in_every_mode_with_a_flag_to_turn_it_off(capsys, tiny_model_dir):
-    from earlyexit.ngram_cache import DEFAULT_WEIGHT
+    from earlyexit.runtime.ngram_cache import DEFAULT_WEIGHT
 
     heads_for(tiny_model_dir).save(tiny_model_dir)
     # a long file: the cache searches the part --truncate-prompt drops (the default skips only the last tokens)

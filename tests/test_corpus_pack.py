@@ -5,10 +5,10 @@ import shutil
 import numpy as np
 import pytest
 
-from earlyexit.corpus_pack import main as pack_main
-from earlyexit.corpus_pack import pack, unpack
+from earlyexit.data.pack import main as pack_main
+from earlyexit.data.pack import pack, unpack
 from earlyexit.errors import EarlyExitError
-from earlyexit.train_lm import main as train_main
+from earlyexit.training.train_lm import main as train_main
 
 from test_train_lm import make_corpus, tiny_recipe
 

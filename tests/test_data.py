@@ -2,7 +2,7 @@
 
 import pytest
 
-from earlyexit.data import line_cut_examples, load_corpus, read_corpus, split_of, token_cut_examples
+from earlyexit.data.corpus import line_cut_examples, load_corpus, read_corpus, split_of, token_cut_examples
 from earlyexit.errors import EarlyExitError
 
 
@@ -37,7 +37,7 @@ def test_sources_record_the_version_they_were_read_at():
 
     import numpy
 
-    from earlyexit.data import source_version
+    from earlyexit.data.corpus import source_version
 
     assert source_version("stdlib") == f"python {platform.python_version()}"
     assert source_version("numpy") == numpy.__version__
@@ -49,7 +49,7 @@ def test_a_corpus_that_drifted_from_the_recorded_one_is_named_with_the_pins_that
 
     import numpy
 
-    from earlyexit.data import corpus_drift, model_corpus
+    from earlyexit.data.corpus import corpus_drift, model_corpus
 
     _, stats = read_corpus([str(corpus_dir)], validation_fraction=0.2, test_fraction=0.2)
     recorded = dataclasses.asdict(stats)
@@ -110,7 +110,7 @@ def test_examples_are_seeded_and_cut_where_promised(corpus_dir, tiny_tokenizer):
 
 
 def test_near_duplicate_test_files_are_dropped():
-    from earlyexit.data import drop_near_duplicates
+    from earlyexit.data.corpus import drop_near_duplicates
 
     body = "".join(f"    value_{i} = compute_something({i}, other_argument)\n" for i in range(10))
     train = [{"path": "a.py", "text": "def f():\n" + body}]
@@ -124,7 +124,7 @@ def test_near_duplicate_test_files_are_dropped():
 def test_eval_files_from_a_directory_and_local_data_files(tmp_path):
     import json
 
-    from earlyexit.data import load_eval_files
+    from earlyexit.data.corpus import load_eval_files
 
     (tmp_path / "src").mkdir()
     (tmp_path / "src/a.py").write_text("x = 1\n")
@@ -143,7 +143,7 @@ def test_eval_files_from_a_directory_and_local_data_files(tmp_path):
 def test_eval_files_from_a_saved_datasetdict(tmp_path):
     import datasets
 
-    from earlyexit.data import load_eval_files
+    from earlyexit.data.corpus import load_eval_files
 
     dd = datasets.DatasetDict({"test": datasets.Dataset.from_list([{"code": "a = 1\n"}])})
     dd.save_to_disk(str(tmp_path / "saved"))
@@ -153,7 +153,7 @@ def test_eval_files_from_a_saved_datasetdict(tmp_path):
 
 
 def test_near_dedup_drops_copies_within_training_and_validation_copies_of_training(tmp_path):
-    from earlyexit.data import read_configured_corpus
+    from earlyexit.data.corpus import read_configured_corpus
 
     body = "".join(f"def function_number_{i}(argument):\n    return argument * {i} + {i}\n\n" for i in range(12))
     for i in range(40):

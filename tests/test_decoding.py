@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from earlyexit.decoding import GenerationSettings, complete
+from earlyexit.runtime.decoding import GenerationSettings, complete
 from earlyexit.errors import EarlyExitError
-from earlyexit.model import GPT2
+from earlyexit.runtime.model import GPT2
 
 
 class EosIs:
@@ -93,8 +93,8 @@ def test_too_long_prompt_is_refused_or_truncated_on_request(model, tiny_tokenize
 
 def test_generate_and_generate_batch_run_without_autograd(model, tiny_tokenizer):
     """Decoding records no graph: every step runs in inference mode, alone and batched."""
-    from earlyexit.batch import complete_batch
-    from earlyexit.policies import FullDepth
+    from earlyexit.runtime.batch import complete_batch
+    from earlyexit.runtime.policies import FullDepth
 
     seen = []
 

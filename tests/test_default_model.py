@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from earlyexit.decoding import GenerationSettings, complete
-from earlyexit.generate import main
-from earlyexit.loading import DEFAULT_MODEL_DIR
-from earlyexit.model import GPT2
+from earlyexit.runtime.decoding import GenerationSettings, complete
+from earlyexit.cli import main
+from earlyexit.runtime.loading import DEFAULT_MODEL_DIR
+from earlyexit.runtime.model import GPT2
 
 PROMPTS = ["def fibonacci(n):\n", "import os\n\n\nclass Config:\n    def __init__(self, path):\n        self."]
 

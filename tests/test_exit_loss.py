@@ -1,4 +1,4 @@
-"""The early-exit training objective (earlyexit.exit_loss) and its place in train_lm."""
+"""The early-exit training objective (earlyexit.training.exit_loss) and its place in train_lm."""
 
 import json
 
@@ -7,8 +7,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from earlyexit.errors import EarlyExitError
-from earlyexit.exit_loss import EXIT_NORMS, EarlyExitObjective, ExitNorms, layer_states, objective_loss
-from earlyexit.train_lm import main
+from earlyexit.runtime.heads import EXIT_NORMS
+from earlyexit.training.exit_loss import EarlyExitObjective, ExitNorms, layer_states, objective_loss
+from earlyexit.training.train_lm import main
 
 from test_train_lm import make_corpus, tiny_recipe
 
@@ -108,8 +109,8 @@ def test_early_exit_training_resumes_bit_for_bit_and_exports_its_exit_norms(tmp_
 
 
 def test_exit_heads_start_from_the_exit_norms_the_backbone_trained_with(tmp_path):
-    from earlyexit.heads import ExitHeads, load_exit_norms
-    from earlyexit.loading import load_runtime_model
+    from earlyexit.runtime.heads import ExitHeads, load_exit_norms
+    from earlyexit.runtime.loading import load_runtime_model
 
     corpus = make_corpus(tmp_path)
     assert main(exit_recipe(tmp_path, corpus, max_steps=2)) == 0

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
-from earlyexit.train_heads import main as train_heads  # noqa: E402
+from earlyexit.training.train_heads import main as train_heads  # noqa: E402
 
 from test_train_lm import make_corpus  # noqa: E402
 
@@ -73,8 +73,8 @@ def test_benchmark_memory_probe_runs_one_engine(model_with_heads, capsys):
 
 def steer_heads(model_dir: Path, action: int, logit: float, layer: int = 0) -> None:
     """Bias the saved controller towards `action` at `layer`, so thresholds around its probability behave differently."""
-    from earlyexit.heads import load_heads
-    from earlyexit.loading import load_runtime_model
+    from earlyexit.runtime.heads import load_heads
+    from earlyexit.runtime.loading import load_runtime_model
 
     model, _ = load_runtime_model(model_dir)
     heads = load_heads(model_dir, model)
@@ -89,7 +89,7 @@ def steer_heads(model_dir: Path, action: int, logit: float, layer: int = 0) -> N
 
 def test_threshold_sweep_limit_run(model_with_heads, tmp_path):
     import threshold_sweep
-    from earlyexit.heads import EXIT
+    from earlyexit.runtime.heads import EXIT
 
     steer_heads(model_with_heads, EXIT, 5.0)  # layer 1 exits with p ~ 0.99: 0.5 fires, "off" never does
     assert threshold_sweep.main(["--model", str(model_with_heads), "--limit", "2", "exit_thresholds=[0.5, 1.0]",
@@ -131,7 +131,7 @@ def test_threshold_sweep_refuses_bad_threshold(model_with_heads, capsys):
 
 def test_stop_analysis_limit_run(model_with_heads, tmp_path):
     import stop_analysis
-    from earlyexit.heads import STOP
+    from earlyexit.runtime.heads import STOP
 
     steer_heads(model_with_heads, STOP, 5.0)  # p(stop) ~ 0.99 at layer 1: 0.5 stops every prompt at once, 0.999 none
     assert stop_analysis.main(["--model", str(model_with_heads), "--limit", "3", "stop_thresholds=[0.5, 0.999]",
@@ -158,7 +158,7 @@ def test_stop_stats_counts_by_hand():
 
 def test_member_completion_limit_run(model_with_heads, tmp_path):
     import member_completion
-    from earlyexit.heads import EXIT
+    from earlyexit.runtime.heads import EXIT
 
     steer_heads(model_with_heads, EXIT, 5.0)
     assert member_completion.main(["--model", str(model_with_heads), "--limit", "6", "seq_len=32", "stride=16",
@@ -208,7 +208,7 @@ def test_recipe_sweep_runs_train_lm_per_point(tmp_path, monkeypatch, capsys):
     import recipe_sweep
     import yaml
 
-    from earlyexit.train_lm import main as train_lm
+    from earlyexit.training.train_lm import main as train_lm
     from test_train_lm import tiny_recipe
 
     corpus = make_corpus(tmp_path)
@@ -233,7 +233,7 @@ def test_schedule_sweep_keeps_tokens_seen_and_runs_the_shared_baseline_once(tmp_
     import schedule_sweep
     import yaml
 
-    from earlyexit.train_lm import main as train_lm
+    from earlyexit.training.train_lm import main as train_lm
     from test_train_lm import tiny_recipe
 
     corpus = make_corpus(tmp_path)
@@ -285,7 +285,7 @@ def test_quality_curve_scores_each_checkpoint(tmp_path, monkeypatch, capsys):
     import quality_curve
     import yaml
 
-    from earlyexit.train_lm import main as train_lm
+    from earlyexit.training.train_lm import main as train_lm
     from test_train_lm import tiny_recipe
 
     corpus = make_corpus(tmp_path)
@@ -337,7 +337,7 @@ def test_quality_curve_scores_each_checkpoint(tmp_path, monkeypatch, capsys):
 
 def test_ngram_cache_sweep_limit_run(model_with_heads, tmp_path, capsys):
     import ngram_cache_sweep
-    from earlyexit.ngram_cache import DEFAULT_WEIGHT, SKIP_RECENT
+    from earlyexit.runtime.ngram_cache import DEFAULT_WEIGHT, SKIP_RECENT
 
     card = tmp_path / "card.yaml"
     card.write_text("sample_prompts: ['def f(', 'class A:']\nsample_max_new_tokens: 6\n")
@@ -372,7 +372,7 @@ def test_chosen_skip_recent_is_the_best_that_loops_no_more_than_no_cache():
 
 
 def test_the_caches_defaults_are_the_committed_sweeps_choice():
-    from earlyexit.ngram_cache import DEFAULT_WEIGHT, SKIP_RECENT
+    from earlyexit.runtime.ngram_cache import DEFAULT_WEIGHT, SKIP_RECENT
 
     committed = json.loads((Path(__file__).resolve().parents[1] / "experiments/results/ngram_cache_sweep/results.json").read_text())
     assert (committed["best_weight"], committed["best_skip_recent"]) == (DEFAULT_WEIGHT, SKIP_RECENT)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from earlyexit.decoding import GenerationSettings, complete
-from earlyexit.export_ggml import GGML_MAGIC, byte_level_alphabet, token_bytes, write_ggml
-from earlyexit.model import GPT2
+from earlyexit.runtime.decoding import GenerationSettings, complete
+from earlyexit.export.ggml import GGML_MAGIC, byte_level_alphabet, token_bytes, write_ggml
+from earlyexit.runtime.model import GPT2
 
 from conftest import make_tiny_hf
 
@@ -82,7 +82,7 @@ def test_ggml_runner_gives_our_greedy_tokens(tmp_path, model, tiny_tokenizer):
 
 def test_onnx_export_matches_our_runtime(tmp_path, model, tiny_tokenizer):
     ort = pytest.importorskip("onnxruntime", reason="the ONNX Runtime peer is the optional [bench] extra")
-    from earlyexit.export_onnx import CachedDecoder, empty_cache, export_onnx
+    from earlyexit.export.onnx import CachedDecoder, empty_cache, export_onnx
 
     ids = torch.tensor([tiny_tokenizer.encode("def add(a, b):")])
     # the concatenated-cache graph computes what the runtime computes: prefill, then one step on the cache

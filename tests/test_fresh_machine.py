@@ -44,10 +44,11 @@ def test_the_kernels_are_the_subpackage_earlyexit_kernels_from_the_root():
 
 
 def test_importing_the_cli_module_leaves_the_library_function_callable():
-    import earlyexit.generate  # noqa: F401  (the CLI module: sets the package attribute `generate`)
+    import earlyexit.cli  # noqa: F401  (the CLI)
+    import earlyexit.generate  # noqa: F401  (`python -m earlyexit.generate`: sets the package attribute `generate`)
 
     assert callable(earlyexit.complete) and callable(earlyexit.complete_batch)
-    assert earlyexit.complete.__module__ == "earlyexit.decoding"
+    assert earlyexit.complete.__module__ == "earlyexit.runtime.decoding"
     assert set(earlyexit.__all__) <= set(dir(earlyexit)) and "generate" not in earlyexit.__all__
 
 

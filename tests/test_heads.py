@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from earlyexit.decoding import GenerationSettings, complete
+from earlyexit.runtime.decoding import GenerationSettings, complete
 from earlyexit.errors import EarlyExitError
-from earlyexit.heads import CONTINUE, EXIT, STOP, ExitHeads, Thresholds, load_heads
-from earlyexit.model import GPT2
-from earlyexit.policies import EarlyExit, FullDepth
-from earlyexit.train_heads import action_labels
+from earlyexit.runtime.heads import CONTINUE, EXIT, STOP, ExitHeads, Thresholds, load_heads
+from earlyexit.runtime.model import GPT2
+from earlyexit.runtime.policies import EarlyExit, FullDepth
+from earlyexit.training.train_heads import action_labels
 
 from conftest import make_tiny_hf
 

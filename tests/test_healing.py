@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from earlyexit.decoding import GenerationSettings, complete
+from earlyexit.runtime.decoding import GenerationSettings, complete
 from earlyexit.errors import EarlyExitError
-from earlyexit.healing import allowed_tokens, heal, still_pending, vocabulary, vocabulary_strings
-from earlyexit.model import GPT2
-from earlyexit.speculative import Lossless
-from earlyexit.heads import ExitHeads
+from earlyexit.runtime.healing import allowed_tokens, heal, still_pending, vocabulary, vocabulary_strings
+from earlyexit.runtime.model import GPT2
+from earlyexit.runtime.speculative import Lossless
+from earlyexit.runtime.heads import ExitHeads
 
 from conftest import make_tiny_hf
 
@@ -104,9 +104,9 @@ HEALED = ["self.it", "class A:\n    x = 1\n\n    ", "def f():\n    ", "def add(a
 def test_lossless_and_batches_with_healing_equal_full_alone(model, tiny_tokenizer):
     """The backed-off text may take several constrained tokens (`1`, `\n\n   `, ...): every policy writes them as
     full mode does, alone and batched, and lossless mode's stop sees them as early-exit mode's does."""
-    from earlyexit.batch import complete_batch
-    from earlyexit.heads import Thresholds
-    from earlyexit.policies import EarlyExit, FullDepth
+    from earlyexit.runtime.batch import complete_batch
+    from earlyexit.runtime.heads import Thresholds
+    from earlyexit.runtime.policies import EarlyExit, FullDepth
 
     settings = GenerationSettings(max_new_tokens=15, token_healing=True)
     heads = ExitHeads.for_backbone(model, rank=2)

@@ -10,7 +10,7 @@ import torch
 
 import earlyexit.kernels.dispatch as K
 from earlyexit.kernels.exit_confidence import split_plan
-from earlyexit.model import GPT2
+from earlyexit.runtime.model import GPT2
 
 from conftest import make_tiny_hf
 

@@ -1,12 +1,12 @@
-"""The lean int8 single-token step (earlyexit.lean_step): the generic int8 path's logits, tokens and cache."""
+"""The lean int8 single-token step (earlyexit.runtime.lean_step): the generic int8 path's logits, tokens and cache."""
 
 import pytest
 import torch
 
-from earlyexit.lean_step import LeanInt8Step
-from earlyexit.model import GPT2
-from earlyexit.policies import FullDepth
-from earlyexit.quantize import quantize_int8
+from earlyexit.runtime.lean_step import LeanInt8Step
+from earlyexit.runtime.model import GPT2
+from earlyexit.runtime.policies import FullDepth
+from earlyexit.runtime.quantize import quantize_int8
 
 from conftest import make_tiny_hf
 

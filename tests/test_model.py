@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from earlyexit.decoding import GenerationSettings, complete
+from earlyexit.runtime.decoding import GenerationSettings, complete
 from earlyexit.errors import EarlyExitError
-from earlyexit.model import GPT2, GPT2Dims
+from earlyexit.runtime.model import GPT2, GPT2Dims
 
 from conftest import make_tiny_hf
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import yaml
 
-from earlyexit import model_card
-from earlyexit.ngram_cache import DEFAULT_WEIGHT as DEFAULT_CACHE_WEIGHT
-from earlyexit.train_lm import main as train_main
+from earlyexit.evaluation import model_card
+from earlyexit.runtime.ngram_cache import DEFAULT_WEIGHT as DEFAULT_CACHE_WEIGHT
+from earlyexit.training.train_lm import main as train_main
 
 from test_train_lm import make_corpus, tiny_recipe
 
@@ -53,7 +53,7 @@ def test_model_card_refuses_a_model_without_training_state(tmp_path, tiny_model_
 
 
 def test_recipe_names_every_phase_in_order(tmp_path):
-    from earlyexit.recipe import recipe_phases, schedule_lines
+    from earlyexit.evaluation.recipe import recipe_phases, schedule_lines
 
     base = {"work_dir": "runs/x", "lr": 1e-3, "min_lr": 1e-5, "warmup_steps": 10}
     for name, extra in {"a.yaml": {"max_steps": 100}, "b.yaml": {"max_steps": 300, "rewarm_at": 100, "schedule": "wsd", "decay_steps": 50},
@@ -129,7 +129,7 @@ def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp
 
 
 def test_paired_exact_match_counts_flips_and_tests_them():
-    from earlyexit.backbone_quality import paired_exact_match, paired_lines
+    from earlyexit.evaluation.backbone_quality import paired_exact_match, paired_lines
 
     assert paired_exact_match("0011", "0101") == {"gained": 1, "lost": 1, "p_value": 1.0}
     clear = paired_exact_match("0" * 12, "1" * 10 + "00")
@@ -142,7 +142,7 @@ def test_paired_exact_match_counts_flips_and_tests_them():
 
 
 def test_quality_projection_recovers_a_log_linear_curve_and_the_card_prints_it():
-    from earlyexit.backbone_quality import quality_projection
+    from earlyexit.evaluation.backbone_quality import quality_projection
 
     # exact match gains 4 points per doubling from 10% at 10M tokens: 25% needs 2^(15/4) x 10M = 134.5M
     rows = [{"step": i, "tokens_seen": t * 1e6, "context": 512, "examples": 9, "exact_match": 0.10 + 0.04 * math.log2(t / 10),
@@ -167,7 +167,7 @@ def test_quality_projection_recovers_a_log_linear_curve_and_the_card_prints_it()
 
 
 def test_completion_breakdown_says_where_each_completion_parts_from_its_target():
-    from earlyexit.backbone_quality import completion_breakdown
+    from earlyexit.evaluation.backbone_quality import completion_breakdown
 
     b = completion_breakdown(["x = 1  ", "x =", "x = 12)", "y = 1", ""], ["x = 1", "x = 1", "x = 1", "x = 1", "x = 1"])
     assert (b["exact"], b["stopped_short"], b["ran_on"], b["diverged"]) == (0.2, 0.4, 0.2, 0.2)  # "" stops short too

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from earlyexit.batch import complete_batch
-from earlyexit.decoding import GenerationSettings, complete
+from earlyexit.runtime.batch import complete_batch
+from earlyexit.runtime.decoding import GenerationSettings, complete
 from earlyexit.errors import EarlyExitError
-from earlyexit.heads import ExitHeads, Thresholds
-from earlyexit.model import GPT2
-from earlyexit.ngram_cache import NGramCacheLogitsProcessor, blend, continuations
-from earlyexit.policies import EarlyExit
-from earlyexit.speculative import Lossless
+from earlyexit.runtime.heads import ExitHeads, Thresholds
+from earlyexit.runtime.model import GPT2
+from earlyexit.runtime.ngram_cache import NGramCacheLogitsProcessor, blend, continuations
+from earlyexit.runtime.policies import EarlyExit
+from earlyexit.runtime.speculative import Lossless
 
 NEG = float("-inf")
 

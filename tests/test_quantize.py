@@ -1,11 +1,11 @@
-"""Weight-only int8 copies (earlyexit.quantize): close to fp32, never touching the original."""
+"""Weight-only int8 copies (earlyexit.runtime.quantize): close to fp32, never touching the original."""
 
 import pytest
 import torch
 
-from earlyexit.model import GPT2
-from earlyexit.quantize import Int8GPT2, Int8Linear, quantize_int8, quantize_rows
-from earlyexit.speculative import draft_model
+from earlyexit.runtime.model import GPT2
+from earlyexit.runtime.quantize import Int8GPT2, Int8Linear, quantize_int8, quantize_rows
+from earlyexit.runtime.speculative import draft_model
 
 from conftest import make_tiny_hf
 

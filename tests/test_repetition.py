@@ -1,13 +1,13 @@
-"""Loop detection (earlyexit.repetition) and the completion it ends (stop_on_repetition)."""
+"""Loop detection (earlyexit.runtime.repetition) and the completion it ends (stop_on_repetition)."""
 
 import pytest
 import torch
 
-from earlyexit.decoding import GenerationSettings, complete
-from earlyexit.heads import ExitHeads
-from earlyexit.model import GPT2
-from earlyexit.repetition import loop_tail
-from earlyexit.speculative import Lossless
+from earlyexit.runtime.decoding import GenerationSettings, complete
+from earlyexit.runtime.heads import ExitHeads
+from earlyexit.runtime.model import GPT2
+from earlyexit.runtime.repetition import loop_tail
+from earlyexit.runtime.speculative import Lossless
 
 
 def pieces(*texts):
@@ -95,7 +95,7 @@ def test_repetition_stop_is_off_by_default_and_lossless_cuts_the_same(tiny_hf, t
 
 
 def test_batched_completions_cut_loops_as_one_at_a_time(tiny_hf, tiny_tokenizer):
-    from earlyexit.batch import complete_batch
+    from earlyexit.runtime.batch import complete_batch
 
     model = GPT2.from_hf(tiny_hf)
     prompts = ["import os\n", "def add(a, b):\n", "x"]
@@ -108,7 +108,7 @@ def test_batched_completions_cut_loops_as_one_at_a_time(tiny_hf, tiny_tokenizer)
 
 
 def test_timings_of_cut_tokens_are_charged_to_the_last_kept_token():
-    from earlyexit.decoding import per_kept_token
+    from earlyexit.runtime.decoding import per_kept_token
 
     assert per_kept_token([1.0, 2.0, 3.0, 4.0], kept=3) == [1.0, 9.0]
     assert per_kept_token([1.0, 2.0], kept=3) == [1.0, 2.0]  # nothing was cut

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from earlyexit.decoding import GenerationSettings, complete
+from earlyexit.runtime.decoding import GenerationSettings, complete
 from earlyexit.errors import EarlyExitError
-from earlyexit.heads import EXIT, ExitHeads
-from earlyexit.model import GPT2
-from earlyexit.speculative import Lossless
+from earlyexit.runtime.heads import EXIT, ExitHeads
+from earlyexit.runtime.model import GPT2
+from earlyexit.runtime.speculative import Lossless
 
 from conftest import make_tiny_hf
 
@@ -29,7 +29,7 @@ def random_heads(model, seed):
 def test_lossless_equals_full_greedy(tiny_tokenizer, seed, k, draft):
     g = torch.Generator().manual_seed(100 + seed)
     n_layer = [2, 3, 5][seed % 3]
-    n_embd = [48, 40][seed % 2]  # 40: the int8 draft's unfused fallback (earlyexit.quantize)
+    n_embd = [48, 40][seed % 2]  # 40: the int8 draft's unfused fallback (earlyexit.runtime.quantize)
     model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=n_layer, n_embd=n_embd, seed=seed, eos=tiny_tokenizer.eos_token_id))
     prompt = torch.randint(1, len(tiny_tokenizer), (1 + 7 * seed % 23,), generator=g).tolist()  # odd lengths
     settings = GenerationSettings(max_new_tokens=25 + seed)
@@ -72,8 +72,8 @@ def test_lossless_refuses_logits_processors_and_bad_draft_lengths(tiny_tokenizer
 def test_lossless_with_a_stop_threshold_stops_where_early_exit_without_exits_does(tiny_tokenizer):
     """With stop_threshold s, lossless writes EarlyExit(exit=1, stop=s)'s tokens: full's greedy tokens, cut where the
     controller stops (at the prefill, or after any token: each round checks every position it writes from)."""
-    from earlyexit.heads import STOP, Thresholds
-    from earlyexit.policies import EarlyExit
+    from earlyexit.runtime.heads import STOP, Thresholds
+    from earlyexit.runtime.policies import EarlyExit
 
     reasons, lengths = [], []
     for seed in range(8):

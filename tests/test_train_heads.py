@@ -5,9 +5,9 @@ import os
 import subprocess
 import sys
 
-from earlyexit.heads import load_heads
-from earlyexit.loading import load_runtime_model
-from earlyexit.train_heads import main
+from earlyexit.runtime.heads import load_heads
+from earlyexit.runtime.loading import load_runtime_model
+from earlyexit.training.train_heads import main
 
 from test_train_lm import make_corpus
 
@@ -44,7 +44,7 @@ def test_runs_unchanged_under_torchrun_with_two_processes(tmp_path, tiny_model_d
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "earlyexit.train_heads", "--model", str(tiny_model_dir), *recipe(tmp_path, corpus, out)],
+         "-m", "earlyexit.training.train_heads", "--model", str(tiny_model_dir), *recipe(tmp_path, corpus, out)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -53,7 +53,7 @@ def test_runs_unchanged_under_torchrun_with_two_processes(tmp_path, tiny_model_d
 
 
 def test_thresholds_need_confidence_not_just_a_lucky_rate():
-    from earlyexit.train_heads import HeadsTrainConfig, choose_thresholds, wilson_lower
+    from earlyexit.training.train_heads import HeadsTrainConfig, choose_thresholds, wilson_lower
 
     assert wilson_lower(7, 7) < 0.8 < wilson_lower(900, 1000)
     table = {"tokens": 10_000,

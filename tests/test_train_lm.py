@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from earlyexit.errors import EarlyExitError
-from earlyexit.train_lm import LMTrainConfig, batch_at, grown_layer_sources, lr_at, main
+from earlyexit.training.train_lm import LMTrainConfig, batch_at, grown_layer_sources, lr_at, main
 
 from conftest import SAMPLE_CODE
 
@@ -74,7 +74,7 @@ def test_batches_are_a_pure_function_of_step_and_schedule_warms_then_decays():
 
 def test_schedules_warm_up_decay_and_rewarm():
     from earlyexit.config import load_config
-    from earlyexit.train_lm import LMTrainConfig, lr_at
+    from earlyexit.training.train_lm import LMTrainConfig, lr_at
 
     cos = LMTrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
     assert lr_at(cos, 0) == pytest.approx(1e-4) and lr_at(cos, 9) == pytest.approx(1e-3) and lr_at(cos, 99) < 1.01e-4
@@ -194,8 +194,8 @@ def test_grown_layer_sources_keep_every_layer_once_in_order():
 
 def test_a_deeper_recipe_grows_from_an_export_and_starts_as_it(tmp_path, capsys):
     """grow_layers: a 3-layer model from a 2-layer export computes what the export did before its first step."""
-    from earlyexit.loading import load_hf_model, load_tokenizer
-    from earlyexit.train_lm import build_model, init_from_export
+    from earlyexit.runtime.loading import load_hf_model, load_tokenizer
+    from earlyexit.training.train_lm import build_model, init_from_export
 
     corpus = make_corpus(tmp_path)
     assert main(tiny_recipe(tmp_path, corpus, max_steps=2)) == 0
@@ -222,7 +222,7 @@ def test_a_deeper_recipe_grows_from_an_export_and_starts_as_it(tmp_path, capsys)
 
 
 def test_budgeted_lowers_max_steps_to_what_the_time_left_affords():
-    from earlyexit.train_lm import budgeted
+    from earlyexit.training.train_lm import budgeted
 
     cfg = LMTrainConfig(schedule="wsd", max_steps=1000, warmup_steps=10, decay_steps=100)
     fitted = budgeted(cfg, step=50, seconds_per_step=0.5, seconds_left=100.0)

@@ -27,7 +27,7 @@ that position, as full mode would after them; the drafts themselves do without i
 only have to be guessed right often), so the output is full mode's with the same cache.
 
 Drafts come from `draft_model`: by default (`draft="auto"`) a weight-only int8 copy of an
-fp32 CPU model (earlyexit.quantize), whose weights fit in the CPU's cache where the fp32
+fp32 CPU model (earlyexit.runtime.quantize), whose weights fit in the CPU's cache where the fp32
 ones do not, or the model itself (`draft="same"`). The draft copy writes into the same fp32
 KV cache, and the verify pass overwrites what it wrote, so the output does not depend on
 how the drafts were made; only the acceptance rate and the speed do.
@@ -40,7 +40,7 @@ import time
 import torch
 
 from .decoding import per_kept_token
-from .errors import EarlyExitError
+from ..errors import EarlyExitError
 from .heads import ExitHeads, Thresholds
 from .model import GPT2, KVCache
 from .policies import EarlyExit, FullDepth, StepResult
@@ -103,7 +103,7 @@ class Lossless:
         self.stopper = EarlyExit(model, heads, stop, kernel_backend) if stop.stop < 1 else None
         # with no exit possible the controller's checks would only cost time
         self.drafter = EarlyExit(self.draft_model, heads, self.thresholds, kernel_backend) if exit_threshold < 1 else FullDepth()
-        # a full-depth int8 draft (the default) takes the lean single-token path (earlyexit.lean_step)
+        # a full-depth int8 draft (the default) takes the lean single-token path (earlyexit.runtime.lean_step)
         self.lean = self.draft_model.lean if isinstance(self.drafter, FullDepth) else None
         self.max_draft, self.adaptive = max_draft, adaptive
 

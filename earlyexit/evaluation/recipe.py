@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the recipe's configs, in a source checkout
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the recipe's configs, in a source checkout
 
 
 def recipe_phases(tc: dict, config_dir: Path = CONFIG_DIR) -> list[tuple[str, dict]]:
@@ -43,7 +43,7 @@ def schedule_lines(tc: dict, config_dir: Path = CONFIG_DIR) -> list[str]:
     if not phases:
         return [f"- Peak LR {tc['lr']:g} after {tc['warmup_steps']} warm-up steps, {tc.get('schedule', 'cosine')} to {tc['min_lr']:g}, "
                 f"{tc['max_steps']:,} steps."]
-    from .train_lm import LMTrainConfig
+    from ..training.train_lm import LMTrainConfig
 
     defaults, lines = LMTrainConfig(), []
     for i, (path, c) in enumerate(phases, 1):
@@ -65,6 +65,6 @@ def schedule_lines(tc: dict, config_dir: Path = CONFIG_DIR) -> list[str]:
                        "the new ones start as copies of evenly spaced layers with zeroed output projections); ")
         named = re.search(r"phase(\d+)", path)  # phases that did not lead here (phase 11) leave gaps in the chain's count
         lines.append(f"- Phase {named[1] if named else i} (`{path}`{', `--resume`' if start else ''}): {origin}{window}; {warm}, {shape} to {c['min_lr']:g} at step {c['max_steps']:,}.")
-    lines.append("- Reproduce: " + ", then ".join(f"`python -m earlyexit.train_lm --config {p}{' --resume' if c.get('rewarm_at') else ''}`"
+    lines.append("- Reproduce: " + ", then ".join(f"`python -m earlyexit.training.train_lm --config {p}{' --resume' if c.get('rewarm_at') else ''}`"
                                                    for p, c in phases) + ".")
     return lines

@@ -1,8 +1,8 @@
 """Carry a training run's tokenized corpus to a machine that cannot build it (a lent GPU machine: other packages
-installed, so `earlyexit.data` would read another corpus there, and no network).
+installed, so `earlyexit.data.corpus` would read another corpus there, and no network).
 
-    python -m earlyexit.corpus_pack pack WORK_DIR PACK.tar.xz      # here, after train_lm has prepared WORK_DIR
-    python -m earlyexit.corpus_pack unpack PACK.tar.xz WORK_DIR    # there; then train_lm with work_dir=WORK_DIR
+    python -m earlyexit.data.pack pack WORK_DIR PACK.tar.xz      # here, after train_lm has prepared WORK_DIR
+    python -m earlyexit.data.pack unpack PACK.tar.xz WORK_DIR    # there; then train_lm with work_dir=WORK_DIR
 
 The pack is what `train_lm.prepare_data` leaves in a work_dir: the tokenizer, corpus.json, each split's token stream
 and file list, xz-compressed (the default model's 110 MB of token caches pack into 24.6 MiB, in 1.7 minutes on two
@@ -19,9 +19,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-from .config import exit_code
-from .errors import EarlyExitError
-from .train_lm import SPLITS
+from ..config import exit_code
+from ..errors import EarlyExitError
+from .corpus import SPLITS
 
 MANIFEST = "manifest.json"
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import EarlyExitError
+from ..errors import EarlyExitError
 from .model import GPT2
 
 _FUSED_OP = getattr(torch, "_weight_int8pack_mm", None)

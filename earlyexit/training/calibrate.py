@@ -1,6 +1,6 @@
 """Calibrate the exit threshold: early-exit tokens agree with the full model's at a target rate, with a stated confidence.
 
-    python -m earlyexit.calibrate [--model DIR] [--config configs/calibrate.yaml] [--target-agreement 0.99] [key=value ...]
+    python -m earlyexit.training.calibrate [--model DIR] [--config configs/calibrate.yaml] [--target-agreement 0.99] [key=value ...]
 
 Learn-Then-Test (Angelopoulos et al., 2021) with fixed-sequence testing. On validation
 prompts (files the backbone never trained on, cut at a random token), the early-exit
@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .config import config_parser, exit_code, load_config
-from .errors import EarlyExitError
+from ..config import config_parser, exit_code, load_config
+from ..errors import EarlyExitError
 
 
 @dataclass
@@ -86,10 +86,10 @@ def choose_threshold(table: list[dict], target: float, delta: float) -> tuple[fl
 @torch.inference_mode()
 def agreement_row(model, heads, tok, prompts: list[list[int]], threshold: float, max_new_tokens: int) -> dict:
     """Decode every prompt with early exit at `threshold` (stop off); count tokens that disagree with the full model."""
-    from .batch import complete_batch
-    from .decoding import GenerationSettings
-    from .heads import Thresholds
-    from .policies import EarlyExit
+    from ..runtime.batch import complete_batch
+    from ..runtime.decoding import GenerationSettings
+    from ..runtime.heads import Thresholds
+    from ..runtime.policies import EarlyExit
 
     policy = EarlyExit(model, heads, Thresholds(exit=threshold, stop=1.0))
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
@@ -116,9 +116,9 @@ def calibrate(model_dir: str | None, cfg: CalibrateConfig) -> dict:
 
     from tqdm import tqdm
 
-    from .data import model_corpus, token_cut_examples
-    from .heads import load_heads
-    from .loading import load_runtime_model, resolve_model_dir
+    from ..data.corpus import model_corpus, token_cut_examples
+    from ..runtime.heads import load_heads
+    from ..runtime.loading import load_runtime_model, resolve_model_dir
 
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     directory = resolve_model_dir(model_dir)

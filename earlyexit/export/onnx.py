@@ -1,6 +1,6 @@
 """Export a GPT-2 checkpoint to ONNX with its KV cache, for ONNX Runtime (the deployment path IntelliCode shipped).
 
-    python -m earlyexit.export_onnx [--model DIR] OUT.onnx
+    python -m earlyexit.export.onnx [--model DIR] OUT.onnx
 
 One graph serves prefill and decode: inputs `input_ids` (1, T) and the cache `past_k`,
 `past_v` (L, 1, heads, P, head size) with P = 0 for a prompt; outputs the next-token
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import EarlyExitError
+from ..errors import EarlyExitError
 
 
 class CachedDecoder(nn.Module):
@@ -77,10 +77,10 @@ def export_onnx(model, path: str | Path, opset: int = 17) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import exit_code
-    from .loading import load_runtime_model, resolve_model_dir
+    from ..config import exit_code
+    from ..runtime.loading import load_runtime_model, resolve_model_dir
 
-    p = argparse.ArgumentParser(prog="python -m earlyexit.export_onnx", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m earlyexit.export.onnx", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="the .onnx file to write")
     p.add_argument("--model", help="a local GPT-2 checkpoint directory (default: the embedded model)")
     args = p.parse_args(argv)

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from .ngram_cache import SKIP_RECENT
+from ..runtime.ngram_cache import SKIP_RECENT
 
 
 @torch.inference_mode()
@@ -44,8 +44,8 @@ def completion_metrics(model, tok, examples, max_new_tokens: int, line_mode: boo
 
     from tqdm import tqdm
 
-    from .batch import complete_batch
-    from .decoding import GenerationSettings
+    from ..runtime.batch import complete_batch
+    from ..runtime.decoding import GenerationSettings
     from .metrics import edit_similarity, exact_match, indel_similarity, is_degenerate, rouge_l
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, stop_strings=("\n",) if line_mode else (), truncate_prompt=True,

@@ -1,7 +1,7 @@
 """Train exit heads and the stop/exit/continue controller on a frozen backbone.
 
-    python -m earlyexit.train_heads --model DIR --config configs/heads.yaml [key=value ...] [--resume]
-    torchrun --nproc-per-node 2 -m earlyexit.train_heads --model DIR ...   # data-parallel, same code
+    python -m earlyexit.training.train_heads --model DIR --config configs/heads.yaml [key=value ...] [--resume]
+    torchrun --nproc-per-node 2 -m earlyexit.training.train_heads --model DIR ...   # data-parallel, same code
 
 Two phases over windows of the backbone's training split (never its validation or test):
 1. heads: every exit head learns the next token from its layer's hidden state, with
@@ -36,10 +36,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import config_parser, exit_code, load_config, to_dict
-from .errors import EarlyExitError
-from .heads import CONTINUE, EXIT, STOP, ExitHeads, Thresholds, load_exit_norms
-from .model import GPT2
+from ..config import config_parser, exit_code, load_config, to_dict
+from ..errors import EarlyExitError
+from ..runtime.heads import CONTINUE, EXIT, STOP, ExitHeads, Thresholds, load_exit_norms
+from ..runtime.model import GPT2
 
 
 @dataclass
@@ -258,8 +258,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 def train(model_dir: str, cfg: HeadsTrainConfig, resume: bool = False) -> Path:
     from tqdm import tqdm
 
-    from .data import model_corpus, window_batch
-    from .loading import load_runtime_model
+    from ..data.corpus import model_corpus, window_batch
+    from ..runtime.loading import load_runtime_model
 
     init_distributed()
     rank, size = world()
@@ -269,7 +269,7 @@ def train(model_dir: str, cfg: HeadsTrainConfig, resume: bool = False) -> Path:
     train_tokens = tokenize_until(splits["train"], tok, cfg.train_tokens, cfg.seed)
     val_tokens = tokenize_until(splits["validation"], tok, cfg.eval_windows * (cfg.seq_len + 1) * 2, cfg.seed)
     if cfg.init_from:
-        from .heads import load_heads
+        from ..runtime.heads import load_heads
 
         heads = load_heads(cfg.init_from, model).float().requires_grad_(True).train()
         heads.cfg.training, heads.cfg.thresholds = {}, Thresholds()
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run():
-        from .loading import resolve_model_dir
+        from ..runtime.loading import resolve_model_dir
 
         train(str(resolve_model_dir(args.model)), load_config(HeadsTrainConfig, args.config, args.overrides), resume=args.resume)
 

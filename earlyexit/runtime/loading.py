@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import EarlyExitError
+from ..errors import EarlyExitError
 from .model import GPT2
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:

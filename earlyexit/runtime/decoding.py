@@ -19,13 +19,13 @@ from typing import Sequence
 
 import torch
 
-from .errors import EarlyExitError
+from ..errors import EarlyExitError
 from .model import GPT2, KVCache
 from .ngram_cache import SKIP_RECENT, cached_scores, check_skip_recent, check_weight
 from .policies import FullDepth
 from .repetition import loop_tail
 
-# "stop": the controller halted; "repetition": the tail repeated a line, block or phrase (earlyexit.repetition), cut to one copy
+# "stop": the controller halted; "repetition": the tail repeated a line, block or phrase (earlyexit.runtime.repetition), cut to one copy
 FINISH_REASONS = ("eos", "max_tokens", "stop", "stop_string", "repetition", "stopping_criteria")
 
 
@@ -36,11 +36,11 @@ class GenerationSettings:
     max_new_tokens: int = 64
     stop_strings: Sequence[str] = ()
     truncate_prompt: bool = False
-    token_healing: bool = False  # back off a prompt's partial word and make the new tokens write it again first (earlyexit.healing)
-    healing_mode: str = "word"  # "word": the whole partial word; "token": the last token only, as earlier versions (earlyexit.healing)
-    stop_on_repetition: bool = False  # end a completion that loops, keeping one copy of the loop (earlyexit.repetition)
-    cache_weight: float = 0.0  # blend weight of the n-gram cache over the prompt, truncated part included; 0: off (earlyexit.ngram_cache)
-    cache_skip_recent: int = SKIP_RECENT  # the cache does not search the last this many tokens (earlyexit.ngram_cache)
+    token_healing: bool = False  # back off a prompt's partial word and make the new tokens write it again first (earlyexit.runtime.healing)
+    healing_mode: str = "word"  # "word": the whole partial word; "token": the last token only, as earlier versions (earlyexit.runtime.healing)
+    stop_on_repetition: bool = False  # end a completion that loops, keeping one copy of the loop (earlyexit.runtime.repetition)
+    cache_weight: float = 0.0  # blend weight of the n-gram cache over the prompt, truncated part included; 0: off (earlyexit.runtime.ngram_cache)
+    cache_skip_recent: int = SKIP_RECENT  # the cache does not search the last this many tokens (earlyexit.runtime.ngram_cache)
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -152,7 +152,7 @@ class Transcript:
         self.tokenizer, self.settings, self.stopping_criteria = tokenizer, settings, stopping_criteria
         self.truncated = torch.tensor(list(truncated), dtype=torch.long)  # prompt ids left of the context: the n-gram cache searches them
         self.healed = healed  # text of the backed-off prompt tokens: written again, not reported
-        self.pending = healed  # what of it the next tokens must still write (earlyexit.healing)
+        self.pending = healed  # what of it the next tokens must still write (earlyexit.runtime.healing)
         self.input_ids = input_ids  # (1, prompt + written)
         self.new: list[int] = []
         self.layers: list[int] = []
@@ -179,7 +179,7 @@ class Transcript:
     def cached(self, logits: torch.Tensor, ahead: Sequence[int] = ()) -> torch.Tensor:
         """Next-token scores (1, V) after what was written and then `ahead` (tokens not written yet: a speculative
         policy's drafts), blended with the n-gram cache over the prompt (its truncated part first), what was written and
-        `ahead`, where `settings.cache_weight` > 0 (earlyexit.ngram_cache)."""
+        `ahead`, where `settings.cache_weight` > 0 (earlyexit.runtime.ngram_cache)."""
         if not self.settings.cache_weight:
             return logits
         sequence = torch.cat([self.truncated, self.input_ids[0].cpu(), torch.tensor(list(ahead), dtype=torch.long)])

@@ -12,7 +12,7 @@ finish reason "repetition".
 What counts as a loop, to leave legitimate repetition alone:
 - a block of two or more lines after two copies; one line, or a phrase inside a line,
   after three, and only once the copies span 8 tokens (the `is_degenerate` window of
-  `earlyexit.metrics`): a line legitimately written twice (`next(f)` to skip two header
+  `earlyexit.evaluation.metrics`): a line legitimately written twice (`next(f)` to skip two header
   lines) or `a, a` stays;
 - only cycles whose text holds a letter, an underscore or a line break: `[0, 0, 0, 0]`,
   `====` or `)))` is data or layout, not a loop; eight line breaks in a row are one.

@@ -1,6 +1,6 @@
 """Evaluate a trained backbone on its own corpus splits and write its model card.
 
-    python -m earlyexit.model_card --model DIR [--config configs/model_card.yaml] [key=value ...]
+    python -m earlyexit.evaluation.model_card --model DIR [--config configs/model_card.yaml] [key=value ...]
 
 Reads `DIR/training_state.json` (written by `train_lm`) to rebuild the exact corpus split
 the model was trained on, then measures on the held-out splits: loss, perplexity and
@@ -22,10 +22,10 @@ from pathlib import Path
 
 from .backbone_quality import (TARGET_LINE_COMPLETION, TARGET_VALIDATION_LOSS, completion_metrics, lm_metrics, paired_lines,
                               projection_lines)
-from .config import config_parser, exit_code, load_config, to_dict
-from .errors import EarlyExitError
-from .provenance import git_commit, machine
-from .ngram_cache import DEFAULT_WEIGHT as DEFAULT_CACHE_WEIGHT
+from ..config import config_parser, exit_code, load_config, to_dict
+from ..errors import EarlyExitError
+from ..provenance import git_commit, machine
+from ..runtime.ngram_cache import DEFAULT_WEIGHT as DEFAULT_CACHE_WEIGHT
 from .recipe import schedule_lines
 
 
@@ -41,11 +41,11 @@ class ModelCardConfig:
     shown_line_examples: int = 8  # line completions shown in the card as scored, with where they all go wrong
     sample_max_new_tokens: int = 40
     sample_prompts: list[str] = field(default_factory=lambda: ["def fibonacci(n):\n"])
-    cache_weight: float = DEFAULT_CACHE_WEIGHT  # the n-gram cache's, as the CLI runs it (earlyexit.ngram_cache)
+    cache_weight: float = DEFAULT_CACHE_WEIGHT  # the n-gram cache's, as the CLI runs it (earlyexit.runtime.ngram_cache)
 
 
 def corpus_splits(state: dict):
-    from .data import trained_corpus
+    from ..data.corpus import trained_corpus
 
     cfg = state["config"]
     splits, stats = trained_corpus(state)
@@ -100,16 +100,16 @@ def plot_curve(curve: list[dict], path: Path) -> bool:
 
 
 def evaluate(model_dir: Path, cfg: ModelCardConfig, log: Path | None = None) -> dict:
-    from .data import line_cut_examples, token_cut_examples
-    from .loading import load_hf_model, load_tokenizer
-    from .model import GPT2
+    from ..data.corpus import line_cut_examples, token_cut_examples
+    from ..runtime.loading import load_hf_model, load_tokenizer
+    from ..runtime.model import GPT2
 
     state_file = model_dir / "training_state.json"
     if not state_file.is_file():
-        raise EarlyExitError(f"{model_dir} has no training_state.json: model cards are written for models trained by earlyexit.train_lm")
+        raise EarlyExitError(f"{model_dir} has no training_state.json: model cards are written for models trained by earlyexit.training.train_lm")
     state = json.loads(state_file.read_text())
     if log is not None:
-        from .train_lm import read_curve
+        from ..training.train_lm import read_curve
 
         state["curve"] = read_curve(log)
     hf, tok = load_hf_model(model_dir), load_tokenizer(model_dir)
@@ -145,7 +145,7 @@ def evaluate(model_dir: Path, cfg: ModelCardConfig, log: Path | None = None) -> 
                                                                        "line completion (whole file, healed)", healing=True)
     cuts = token_cut_examples(splits["test"], tok, cfg.token_examples, cfg.target_tokens, seed=cfg.seed)
     result["token_completion"] = completion_metrics(model, tok, cuts, cfg.target_tokens, False, f"{cfg.target_tokens}-token completion")
-    from .decoding import GenerationSettings, complete
+    from ..runtime.decoding import GenerationSettings, complete
 
     from .metrics import is_degenerate
 
@@ -165,7 +165,7 @@ def evaluate(model_dir: Path, cfg: ModelCardConfig, log: Path | None = None) -> 
     return result
 
 
-EXPERIMENT_RESULTS = Path(__file__).resolve().parent.parent / "experiments/results"  # in a source checkout
+EXPERIMENT_RESULTS = Path(__file__).resolve().parents[2] / "experiments/results"  # in a source checkout
 
 
 def recipe_evidence(root: Path = EXPERIMENT_RESULTS) -> dict:
@@ -260,7 +260,7 @@ def curve_lines(curve: dict | None, step: int, runtime: dict | None = None) -> l
 
 def source_list(sources: list[str], stats: dict) -> str:
     """The sources with the versions they were read at, where the corpus recorded them."""
-    from .data import source_name
+    from ..data.corpus import source_name
 
     versions = stats.get("source_versions", {})
     return ", ".join(f"{s} {versions[source_name(s)]}".rstrip() if versions.get(source_name(s)) else s for s in sources)
@@ -311,7 +311,7 @@ def cache_rows(r: dict) -> list[str]:
 def cache_note(r: dict) -> list[str]:
     if "line_completion_cached" not in r:
         return []
-    return ["", "The n-gram cache (`earlyexit.ngram_cache`, on by default in the CLI) blends into the model's next-token "
+    return ["", "The n-gram cache (`earlyexit.runtime.ngram_cache`, on by default in the CLI) blends into the model's next-token "
             "distribution what followed the longest earlier copy of the last tokens in the prompt; its weight was chosen on "
             "validation lines (`experiments/ngram_cache_sweep.py`). The line prompts above are the last 2,000 characters before "
             "each cut; in an editor the whole file above the cursor is at hand: the model still sees its last context-full "
@@ -339,11 +339,11 @@ def render_card(r: dict, has_plot: bool) -> str:
         "",
         f"A {tc['n_layer']}-layer, {tc['n_embd']}-wide GPT-2 ({r['parameters'] / 1e6:.1f}M parameters, "
         f"{tc['vocab_size']:,}-token byte-level BPE) trained from scratch on local Python source by "
-        "`earlyexit.train_lm`. It ships inside the package so `python -m earlyexit.generate` works with no download, "
+        "`earlyexit.training.train_lm`. It ships inside the package so `python -m earlyexit.generate` works with no download, "
         "and loads with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`. "
         f"Weights in fp16 safetensors: {r['disk_bytes'] / 1e6:.1f} MB on disk.",
         "",
-        f"Every figure below was written by `python -m earlyexit.model_card` at commit `{r['commit']}` on {r['machine']}.",
+        f"Every figure below was written by `python -m earlyexit.evaluation.model_card` at commit `{r['commit']}` on {r['machine']}.",
         "",
         "## Data",
         f"- Sources: {source_list(tc['sources'], stats)} (the standard library and the installed packages' own `.py` files, read from disk).",
@@ -366,7 +366,7 @@ def render_card(r: dict, has_plot: bool) -> str:
         f"`torch.compile`: {tc['compile']}.",
         *schedule_lines(tc),
         f"- Then copy `{tc['out_dir']}/` into `earlyexit/default_model/` and run "
-        "`python -m earlyexit.model_card --model earlyexit/default_model` (the export carries the validation curve of every phase).",
+        "`python -m earlyexit.evaluation.model_card --model earlyexit/default_model` (the export carries the validation curve of every phase).",
         *throughput_lines(r.get("train_throughput")),
         *sweep_lines(r.get("recipe_sweep"), r.get("vocab_sweep"), r.get("schedule_sweep")),
         "",
@@ -423,7 +423,7 @@ def render_card(r: dict, has_plot: bool) -> str:
     lines += ["## Ten sample completions", "",
               f"Greedy with token healing, at most {r['config']['sample_max_new_tokens']} new tokens: the prompt, then the model's continuation after `⟨…⟩` "
               "(*degenerate*: the last 8 tokens repeat a cycle of at most 4). Where the CLI's repetition stop "
-              "(`earlyexit.repetition`, on by default) ends a loop, what the CLI writes follows.", ""]
+              "(`earlyexit.runtime.repetition`, on by default) ends a loop, what the CLI writes follows.", ""]
     for s in r["samples"]:
         lines += (["*degenerate*"] if s["degenerate"] else []) + ["```python", s["prompt"] + "⟨…⟩" + s["completion"], "```", ""]
         if s["cli_finish"] == "repetition":

@@ -1,7 +1,7 @@
 """Decoding policies behind one interface: how deep each token goes, and whether to stop.
 
 - `FullDepth`: every token runs every block (the reference, equal to transformers' greedy).
-- `EarlyExit`: after each block the controller (earlyexit.heads) decides continue, exit
+- `EarlyExit`: after each block the controller (earlyexit.runtime.heads) decides continue, exit
   or stop for the newest token. On exit the token comes from that layer's exit head and
   each skipped layer's K/V at this position is filled by state copying (ln_1 + K/V
   projection of the exit hidden state, through `earlyexit.kernels.state_copy`); on stop
@@ -10,7 +10,7 @@
 
 A policy sees one token (B = 1) at a time and returns a `StepResult`: the next-token
 logits, how many blocks ran, and whether to stop. For batched decoding
-(`earlyexit.batch.complete_batch`) `prefill_batch` and `step_batch` do the same for B rows
+(`earlyexit.runtime.batch.complete_batch`) `prefill_batch` and `step_batch` do the same for B rows
 at their own positions and return a `BatchStep`: under early exit each row exits or stops
 on its own, and a layer runs only on the rows still in it.
 """
@@ -77,7 +77,7 @@ class EarlyExit:
     name = "early-exit"
 
     def __init__(self, model: GPT2, heads: ExitHeads, thresholds: Thresholds | None = None, kernel_backend: str = "auto"):
-        from .kernels.dispatch import stack_state_copy_weights
+        from ..kernels.dispatch import stack_state_copy_weights
 
         self.heads = heads
         self.thresholds = thresholds or heads.cfg.thresholds
@@ -102,7 +102,7 @@ class EarlyExit:
 
     def check_rows(self, layer: int, x_mid: torch.Tensor, mlp_out: torch.Tensor, prev_layers) -> tuple[torch.Tensor, torch.Tensor]:
         """`check` for B rows: x_mid, mlp_out (B, d), prev_layers an int or (B,) -> h (B, d), probabilities (B, 3)."""
-        from .kernels.dispatch import layer_check
+        from ..kernels.dispatch import layer_check
 
         heads = self.heads
         if isinstance(prev_layers, int):  # one bias for every row
@@ -145,7 +145,7 @@ class EarlyExit:
 
     @torch.inference_mode()
     def step(self, model: GPT2, token: torch.Tensor, cache: KVCache, pos: int, prev_layers: int) -> StepResult:
-        from .kernels.dispatch import state_copy
+        from ..kernels.dispatch import state_copy
 
         L = model.dims.n_layer
         x = model.embed(token, pos)
@@ -180,7 +180,7 @@ class EarlyExit:
     def step_batch(self, model: GPT2, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor, prev_layers: torch.Tensor,
                    rows: torch.Tensor) -> BatchStep:
         """`step` for B rows at their own positions: after each block, rows that exit or stop leave the batch."""
-        from .kernels.dispatch import state_copy
+        from ..kernels.dispatch import state_copy
 
         B, L = tokens.shape[0], model.dims.n_layer
         logits = torch.empty(B, model.dims.vocab_size, dtype=model.dtype, device=model.device)

@@ -1,8 +1,8 @@
 """Train the tokenizer and a GPT-2 language model from scratch on the local code corpus.
 
-    python -m earlyexit.train_lm --config configs/default_lm.yaml [key=value ...] [--resume]
+    python -m earlyexit.training.train_lm --config configs/default_lm.yaml [key=value ...] [--resume]
 
-Phases: read the corpus (`earlyexit.data`), train a byte-level BPE on the training split,
+Phases: read the corpus (`earlyexit.data.corpus`), train a byte-level BPE on the training split,
 tokenize each split once into `work_dir/tokens_<split>.npy`, then train `GPT2LMHeadModel`
 with AdamW, warm-up plus cosine or warmup-stable-decay (`schedule`), bf16 autocast and gradient accumulation. Every
 `checkpoint_interval` steps the model, optimizer and step are written to
@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import config_parser, exit_code, load_config, to_dict
-from .errors import EarlyExitError
-from .exit_loss import EXIT_NORMS
+from ..config import config_parser, exit_code, load_config, to_dict
+from ..errors import EarlyExitError
+from ..data.corpus import SPLITS
+from ..runtime.heads import EXIT_NORMS
 
 
 @dataclass
@@ -73,7 +74,7 @@ class LMTrainConfig:
     # whose output projections start at zero, so the grown model first computes what the export did
     # (function-preserving depth growth, `grown_layer_sources`)
     grow_layers: bool = False
-    # early-exit continued pretraining (earlyexit.exit_loss, LayerSkip's recipe); early_exit_scale 0 and
+    # early-exit continued pretraining (earlyexit.training.exit_loss, LayerSkip's recipe); early_exit_scale 0 and
     # layer_dropout 0 train the plain last-layer loss
     early_exit_scale: float = 0.0  # layer l's exit loss weighs early_exit_scale * (l + 1) / n_layer, the last 1
     early_exit_curriculum: str = "rotational"  # rotational: every early_exit_rotation-th layer per step; all
@@ -139,8 +140,8 @@ def prepare_data(cfg: LMTrainConfig):
     """Tokenizer and tokenized splits, built once and cached in work_dir."""
     from transformers import AutoTokenizer
 
-    from .data import read_configured_corpus
-    from .tokenizer import train_tokenizer
+    from ..data.corpus import read_configured_corpus
+    from ..data.tokenizer import train_tokenizer
 
     work = Path(cfg.work_dir)
     tok_dir = work / "tokenizer"
@@ -173,12 +174,11 @@ def prepare_data(cfg: LMTrainConfig):
     return tok, tokens, meta
 
 
-SPLITS = ("train", "validation", "test")
 
 
 def inherited_tokenizer(export_dir: Path, tok_dir: Path, vocab_size: int):
     """The tokenizer of the export an `init_from` run starts from, saved into this run's tok_dir."""
-    from .loading import load_tokenizer
+    from ..runtime.loading import load_tokenizer
 
     tok = load_tokenizer(export_dir)
     if len(tok) != vocab_size:
@@ -197,7 +197,7 @@ def encode_split(tok, rows: list[dict], work: Path, split: str) -> None:
 
 def batch_at(tokens: np.ndarray, cfg: LMTrainConfig, step: int, micro: int) -> torch.Tensor:
     """The micro-batch for (step, micro): windows of seq_len+1 in a seeded per-epoch order."""
-    from .data import window_batch
+    from ..data.corpus import window_batch
 
     return window_batch(tokens, cfg.seq_len, (step * cfg.grad_accum + micro) * cfg.batch_size, cfg.batch_size, cfg.seed)
 
@@ -274,7 +274,7 @@ def init_from_export(model, tok, path: Path, grow_layers: bool = False) -> tuple
     """
     import re
 
-    from .loading import load_hf_model, load_tokenizer
+    from ..runtime.loading import load_hf_model, load_tokenizer
 
     if load_tokenizer(path).get_vocab() != tok.get_vocab():
         raise EarlyExitError(f"init_from: {path} has a different tokenizer from {tok.name_or_path}")
@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume-from", metavar="CKPT", help="continue from this checkpoint (e.g. work_dir/checkpoint_stable.pt)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="read the corpus, train or inherit the tokenizer and tokenize into work_dir, then stop "
-                             "(what earlyexit.corpus_pack packs for another machine)")
+                             "(what earlyexit.data.pack packs for another machine)")
     args = parser.parse_args(argv)
 
     def run():

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from .decoding import Completion, GenerationSettings, Transcript, check_reproducible, per_kept_token, prepare_prompt
-from .errors import EarlyExitError
+from ..errors import EarlyExitError
 from .model import GPT2
 from .policies import FullDepth
 

@@ -1,6 +1,6 @@
 """Write a GPT-2 checkpoint in the GGML GPT-2 file layout, for C++ runners (ggml's gpt-2 example, ctransformers).
 
-    python -m earlyexit.export_ggml [--model DIR] OUT.bin
+    python -m earlyexit.export.ggml [--model DIR] OUT.bin
 
 The layout, as ggml's examples/gpt-2 reads it: the magic 0x67676d6c; six int32
 hyper-parameters (vocabulary, context, width, heads, layers, ftype: 0 = float32); the
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EarlyExitError
+from ..errors import EarlyExitError
 
 GGML_MAGIC = 0x67676D6C
 FTYPE_F32 = 0
@@ -97,10 +97,10 @@ def write_ggml(model, tokenizer, path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import exit_code
-    from .loading import load_runtime_model, resolve_model_dir
+    from ..config import exit_code
+    from ..runtime.loading import load_runtime_model, resolve_model_dir
 
-    p = argparse.ArgumentParser(prog="python -m earlyexit.export_ggml", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m earlyexit.export.ggml", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="the .bin file to write")
     p.add_argument("--model", help="a local GPT-2 checkpoint directory (default: the embedded model)")
     args = p.parse_args(argv)

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import EarlyExitError
+from ..errors import EarlyExitError
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test")  # what read_corpus returns and train_lm caches, in this order
 
 
 @dataclass

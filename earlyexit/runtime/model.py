@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import EarlyExitError
+from ..errors import EarlyExitError
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -201,7 +201,7 @@ class Block(nn.Module):
 class GPT2(nn.Module):
     """A GPT-2 language model whose forward the caller drives one block at a time."""
 
-    lean = None  # a single-token fast path, set on int8 copies (earlyexit.lean_step.LeanInt8Step) where the fused op runs
+    lean = None  # a single-token fast path, set on int8 copies (earlyexit.runtime.lean_step.LeanInt8Step) where the fused op runs
 
     def __init__(self, dims: GPT2Dims):
         super().__init__()

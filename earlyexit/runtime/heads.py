@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import EarlyExitError
+from ..errors import EarlyExitError
 from .model import GPT2
 
 CONTINUE, EXIT, STOP = 0, 1, 2
 ACTIONS = ("continue", "exit", "stop")
 HEADS_FORMAT = "earlyexit-heads/1"
 HEADS_WEIGHTS, HEADS_CONFIG = "exit_heads.safetensors", "exit_heads.json"
+EXIT_NORMS = "exit_norms.safetensors"  # beside a backbone trained to exit (training.exit_loss.ExitNorms): heads start from it
 
 
 @dataclass
@@ -59,7 +60,7 @@ class HeadsConfig:
     backbone_sha256: str = ""
     thresholds: Thresholds = field(default_factory=Thresholds)
     training: dict = field(default_factory=dict)  # what train_heads measured; informational
-    calibration: dict = field(default_factory=dict)  # what earlyexit.calibrate measured and chose; empty until it runs
+    calibration: dict = field(default_factory=dict)  # what earlyexit.training.calibrate measured and chose; empty until it runs
 
 
 _PROJECTIONS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -161,8 +162,6 @@ def load_exit_norms(directory: str | Path, model: GPT2) -> dict[str, torch.Tenso
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .exit_loss import EXIT_NORMS
-
     path = Path(directory) / EXIT_NORMS
     if not path.is_file():
         return None
@@ -189,7 +188,7 @@ def load_heads(directory: str | Path, model: GPT2) -> ExitHeads:
     directory = Path(directory)
     config_file = directory / HEADS_CONFIG
     if not config_file.is_file():
-        raise EarlyExitError(f"no exit heads in {directory} ({HEADS_CONFIG} missing): train them with python -m earlyexit.train_heads")
+        raise EarlyExitError(f"no exit heads in {directory} ({HEADS_CONFIG} missing): train them with python -m earlyexit.training.train_heads")
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):

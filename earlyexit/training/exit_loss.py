@@ -29,10 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import EarlyExitError
+from ..errors import EarlyExitError
 
 CURRICULA = ("rotational", "all")
-EXIT_NORMS = "exit_norms.safetensors"  # beside an export trained to exit: `ExitNorms`, what exit heads start from
 
 
 @dataclass(frozen=True)

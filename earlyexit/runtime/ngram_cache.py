@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import EarlyExitError
+from ..errors import EarlyExitError
 
 MAX_ORDER = 8  # tokens of suffix matched at most (not swept by experiments/ngram_cache_sweep.py: see above)
 DEFAULT_WEIGHT = 0.1  # the CLI's default blend weight (experiments/ngram_cache_sweep.py)

@@ -1,0 +1,2 @@
+"""Stage 1 of the data flow: local source files become a corpus (`corpus`), a tokenizer (`tokenizer`) and packs of
+token caches for another machine (`pack`). Imports nothing of the later stages."""
