@@ -263,3 +263,28 @@ def test_every_recipe_config_in_the_repository_loads():
     for path in recipes:
         cfg = load_config(LMTrainConfig, path)
         assert cfg.max_steps > cfg.rewarm_at, path.name
+
+
+def test_two_processes_under_torchrun_train_what_one_process_of_twice_the_batch_does(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    corpus = make_corpus(tmp_path)
+    # each run prepares its own work_dir; under torchrun rank 0 does, and rank 1 then reads its caches
+    one = tiny_recipe(tmp_path / "one", corpus, batch_size=4, bf16=False)
+    assert main(one) == 0
+    two = tiny_recipe(tmp_path / "two", corpus, batch_size=2, bf16=False)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "earlyexit.training.train_lm", *two],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.load(tmp_path / d / "run/checkpoint.pt", weights_only=True) for d in ("one", "two"))
+    assert a["step"] == b["step"] == 4 and a["tokens_seen"] == b["tokens_seen"]
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    log = [json.loads(line) for line in (tmp_path / "two/run/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # rank 0 alone writes the log

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import config_parser, exit_code, load_config, to_dict
 from ..errors import EarlyExitError
 from ..runtime.heads import CONTINUE, EXIT, STOP, ExitHeads, Thresholds, load_exit_norms
 from ..runtime.model import GPT2
+from .distributed import average_gradients, finish, init_distributed, run_main, world
 
 
 @dataclass
@@ -79,27 +79,6 @@ class HeadsTrainConfig:
             raise EarlyExitError("kd_weight, target_agreement and target_stop_precision must lie in [0, 1]")
         if self.rank < 0 or self.seq_len < 2 or self.batch_size < 1:
             raise EarlyExitError("rank must be >= 0, seq_len >= 2 and batch_size >= 1")
-
-
-# ----------------------------------------------------------------------------- distributed
-
-def world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
-def init_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
-def average_gradients(params) -> None:
-    _, size = world()
-    if size == 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= size
 
 
 # ----------------------------------------------------------------------------- data
@@ -350,9 +329,7 @@ def train(model_dir: str, cfg: HeadsTrainConfig, resume: bool = False) -> Path:
         heads.save(out)
         print(f"heads: {heads.parameter_share(model):.2%} of the backbone's parameters; thresholds {asdict(heads.cfg.thresholds)}; "
               f"wrote {out}", file=sys.stderr)
-    if size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    finish()
     return out
 
 
@@ -370,20 +347,5 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code(run)
 
 
-def exit_worker(code: int) -> None:
-    """Leave a process of a multi-process run with `code`, without interpreter teardown.
-
-    After the work is done, written and the process group destroyed, gloo's threads can still be winding down when
-    Python's finalisation runs static destructors, and the process then aborts ("terminate called without an active
-    exception", exit -6) although nothing is wrong: about one run in four here. `os._exit` skips that teardown.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        exit_worker(code)
-    sys.exit(code)
+    run_main(main)

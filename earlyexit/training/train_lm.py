@@ -30,6 +30,8 @@ from ..config import config_parser, exit_code, load_config, to_dict
 from ..errors import EarlyExitError
 from ..data.corpus import SPLITS
 from ..runtime.heads import EXIT_NORMS
+from .distributed import (average_gradients, finish, from_rank0, init_distributed, mean_across_ranks, rank0_first, run_main,
+                          world)
 
 
 @dataclass
@@ -195,11 +197,14 @@ def encode_split(tok, rows: list[dict], work: Path, split: str) -> None:
     (work / f"files_{split}.txt").write_text("".join(r["path"] + "\n" for r in rows))
 
 
-def batch_at(tokens: np.ndarray, cfg: LMTrainConfig, step: int, micro: int) -> torch.Tensor:
-    """The micro-batch for (step, micro): windows of seq_len+1 in a seeded per-epoch order."""
+def batch_at(tokens: np.ndarray, cfg: LMTrainConfig, step: int, micro: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """The micro-batch for (step, micro) of this rank: windows of seq_len+1 in a seeded per-epoch order. A step's
+    world * grad_accum micro-batches are consecutive windows, so two ranks of batch b see what one process of
+    batch 2b sees."""
     from ..data.corpus import window_batch
 
-    return window_batch(tokens, cfg.seq_len, (step * cfg.grad_accum + micro) * cfg.batch_size, cfg.batch_size, cfg.seed)
+    first = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
+    return window_batch(tokens, cfg.seq_len, first, cfg.batch_size, cfg.seed)
 
 
 def lr_at(cfg: LMTrainConfig, step: int) -> float:
@@ -395,10 +400,13 @@ def export(model, tok, cfg: LMTrainConfig, step: int, tokens_seen: int, meta: di
 def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = None) -> None:
     from tqdm import tqdm
 
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    init_distributed()
+    rank, size = world()
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // size))
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    tok, tokens, meta = prepare_data(cfg)
+    with rank0_first():  # rank 0 reads and tokenizes the corpus; the others then load its caches
+        tok, tokens, meta = prepare_data(cfg)
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EarlyExitError(f"device={cfg.device} but torch sees no CUDA device on this machine")
@@ -416,6 +424,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
     model.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2] + (list(norms.parameters()) if norms else [])
+    optimizer_params = decay + no_decay
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95), fused=True,
@@ -435,8 +444,10 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
         step, tokens_seen = state["step"], state["tokens_seen"]
         print(f"resumed at step {step} ({tokens_seen:,} tokens seen)", file=sys.stderr)
     if step >= cfg.max_steps:  # a finished run: export it again (what `export` writes may have changed since)
-        export(model, tok, cfg, step, tokens_seen, meta, evaluate(model, tokens["validation"], cfg, norms), norms)
-        print(f"already at max_steps ({cfg.max_steps}): re-exported to {cfg.out_dir}", file=sys.stderr)
+        if rank == 0:
+            export(model, tok, cfg, step, tokens_seen, meta, evaluate(model, tokens["validation"], cfg, norms), norms)
+            print(f"already at max_steps ({cfg.max_steps}): re-exported to {cfg.out_dir}", file=sys.stderr)
+        finish()
         return
     step_fn = torch.compile(model) if cfg.compile else model
     if objective.active:
@@ -444,10 +455,10 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
 
         block_fn = torch.compile(block_forward) if cfg.compile else block_forward
     model.train()
-    log = open(work / "log.jsonl", "a")
+    log = open(work / "log.jsonl", "a") if rank == 0 else None
     t_start = time.time()
     last_eval: dict = {}
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train_lm", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train_lm", dynamic_ncols=True, disable=rank != 0)
     # budget_minutes: steps are timed from `timed_from` (past warm-up and compilation); max_steps is fitted after
     # BUDGET_FIRST_FIT of them, and again at each evaluation until the decay starts, as evaluations join the timing
     # (the budget counts from here: corpus preparation and model loading are not in it)
@@ -460,7 +471,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
             g["lr"] = lr_at(cfg, step)
         loss_total = 0.0
         for micro in range(cfg.grad_accum):
-            x = batch_at(tokens["train"], cfg, step, micro).to(device, non_blocking=True)
+            x = batch_at(tokens["train"], cfg, step, micro, rank, size).to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 if objective.active:
                     loss, per_layer = objective_loss(model, norms, x, objective, step * cfg.grad_accum + micro, block_fn)
@@ -470,13 +481,15 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
             loss = loss / cfg.grad_accum
             loss.backward()
             loss_total += loss.item()
+        average_gradients(optimizer_params)
+        loss_total = mean_across_ranks(loss_total)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_seen += cfg.tokens_per_step
+        tokens_seen += cfg.tokens_per_step * size
         step_seconds = time.time() - t0
-        tps = cfg.tokens_per_step / step_seconds
+        tps = cfg.tokens_per_step * size / step_seconds
         bar.update(1)
         record = {"step": step, "tokens_seen": tokens_seen, "loss": loss_total, "tok_s": tps, "time": time.time()}
         groups = {}
@@ -484,15 +497,20 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
             record["ce_by_layer"] = {str(l): round(v, 4) for l, v in sorted(per_layer.items())}
             groups = layer_groups(per_layer, cfg.n_layer)
         bar.set_postfix(loss=f"{loss_total:.3f}", **groups, tok_s=f"{tps:,.0f}", lr=f"{lr_at(cfg, step - 1):.2e}")
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+        if rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             last_eval = evaluate(model, tokens["validation"], cfg, norms)
             record.update(last_eval)
             by_layer = last_eval.get("val_top1_by_layer")
             bar.write(f"step {step}: val_loss {last_eval['val_loss']:.3f} val_top1 {last_eval['val_top1']:.3f}"
                       + (f" top1 by layer {' '.join(f'{v:.3f}' for v in by_layer)}" if by_layer else ""))
+        out_of_time = cfg.max_minutes and (time.time() - t_start) / 60 >= cfg.max_minutes
+        if rank > 0:  # rank 0 alone logs, checkpoints, exports and fits the budget; the ranks agree on what it decides
+            cfg, out_of_time = agreed(cfg, out_of_time)
+            if out_of_time:
+                break
+            continue
         log.write(json.dumps(record) + "\n")
         log.flush()
-        out_of_time = cfg.max_minutes and (time.time() - t_start) / 60 >= cfg.max_minutes
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or out_of_time:
             save_checkpoint(ckpt_path, model, optimizer, step, tokens_seen, norms)
         if cfg.schedule == "wsd" and step == cfg.decay_start:
@@ -511,10 +529,20 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
                       f"{fitted.max_steps} (decay over the last {fitted.decay_steps})")
             cfg = fitted
             bar.total = cfg.max_steps
+        cfg, out_of_time = agreed(cfg, out_of_time)
         if out_of_time:
             bar.write(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached (resume with --resume)")
             break
     bar.close()
+    finish()
+
+
+def agreed(cfg: LMTrainConfig, out_of_time) -> tuple[LMTrainConfig, bool]:
+    """Rank 0's max_steps, decay_steps and whether to stop now, on every rank (one small broadcast per step)."""
+    max_steps, decay_steps, stop = from_rank0([cfg.max_steps, cfg.decay_steps, int(bool(out_of_time))])
+    if (max_steps, decay_steps) != (cfg.max_steps, cfg.decay_steps):
+        cfg = dataclasses.replace(cfg, max_steps=max_steps, decay_steps=decay_steps)
+    return cfg, bool(stop)
 
 
 def layer_groups(per_layer: dict[int, float], n_layer: int) -> dict[str, str]:
@@ -547,4 +575,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
