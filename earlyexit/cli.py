@@ -5,41 +5,76 @@
     echo "import os" | python -m earlyexit.generate
 
 The prompt comes from the argument, from `--file`, or from standard input, in that order.
-Without `--model` the embedded default model completes it. Errors in what was given
-(an empty prompt, a missing model, a non-UTF-8 file, ...) print one line and exit 2.
+Escape sequences in the prompt argument and in `--stop` are processed (`\n`, `\t`, `\r`, `\\`,
+`\'`, `\"`), as llama.cpp's CLI does; `--no-escape` takes them literally. A file or standard input is read
+as it is, at most MAX_PROMPT_BYTES. Without `--model` the embedded default model completes it. Errors in what
+was given (an empty prompt, a missing model, a non-UTF-8 file, a bad flag, ...) print one `error:` line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 
 from .errors import EarlyExitError
+
+DEFAULT_MAX_DRAFT = 12
+
+
+MAX_PROMPT_BYTES = 4 * 1024 * 1024  # what --file and standard input may hold (/dev/zero must not fill the memory)
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
+
+
+def unescape(text: str) -> str:
+    """llama.cpp's escapes: \\n \\t \\r \\\\ \\' \\" become the characters; any other backslash stays as it is."""
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text) and text[i + 1] in ESCAPES:
+            out.append(ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def read_bounded(f, where: str) -> str:
+    raw = f.read(MAX_PROMPT_BYTES + 1)
+    if len(raw) > MAX_PROMPT_BYTES:
+        raise EarlyExitError(f"{where} holds more than {MAX_PROMPT_BYTES:,} bytes, the most a prompt may have")
+    if isinstance(raw, str):  # a text stream with no bytes underneath (already decoded)
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EarlyExitError(f"{where} is not UTF-8 (byte {e.start})") from None
 
 
 def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None and args.file is not None:
         raise EarlyExitError("give the prompt either as an argument or with --file, not both")
     if args.prompt is not None:
-        return args.prompt
+        return args.prompt if args.no_escape else unescape(args.prompt)
     if args.file is not None:
         try:
             with open(args.file, "rb") as f:
-                raw = f.read()
+                return read_bounded(f, f"prompt file {args.file}")
         except OSError as e:
             raise EarlyExitError(f"cannot read prompt file {args.file}: {e.strerror}") from None
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise EarlyExitError(f"prompt file {args.file} is not UTF-8 (byte {e.start})") from None
     if sys.stdin is None or sys.stdin.isatty():
         raise EarlyExitError("no prompt: pass it as an argument, with --file, or on standard input")
-    try:
-        return sys.stdin.read()
-    except UnicodeDecodeError:
-        raise EarlyExitError("standard input is not UTF-8") from None
+    return read_bounded(getattr(sys.stdin, "buffer", sys.stdin), "standard input")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one `error:` line (exit 2), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,12 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .runtime.ngram_cache import DEFAULT_WEIGHT as DEFAULT_CACHE_WEIGHT
 
     defaults = GenerationSettings()
-    p = argparse.ArgumentParser(prog="python -m earlyexit.generate", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m earlyexit.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("prompt", nargs="?", help="code to complete (else --file, else standard input)")
     p.add_argument("--file", help="read the prompt from this UTF-8 file")
     p.add_argument("--model", help="a local GPT-2 checkpoint directory (default: the embedded model)")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="at most this many tokens (default %(default)s)")
     p.add_argument("--stop", action="append", default=[], metavar="STRING", help="end the completion before this string (repeatable)")
+    p.add_argument("--no-escape", action="store_true", help="take \\n, \\t, ... in the prompt argument and --stop literally (by default they are processed)")
     p.add_argument("--no-token-healing", action="store_true", help="do not back off a prompt's partial last word (healing is on by default)")
     p.add_argument("--no-repetition-stop", action="store_true",
                    help="let a completion that loops (a line, block or phrase written again) run on (by default it ends with one copy)")
@@ -63,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt too long for the context instead of refusing it")
     p.add_argument("--mode", choices=("full", "early-exit", "lossless"),
                    help="early-exit (the default when the model has exit heads), full depth, or lossless (full's exact tokens, drafted cheaply and verified)")
-    p.add_argument("--max-draft", type=int, default=12, help="lossless mode: most tokens drafted per verification (default %(default)s)")
-    p.add_argument("--draft", choices=("auto", "int8", "same"), default="auto",
+    p.add_argument("--max-draft", type=int, help=f"lossless mode: most tokens drafted per verification (default {DEFAULT_MAX_DRAFT})")
+    p.add_argument("--draft", choices=("auto", "int8", "same"),
                    help="lossless mode: draft with a weight-only int8 copy of the model (auto: for an fp32 model on the CPU) "
                         "or the model itself; the output is the same either way (default %(default)s)")
     p.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
@@ -97,7 +133,7 @@ def build_policy(args: argparse.Namespace, model, model_dir, backbone=None):
     if args.target_agreement is not None:
         args.exit_threshold = calibrated_exit(heads, args.target_agreement)
     if mode == "lossless":  # full's exact tokens: the controller stops only when asked to
-        return Lossless(model, heads, args.exit_threshold, max_draft=args.max_draft, draft=args.draft,
+        return Lossless(model, heads, args.exit_threshold, max_draft=args.max_draft or DEFAULT_MAX_DRAFT, draft=args.draft or "auto",
                         stop_threshold=1.0 if args.stop_threshold is None else args.stop_threshold)
     thresholds = Thresholds(
         exit=defaults.exit if args.exit_threshold is None else args.exit_threshold,
@@ -119,11 +155,12 @@ def calibrated_exit(heads, target: float) -> float:
 def run(args: argparse.Namespace) -> dict:
     from dataclasses import asdict
 
-    from .runtime.decoding import GenerationSettings, complete
+    from .runtime.decoding import GenerationSettings, check_text, complete
     from .runtime.heads import Thresholds
     from .runtime.loading import load_runtime_model, resolve_model_dir
 
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop), truncate_prompt=args.truncate_prompt,
+    stops = tuple(s if args.no_escape else unescape(s) for s in args.stop)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, stop_strings=stops, truncate_prompt=args.truncate_prompt,
                                   token_healing=not args.no_token_healing, stop_on_repetition=not args.no_repetition_stop,
                                   cache_weight=args.ngram_cache)
     Thresholds(exit=1.0 if args.exit_threshold is None else args.exit_threshold,
@@ -133,13 +170,14 @@ def run(args: argparse.Namespace) -> dict:
             raise EarlyExitError("give either --exit-threshold or --target-agreement, not both")
         if not 0.0 < args.target_agreement < 1.0:
             raise EarlyExitError(f"--target-agreement must be in (0, 1), got {args.target_agreement}")
-    if args.max_draft < 1:
+    if args.mode != "lossless" and (args.max_draft is not None or args.draft is not None):
+        raise EarlyExitError("--max-draft and --draft apply to --mode lossless only")
+    if args.max_draft is not None and args.max_draft < 1:
         raise EarlyExitError(f"--max-draft must be a positive integer, got {args.max_draft}")
     if args.weights == "int8" and args.mode == "lossless":
         raise EarlyExitError("--weights int8 does not apply to lossless mode: it verifies with the fp32 model (its drafts are int8 already, see --draft)")
     prompt = read_prompt(args)
-    if not prompt:  # checked before the model loads: no reason to wait seconds for this error
-        raise EarlyExitError("prompt is empty: give at least one character of code to complete")
+    check_text(prompt)  # before the model loads: no reason to wait seconds for this error
     model_dir = resolve_model_dir(args.model)
     model, tokenizer = load_runtime_model(model_dir)
     backbone = model  # what the exit heads were trained on (their checkpoint names its weights' hash)
@@ -201,6 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     except EarlyExitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        show(args, result)
+    except BrokenPipeError:  # `| head` closed the pipe: nothing more to say, and no traceback about it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return 0
+
+
+def show(args: argparse.Namespace, result: dict) -> None:
     if args.json:
         print(json.dumps(result, indent=2))
     elif args.stats:
@@ -212,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         ms = result["total_ms"]
         print(f"-- {n} tokens in {ms:.0f} ms, mean {result['mean_layers']:.1f}/{result['n_layer']} layers ({result['mode']}), "
               f"{ended_by(result)}", file=sys.stderr)
-    return 0
+    sys.stdout.flush()  # inside the BrokenPipeError guard
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ from earlyexit.cli import main
 
 def run_cli(capsys, *args):
     capsys.readouterr()  # drop what fixtures printed while saving checkpoints
-    code = main(list(args))
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -47,14 +50,9 @@ def test_prompt_from_file_and_stdin(capsys, monkeypatch, tmp_path, tiny_model_di
     code, out, _ = run_cli(capsys, "--file", str(f), "--model", str(tiny_model_dir), "--max-new-tokens", "2", "--json")
     assert code == 0 and json.loads(out)["prompt"] == "import os\n"
 
-    class FakeStdin:
-        def isatty(self):
-            return False
+    import io
 
-        def read(self):
-            return "for i in"
-
-    monkeypatch.setattr(sys, "stdin", FakeStdin())
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"for i in")))  # a pipe, not a terminal
     code, out, _ = run_cli(capsys, "--model", str(tiny_model_dir), "--max-new-tokens", "2", "--json")
     assert code == 0 and json.loads(out)["prompt"] == "for i in"
 
@@ -89,7 +87,15 @@ def llama_dir(tmp_path):
         ("stop_threshold", ["x", "--stop-threshold", "-0.2"], "stop threshold must be a number in [0, 1]"),
         ("no_heads", ["x", "--mode", "early-exit"], "no exit heads"),
         ("no_heads_lossless", ["x", "--mode", "lossless"], "no exit heads"),
-        ("max_draft", ["x", "--max-draft", "0"], "--max-draft must be a positive integer"),
+        ("max_draft", ["x", "--mode", "lossless", "--max-draft", "0"], "--max-draft must be a positive integer"),
+        ("max_draft_not_lossless", ["x", "--mode", "full", "--max-draft", "4"], "apply to --mode lossless only"),
+        ("draft_not_lossless", ["x", "--draft", "same"], "apply to --mode lossless only"),
+        ("unknown_flag", ["x", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        ("bad_int", ["x", "--max-new-tokens", "many"], "invalid int value"),
+        ("lone_surrogate", ["def f(\udcff):"], "lone surrogate"),
+        ("empty_stop", ["x", "--stop", ""], "stop strings must be non-empty"),
+        ("huge_file", ["--file", "{huge}"], "more than 4,194,304 bytes"),
+        ("no_such_home", ["x", "--model", "~no_such_user_zz/m"], "model directory not found"),
         ("int8_lossless", ["x", "--mode", "lossless", "--weights", "int8"], "--weights int8 does not apply to lossless"),
         ("cache_weight", ["x", "--ngram-cache", "1.5"], "n-gram cache weight must be a number in [0, 1], got 1.5"),
     ],
@@ -99,7 +105,9 @@ def test_bad_input_gives_one_line_and_exit_2(capsys, tmp_path, tiny_model_dir, c
     latin1.write_bytes("s = 'caf\xe9'\n".encode("latin-1"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    fill = {"tmp": empty, "llama": llama_dir(tmp_path), "latin1": latin1}
+    huge = tmp_path / "huge.py"
+    huge.write_bytes(b"x" * (4 * 1024 * 1024 + 1))
+    fill = {"tmp": empty, "llama": llama_dir(tmp_path), "latin1": latin1, "huge": huge}
     if case == "corrupt":
         fill["corrupt"] = corrupt_weights_dir(tmp_path, tiny_model_dir)
     args = [a.format(**fill) for a in args]
@@ -124,9 +132,10 @@ def test_no_traceback_from_a_real_process(tmp_path):
 
 def heads_for(model_dir, seed=0):
     from earlyexit.runtime.heads import ExitHeads
-    from earlyexit.runtime.loading import load_runtime_model
+    from earlyexit.runtime.loading import load_hf_model
+    from earlyexit.runtime.model import GPT2
 
-    model, _ = load_runtime_model(model_dir)
+    model = GPT2.from_hf(load_hf_model(model_dir))  # the backbone alone: a folder of weights needs no tokenizer
     heads = ExitHeads.for_backbone(model, rank=4)
     heads.cfg.thresholds.exit = 0.0  # exit wherever the classifier's argmax says so
     return heads
@@ -221,3 +230,20 @@ def test_ngram_cache_is_on_by_default_in_every_mode_with_a_flag_to_turn_it_off(c
     assert outs["full", "1"]["token_ids"] != outs["full", "0"]["token_ids"]
     for weight in (None, "0", "1"):  # lossless writes full mode's tokens, cache included
         assert outs["lossless", weight]["token_ids"] == outs["full", weight]["token_ids"]
+
+
+def test_escapes_in_the_prompt_and_stop_are_processed_unless_asked_not_to(capsys, tiny_model_dir):
+    from earlyexit.cli import unescape
+
+    assert unescape(r"import os\n\tx = '\\n' \q") == "import os\n\tx = '\\n' \\q"
+    code, out, _ = run_cli(capsys, r"import os\n", "--model", str(tiny_model_dir), "--max-new-tokens", "2", "--json")
+    assert code == 0 and json.loads(out)["prompt"] == "import os\n"
+    code, out, _ = run_cli(capsys, r"import os\n", "--no-escape", "--model", str(tiny_model_dir), "--max-new-tokens", "2", "--json")
+    assert code == 0 and json.loads(out)["prompt"] == "import os\\n"
+
+
+def test_output_cut_by_a_closed_pipe_ends_quietly(tmp_path, tiny_model_dir):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(f'"{sys.executable}" -m earlyexit.generate "x = 1" --model "{tiny_model_dir}" --max-new-tokens 4 --json | head -c 1',
+                          shell=True, capture_output=True, text=True, env=env, timeout=120)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr

@@ -49,7 +49,7 @@ def complete_batch(
     padded = torch.full((B, int(lengths.max())), tokenizer.eos_token_id, dtype=torch.long, device=model.device)
     for b, (ids, *_) in enumerate(rows):
         padded[b, :len(ids)] = torch.tensor(ids)
-    cache = model.new_cache(batch=B, capacity=int(lengths.max()) + settings.max_new_tokens + getattr(policy, "max_draft", 0) + 1)
+    cache = model.new_cache(batch=B, capacity=min(model.dims.n_positions, int(lengths.max()) + settings.max_new_tokens + getattr(policy, "max_draft", 0) + 1))
     transcripts = [Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria, healed, truncated)
                    for ids, healed, truncated in rows]
     finish: list[str | None] = [None] * B

@@ -12,6 +12,7 @@ prompt's last tokens (the end is what a completion continues) and warns.
 
 from __future__ import annotations
 
+import operator
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -45,8 +46,14 @@ class GenerationSettings:
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise EarlyExitError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if isinstance(self.stop_strings, str):  # one stop string, as transformers reads a str (not its characters)
+            self.stop_strings = (self.stop_strings,)
+        if not isinstance(self.stop_strings, (list, tuple)) or any(not isinstance(s, str) for s in self.stop_strings):
+            raise EarlyExitError(f"stop_strings must be a string or a list of strings, got {self.stop_strings!r}")
         if any(not s for s in self.stop_strings):
             raise EarlyExitError("stop strings must be non-empty")
+        for s in self.stop_strings:
+            check_text(s, "a stop string")
         from .healing import HEALING_MODES
 
         if self.healing_mode not in HEALING_MODES:
@@ -85,12 +92,60 @@ class Completion:
         return d
 
 
+MAX_PROMPT_CHARS = 4 * 1024 * 1024  # a prompt this long is ~1M tokens: far past any context, and seconds to tokenize
+
+
+def check_text(text: str, what: str = "prompt") -> None:
+    """Text the tokenizer can take: non-empty, bounded, and valid Unicode (no lone surrogate, which a non-UTF-8 argv
+    or `errors="surrogateescape"` leaves in a str)."""
+    if not text:
+        raise EarlyExitError(f"{what} is empty: give at least one character" + (" of code to complete" if what == "prompt" else ""))
+    if len(text) > MAX_PROMPT_CHARS:
+        raise EarlyExitError(f"{what} has {len(text):,} characters, more than the {MAX_PROMPT_CHARS:,} accepted")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EarlyExitError(f"{what} is not valid text: character {e.start} is a lone surrogate "
+                             f"({text[e.start]!r}; was it read from bytes that are not UTF-8?)") from None
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     if not isinstance(prompt, str):
         raise EarlyExitError(f"prompt must be a string, got {type(prompt).__name__}")
-    if not prompt:
-        raise EarlyExitError("prompt is empty: give at least one character of code to complete")
+    check_text(prompt)
     return tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def prompt_ids(tokenizer, model: GPT2, prompt) -> list[int]:
+    """The prompt as token ids: a str is encoded; a sequence of ints is taken as ids, each checked against the
+    vocabulary. Anything else (bytes among them, which would otherwise read as ids) is refused."""
+    if isinstance(prompt, str):
+        return encode_prompt(tokenizer, prompt)
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise EarlyExitError(f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__} (decode it first)")
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() > 1 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
+            raise EarlyExitError(f"a tensor prompt must be 1-D integer token ids, got shape {tuple(prompt.shape)} {prompt.dtype}")
+        prompt = prompt.tolist()
+    try:
+        ids = list(prompt)
+    except TypeError:
+        raise EarlyExitError(f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}") from None
+    vocab = model.dims.vocab_size
+    out = []
+    for i, t in enumerate(ids):
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            t = operator.index(t)
+        except TypeError:
+            raise EarlyExitError(f"token id {i} of the prompt is {type(t).__name__} {t!r}, not an integer") from None
+        if not 0 <= t < vocab:
+            raise EarlyExitError(f"token id {i} of the prompt is {t}, outside the model's vocabulary of {vocab}")
+        out.append(t)
+    return out
 
 
 def fit_context(ids: list[int], model: GPT2, settings: GenerationSettings) -> tuple[list[int], int]:
@@ -114,7 +169,7 @@ def fit_context(ids: list[int], model: GPT2, settings: GenerationSettings) -> tu
 def prepare_prompt(tokenizer, model: GPT2, prompt, settings: GenerationSettings):
     """A prompt's ids, checked against the context (or left-truncated) and healed when asked:
     (ids, backed-off text the completion must write first, the ids truncated)."""
-    ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+    ids = prompt_ids(tokenizer, model, prompt)
     if not ids:
         raise EarlyExitError("prompt is empty: give at least one token to complete")
     ids, dropped = fit_context(ids, model, settings)
@@ -290,7 +345,7 @@ def complete(
     policy = policy or FullDepth()
     ids, healed, truncated = prepare_prompt(tokenizer, model, prompt, settings)
     check_reproducible(policy, logits_processor)
-    cache = model.new_cache(batch=1, capacity=len(ids) + settings.max_new_tokens + getattr(policy, "max_draft", 0))
+    cache = model.new_cache(batch=1, capacity=min(model.dims.n_positions, len(ids) + settings.max_new_tokens + getattr(policy, "max_draft", 0)))
     transcript = Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria, healed, truncated)
 
     t0 = time.perf_counter()

@@ -21,7 +21,10 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 
 def resolve_model_dir(model: str | Path | None) -> Path:
     """`None` -> the embedded default; otherwise a directory that must hold a GPT-2 config."""
-    path = DEFAULT_MODEL_DIR if model is None else Path(model).expanduser()
+    try:
+        path = DEFAULT_MODEL_DIR if model is None else Path(model).expanduser()
+    except RuntimeError:  # `~nosuchuser/...`: no such home directory
+        raise EarlyExitError(f"model directory not found: {model} (no such user's home)") from None
     if not path.exists():
         raise EarlyExitError(f"model directory not found: {path}")
     if not path.is_dir():
@@ -66,19 +69,30 @@ def load_hf_model(model_dir: str | Path | None = None):
     return hf.eval()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # a fast tokenizer's file, or a slow GPT-2 one's (beside merges.txt)
+
+
 def load_tokenizer(model_dir: str | Path | None = None):
     from transformers import AutoTokenizer
 
     path = resolve_model_dir(model_dir)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from config.json alone: every prompt would encode to nothing
+        raise EarlyExitError(f"no tokenizer in {path}: it needs tokenizer.json, or vocab.json and merges.txt")
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # transformers raises many types for a missing or broken tokenizer
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EarlyExitError(f"cannot load a tokenizer from {path}: {first}") from None
+    return tok
 
 
 def load_runtime_model(model: str | Path | None = None, dtype: torch.dtype = torch.float32):
     """(our GPT2, tokenizer) for a directory, or for the embedded default when `model` is None."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
     hf = load_hf_model(model)
-    return GPT2.from_hf(hf, dtype=dtype), load_tokenizer(model)
+    runtime, tok = GPT2.from_hf(hf, dtype=dtype), load_tokenizer(model)
+    if len(tok) > runtime.dims.vocab_size:  # its ids past the model's vocabulary would index past the embedding
+        raise EarlyExitError(f"the tokenizer in {resolve_model_dir(model)} has {len(tok):,} tokens, more than the model's "
+                             f"vocabulary of {runtime.dims.vocab_size:,}: they do not belong together")
+    return runtime, tok

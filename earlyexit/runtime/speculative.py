@@ -91,8 +91,10 @@ class Lossless:
 
     def __init__(self, model: GPT2, heads: ExitHeads, exit_threshold: float | None = None, max_draft: int = 12,
                  adaptive: bool = True, kernel_backend: str = "auto", draft: str = "auto", stop_threshold: float = 1.0):
-        if not isinstance(max_draft, int) or max_draft < 1:
+        if isinstance(max_draft, bool) or not isinstance(max_draft, int) or max_draft < 1:
             raise EarlyExitError(f"max_draft must be a positive integer, got {max_draft!r}")
+        if max_draft > model.dims.n_positions:  # a draft never passes the context; the KV cache is sized by this
+            raise EarlyExitError(f"max_draft ({max_draft:,}) must be at most the model's context ({model.dims.n_positions})")
         self.draft_model = draft_model(model, draft)
         self.draft_kind = "same" if self.draft_model is model else "int8"
         if exit_threshold is None:  # measured on the default model (experiments/benchmark_generate.py): an int8 draft
