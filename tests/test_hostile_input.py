@@ -96,3 +96,34 @@ def test_a_model_folder_without_tokenizer_files_is_refused_not_read_as_empty(tmp
     make_tiny_hf(len(tiny_tokenizer)).save_pretrained(tmp_path)
     with pytest.raises(EarlyExitError, match="tokenizer"):
         load_runtime_model(tmp_path)
+
+
+@pytest.mark.parametrize("tamper,message", [
+    ("swap_weights", "is not the file exit_heads.json was written with"),
+    ("blank_backbone", "carries no hash of its backbone's weights"),
+    ("blank_heads", "carries no hash of its own weights"),
+    ("no_heads_field", "carries no hash of its own weights"),
+])
+def test_exit_heads_are_tied_to_their_own_weights_and_their_backbone(tmp_path, model, tamper, message):
+    import json
+
+    from earlyexit.runtime.heads import HEADS_CONFIG, HEADS_WEIGHTS, load_heads
+
+    ExitHeads.for_backbone(model, rank=2).save(tmp_path / "a")
+    other = ExitHeads.for_backbone(model, rank=2)
+    with torch.no_grad():
+        other.cls.bias.add_(1.0)
+    other.save(tmp_path / "b")
+    load_heads(tmp_path / "a", model)  # untouched: loads
+    config = tmp_path / "a" / HEADS_CONFIG
+    raw = json.loads(config.read_text())
+    if tamper == "swap_weights":  # same shapes, other values: loaded silently before
+        (tmp_path / "a" / HEADS_WEIGHTS).write_bytes((tmp_path / "b" / HEADS_WEIGHTS).read_bytes())
+    elif tamper == "no_heads_field":
+        del raw["heads_sha256"]
+    else:
+        raw["backbone_sha256" if tamper == "blank_backbone" else "heads_sha256"] = ""
+    config.write_text(json.dumps(raw))
+    with pytest.raises(EarlyExitError, match=None) as e:
+        load_heads(tmp_path / "a", model)
+    assert message in str(e.value)

@@ -58,6 +58,7 @@ class HeadsConfig:
     n_embd: int = 256
     vocab_size: int = 8192
     backbone_sha256: str = ""
+    heads_sha256: str = ""  # of the heads' own tensors as saved: exit_heads.safetensors belongs to this JSON only
     thresholds: Thresholds = field(default_factory=Thresholds)
     training: dict = field(default_factory=dict)  # what train_heads measured; informational
     calibration: dict = field(default_factory=dict)  # what earlyexit.training.calibrate measured and chose; empty until it runs
@@ -66,16 +67,20 @@ class HeadsConfig:
 _PROJECTIONS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def backbone_fingerprint(model: GPT2) -> str:
-    """sha256 over the backbone's parameters (names, shapes and fp32 bytes): heads belong to exactly one backbone."""
+def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, shapes and fp32 bytes, in name order."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.endswith(_PROJECTIONS):  # hashed (out, in), as before GPT2 kept Conv1D's (in, out): old heads stay valid
-            tensor = tensor.t()
+    for name, tensor in sorted(tensors.items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def backbone_fingerprint(model: GPT2) -> str:
+    """sha256 over the backbone's parameters (names, shapes and fp32 bytes): heads belong to exactly one backbone."""
+    # projections hashed (out, in), as before GPT2 kept Conv1D's (in, out): old heads stay valid
+    return tensors_fingerprint({name: t.t() if name.endswith(_PROJECTIONS) else t for name, t in model.state_dict().items()})
 
 
 class ExitHeads(nn.Module):
@@ -150,6 +155,7 @@ class ExitHeads(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(directory / HEADS_WEIGHTS))
+        self.cfg.heads_sha256 = tensors_fingerprint(tensors)
         self.save_config(directory)
 
     def save_config(self, directory: str | Path) -> None:
@@ -203,12 +209,19 @@ def load_heads(directory: str | Path, model: GPT2) -> ExitHeads:
     for name, theirs, ours in (("layers", cfg.n_layer, dims.n_layer), ("width", cfg.n_embd, dims.n_embd), ("vocabulary", cfg.vocab_size, dims.vocab_size)):
         if theirs != ours:
             raise EarlyExitError(f"exit heads in {directory} were trained for a backbone with {name} {theirs}, this model has {ours}")
-    if cfg.backbone_sha256 and cfg.backbone_sha256 != backbone_fingerprint(model):
+    for field_name, what in (("backbone_sha256", "its backbone's weights"), ("heads_sha256", "its own weights")):
+        if not isinstance(getattr(cfg, field_name), str) or len(getattr(cfg, field_name)) != 64:
+            raise EarlyExitError(f"{config_file} carries no hash of {what} ({field_name}): heads that cannot be tied to "
+                                 "their weights are not loaded; retrain them with python -m earlyexit.training.train_heads")
+    if cfg.backbone_sha256 != backbone_fingerprint(model):
         raise EarlyExitError(f"exit heads in {directory} were trained on different backbone weights (hash mismatch): retrain them")
     try:
         tensors = load_file(str(directory / HEADS_WEIGHTS))
     except (SafetensorError, OSError, FileNotFoundError) as e:
         raise EarlyExitError(f"cannot read {directory / HEADS_WEIGHTS}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if tensors_fingerprint(tensors) != cfg.heads_sha256:
+        raise EarlyExitError(f"{directory / HEADS_WEIGHTS} is not the file {config_file.name} was written with (hash mismatch): "
+                             "corrupt or mixed files")
     heads = ExitHeads(cfg)
     try:
         heads.load_state_dict(tensors)
