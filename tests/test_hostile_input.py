@@ -127,3 +127,53 @@ def test_exit_heads_are_tied_to_their_own_weights_and_their_backbone(tmp_path, m
     with pytest.raises(EarlyExitError, match=None) as e:
         load_heads(tmp_path / "a", model)
     assert message in str(e.value)
+
+
+def test_thresholds_are_checked_when_changed_too_and_the_policy_checks_its_arguments(model):
+    from earlyexit.runtime.heads import Thresholds
+    from earlyexit.runtime.policies import EarlyExit
+
+    t = Thresholds(exit=0.5, stop=1.0)
+    for bad in (1.5, -0.1, "0.5", None, True):
+        with pytest.raises(EarlyExitError, match="exit threshold must be a number in"):
+            t.exit = bad
+    assert t.exit == 0.5
+    heads = ExitHeads.for_backbone(model, rank=2)
+    with pytest.raises(EarlyExitError, match="thresholds must be a Thresholds"):
+        EarlyExit(model, heads, {"exit": 0.5})
+    with pytest.raises(EarlyExitError, match="needs ExitHeads"):
+        EarlyExit(model, None)
+
+
+def test_weights_holding_nan_are_refused_at_load(tmp_path, tiny_tokenizer):
+    from earlyexit.runtime.loading import load_runtime_model
+
+    hf = make_tiny_hf(len(tiny_tokenizer))
+    with torch.no_grad():
+        hf.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    hf.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(EarlyExitError, match="NaN or infinite values"):
+        load_runtime_model(tmp_path)
+
+
+def test_a_pickle_holding_code_is_refused_without_torchs_advice_to_unpickle_it(tmp_path, tiny_tokenizer):
+    import pickle
+
+    from earlyexit.runtime.loading import load_runtime_model
+
+    hf = make_tiny_hf(len(tiny_tokenizer))
+    hf.config.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("unpickled: this could have been any code",))
+
+    state = {k: v for k, v in hf.state_dict().items()}
+    state["payload"] = Payload()
+    with open(tmp_path / "pytorch_model.bin", "wb") as f:
+        pickle.dump(state, f, protocol=2)
+    with pytest.raises(EarlyExitError) as e:
+        load_runtime_model(tmp_path)
+    assert "refusing to load the pickle" in str(e.value) and "weights_only=False" not in str(e.value) and "\n" not in str(e.value)

@@ -44,11 +44,10 @@ class Thresholds:
     exit: float = 1.0
     stop: float = 1.0
 
-    def __post_init__(self):
-        for name in ("exit", "stop"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise EarlyExitError(f"{name} threshold must be a number in [0, 1], got {value!r}")
+    def __setattr__(self, name: str, value) -> None:  # checked on every assignment, not only at construction
+        if name in ("exit", "stop") and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0):
+            raise EarlyExitError(f"{name} threshold must be a number in [0, 1], got {value!r}")
+        super().__setattr__(name, value)
 
 
 @dataclass

@@ -53,12 +53,13 @@ def load_hf_model(model_dir: str | Path | None = None):
     hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise in a completion tool  # missing/unexpected-key chatter is turned into our own errors below
     try:
         hf, info = GPT2LMHeadModel.from_pretrained(str(path), dtype=torch.float32, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+    except Exception as e:  # torch, transformers and safetensors raise many types for a foreign or truncated file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EarlyExitError(f"cannot load the model weights in {path}: {first}") from None
-    except Exception as e:  # safetensors raises its own error types for truncated files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EarlyExitError(f"cannot load the model weights in {path}: {type(e).__name__}: {first}") from None
+        if "weights only load failed" in str(e).lower():  # torch's message goes on to advise unpickling it anyway
+            raise EarlyExitError(f"refusing to load the pickle in {path}: it holds objects other than tensors, and unpickling "
+                                 "can run code; convert it to safetensors where it comes from a source you trust") from None
+        named = "" if isinstance(e, (OSError, ValueError, RuntimeError)) else f"{type(e).__name__}: "
+        raise EarlyExitError(f"cannot load the model weights in {path}: {named}{first}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -66,6 +67,9 @@ def load_hf_model(model_dir: str | Path | None = None):
     missing = [k for k in info.get("missing_keys", []) if "lm_head" not in k]
     if missing:
         raise EarlyExitError(f"the weights in {path} lack {len(missing)} GPT-2 tensors (e.g. {missing[0]}): corrupt or not GPT-2")
+    for name, tensor in hf.state_dict().items():  # a NaN would decode to an empty completion, silently
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise EarlyExitError(f"the weights in {path} hold NaN or infinite values (in {name}): corrupt")
     return hf.eval()
 
 

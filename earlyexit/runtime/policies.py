@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import EarlyExitError
 from .heads import EXIT, STOP, ExitHeads, Thresholds
 from .model import GPT2, KVCache
 
@@ -79,6 +80,10 @@ class EarlyExit:
     def __init__(self, model: GPT2, heads: ExitHeads, thresholds: Thresholds | None = None, kernel_backend: str = "auto"):
         from ..kernels.dispatch import stack_state_copy_weights
 
+        if not isinstance(heads, ExitHeads):
+            raise EarlyExitError(f"EarlyExit needs ExitHeads (earlyexit.runtime.heads.load_heads), got {type(heads).__name__}")
+        if thresholds is not None and not isinstance(thresholds, Thresholds):
+            raise EarlyExitError(f"thresholds must be a Thresholds(exit=..., stop=...), got {type(thresholds).__name__} {thresholds!r}")
         self.heads = heads
         self.thresholds = thresholds or heads.cfg.thresholds
         self.state_copy_weights = stack_state_copy_weights(model.h)
