@@ -28,8 +28,8 @@ def test_our_training_forward_is_gpt2s_when_nothing_is_dropped(hf):
         ref = hf(x, output_hidden_states=True)
     logits = hf.lm_head(hf.transformer.ln_f(states[-1]))
     torch.testing.assert_close(logits, ref.logits, rtol=1e-4, atol=1e-4)
-    for l in range(4):  # hidden_states[l + 1] is block l's output (the last one is after ln_f)
-        torch.testing.assert_close(states[l], ref.hidden_states[l + 1], rtol=1e-4, atol=1e-4)
+    for layer in range(4):  # hidden_states[l + 1] is block l's output (the last one is after ln_f)
+        torch.testing.assert_close(states[layer], ref.hidden_states[layer + 1], rtol=1e-4, atol=1e-4)
 
 
 def test_a_dropped_block_passes_its_input_on(hf):
@@ -45,7 +45,7 @@ def test_a_dropped_block_passes_its_input_on(hf):
 def test_loss_weights_sum_to_one_grow_with_depth_and_keep_the_last(scale, layers):
     w = EarlyExitObjective(scale=scale).loss_weights(5, layers)
     assert sum(w.values()) == pytest.approx(1.0) and 4 in w and set(w) == {*layers, 4}
-    early = [w[l] for l in sorted(layers)]
+    early = [w[layer] for layer in sorted(layers)]
     assert early == sorted(early) and len(set(early)) == len(early)
 
 
@@ -60,7 +60,7 @@ def test_layer_dropout_rises_with_depth_never_touches_the_first_block_and_is_see
 def test_the_rotational_curriculum_visits_every_early_layer_and_skips_dropped_ones():
     objective = EarlyExitObjective(scale=1.0, rotation=3)
     seen = [objective.exit_layers(7, s, [False] * 7) for s in range(3)]
-    assert sorted(l for ls in seen for l in ls) == list(range(6)) and all(len(ls) == 2 for ls in seen)
+    assert sorted(layer for ls in seen for layer in ls) == list(range(6)) and all(len(ls) == 2 for ls in seen)
     assert 0 not in objective.exit_layers(7, 0, [True] + [False] * 6)
     assert EarlyExitObjective(scale=1.0, curriculum="all").exit_layers(7, 5, [False] * 7) == list(range(6))
     assert EarlyExitObjective(scale=0.0).exit_layers(7, 0, [False] * 7) == []
@@ -73,7 +73,7 @@ def test_the_objective_is_the_weighted_sum_of_each_layers_cross_entropy(hf):
     loss, per_layer = objective_loss(hf, norms, x, objective, step=0)
     w = objective.loss_weights(5, [0, 1, 2, 3])
     assert set(per_layer) == {0, 1, 2, 3, 4}
-    assert loss.item() == pytest.approx(sum(w[l] * per_layer[l] for l in per_layer), rel=1e-5)
+    assert loss.item() == pytest.approx(sum(w[layer] * per_layer[layer] for layer in per_layer), rel=1e-5)
     plain, _ = objective_loss(hf, norms, x, EarlyExitObjective(layer_dropout=0.0), step=0)
     ref = torch.nn.functional.cross_entropy(hf(x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten())
     assert plain.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -118,8 +118,8 @@ def test_exit_heads_start_from_the_exit_norms_the_backbone_trained_with(tmp_path
     model, _ = load_runtime_model(export)
     norms = load_exit_norms(export, model)
     heads = ExitHeads.for_backbone(model, rank=2, exit_norms=norms)
-    for l, ln in enumerate(heads.ln):
-        assert torch.equal(ln.weight.float(), norms[f"ln.{l}.weight"].to(model.dtype).float())
+    for layer, ln in enumerate(heads.ln):
+        assert torch.equal(ln.weight.float(), norms[f"ln.{layer}.weight"].to(model.dtype).float())
     (export / EXIT_NORMS).write_bytes(b"not safetensors")
     with pytest.raises(EarlyExitError, match="cannot read"):
         load_exit_norms(export, model)

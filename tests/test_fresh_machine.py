@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import earlyexit
 
 ROOT = Path(__file__).resolve().parent.parent
 

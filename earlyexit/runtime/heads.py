@@ -105,9 +105,9 @@ class ExitHeads(nn.Module):
         heads = cls(HeadsConfig(rank=rank, n_layer=dims.n_layer, n_embd=dims.n_embd, vocab_size=dims.vocab_size,
                                 backbone_sha256=backbone_fingerprint(model)))
         with torch.no_grad():
-            for l, ln in enumerate(heads.ln):
-                ln.weight.copy_(exit_norms[f"ln.{l}.weight"] if exit_norms else model.ln_f.weight)
-                ln.bias.copy_(exit_norms[f"ln.{l}.bias"] if exit_norms else model.ln_f.bias)
+            for layer, ln in enumerate(heads.ln):
+                ln.weight.copy_(exit_norms[f"ln.{layer}.weight"] if exit_norms else model.ln_f.weight)
+                ln.bias.copy_(exit_norms[f"ln.{layer}.bias"] if exit_norms else model.ln_f.bias)
         return heads.to(model.dtype)
 
     def parameter_share(self, model: GPT2) -> float:
@@ -175,7 +175,7 @@ def load_exit_norms(directory: str | Path, model: GPT2) -> dict[str, torch.Tenso
     except (SafetensorError, OSError) as e:
         raise EarlyExitError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     d, L = model.dims.n_embd, model.dims.n_layer
-    expected = {f"ln.{l}.{p}" for l in range(L - 1) for p in ("weight", "bias")}
+    expected = {f"ln.{layer}.{p}" for layer in range(L - 1) for p in ("weight", "bias")}
     if set(norms) != expected or any(v.shape != (d,) for v in norms.values()):
         raise EarlyExitError(f"{path} does not hold {L - 1} layer norms of width {d}: not this backbone's exit norms")
     return norms

@@ -76,15 +76,15 @@ class EarlyExitObjective:
             return []
         early = range(n_layer - 1)
         if self.curriculum == "rotational":
-            early = [l for l in early if (l + step) % self.rotation == 0]
-        return [l for l in early if not dropped[l]]
+            early = [layer for layer in early if (layer + step) % self.rotation == 0]
+        return [layer for layer in early if not dropped[layer]]
 
     def loss_weights(self, n_layer: int, layers: list[int]) -> dict[int, float]:
         """Normalised weights of the enabled early layers and the last (key n_layer - 1): they sum to 1."""
-        raw = {l: self.scale * (l + 1) / n_layer for l in layers}
+        raw = {layer: self.scale * (layer + 1) / n_layer for layer in layers}
         raw[n_layer - 1] = 1.0
         total = sum(raw.values())
-        return {l: w / total for l, w in raw.items()}
+        return {layer: w / total for layer, w in raw.items()}
 
 
 class ExitNorms(nn.Module):
@@ -121,8 +121,8 @@ def layer_states(model, x: torch.Tensor, dropped: list[bool] | None = None, bloc
         raise EarlyExitError(f"{x.shape[1]} tokens exceed the model's {t.wpe.num_embeddings} positions")
     h = t.wte(x) + t.wpe(torch.arange(x.shape[1], device=x.device))  # (B, T, C)
     states = []
-    for l, block in enumerate(t.h):
-        if not (dropped and dropped[l]):
+    for layer, block in enumerate(t.h):
+        if not (dropped and dropped[layer]):
             h = block_fn(block, h)
         states.append(h)
     return states
@@ -148,14 +148,14 @@ def objective_loss(model, norms: ExitNorms, x: torch.Tensor, objective: EarlyExi
               if 0 < objective.positions < T else torch.arange(T)).to(x.device)
     sub_targets = targets[:, picked].flatten()
     teacher = F.log_softmax(last_logits[:, picked].detach(), -1).flatten(0, 1) if objective.kd else None
-    for l in layers:
-        logits = F.linear(norms.ln[l](states[l][:, picked]), head).float().flatten(0, 1)  # (B * P, V)
+    for layer in layers:
+        logits = F.linear(norms.ln[layer](states[layer][:, picked]), head).float().flatten(0, 1)  # (B * P, V)
         ce = F.cross_entropy(logits, sub_targets)
         loss = ce
         if teacher is not None:
             loss = loss + objective.kd * F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="batchmean")
-        total = total + weights[l] * loss
-        per_layer[l] = ce.item()
+        total = total + weights[layer] * loss
+        per_layer[layer] = ce.item()
     return total, per_layer
 
 
@@ -164,8 +164,8 @@ def layer_top1(model, norms: ExitNorms, x: torch.Tensor) -> tuple[torch.Tensor, 
     """Per-layer next-token hits (L,) and the hits of the first layer agreeing with the last, for windows x (B, T+1)."""
     states = layer_states(model, x[:, :-1])
     head = model.lm_head.weight
-    preds = torch.stack([F.linear((norms.ln[l] if l < len(states) - 1 else model.transformer.ln_f)(h), head).argmax(-1)
-                         for l, h in enumerate(states)])  # (L, B, T)
+    preds = torch.stack([F.linear((norms.ln[layer] if layer < len(states) - 1 else model.transformer.ln_f)(h), head).argmax(-1)
+                         for layer, h in enumerate(states)])  # (L, B, T)
     right = (preds == x[:, 1:]).flatten(1).sum(1)
     agrees = (preds == preds[-1]).flatten(1).sum(1)
     return right, agrees

@@ -494,7 +494,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
         record = {"step": step, "tokens_seen": tokens_seen, "loss": loss_total, "tok_s": tps, "time": time.time()}
         groups = {}
         if objective.active:
-            record["ce_by_layer"] = {str(l): round(v, 4) for l, v in sorted(per_layer.items())}
+            record["ce_by_layer"] = {str(layer): round(v, 4) for layer, v in sorted(per_layer.items())}
             groups = layer_groups(per_layer, cfg.n_layer)
         bar.set_postfix(loss=f"{loss_total:.3f}", **groups, tok_s=f"{tps:,.0f}", lr=f"{lr_at(cfg, step - 1):.2e}")
         if rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
@@ -548,8 +548,8 @@ def agreed(cfg: LMTrainConfig, out_of_time) -> tuple[LMTrainConfig, bool]:
 def layer_groups(per_layer: dict[int, float], n_layer: int) -> dict[str, str]:
     """Mean cross-entropy of the scored layers in the first, middle and last third of the network (progress bar)."""
     groups: dict[str, list[float]] = {}
-    for l, v in per_layer.items():
-        name = "ce_last" if l == n_layer - 1 else ("ce_low", "ce_mid", "ce_high")[min(2, 3 * l // n_layer)]
+    for layer, v in per_layer.items():
+        name = "ce_last" if layer == n_layer - 1 else ("ce_low", "ce_mid", "ce_high")[min(2, 3 * layer // n_layer)]
         groups.setdefault(name, []).append(v)
     return {k: f"{sum(v) / len(v):.2f}" for k, v in sorted(groups.items())}
 
