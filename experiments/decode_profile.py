@@ -76,7 +76,14 @@ def main(argv=None) -> int:
     def int8_step(token, cache, pos, prev):  # GPT2.hidden: the generic path, not the lean one FullDepth takes
         return int8.logits(int8.hidden(token, cache, pos)[:, -1]), model.dims.n_layer
 
-    variants = {"eager full-depth step": eager, "int8-weight full-depth step (generic path)": int8_step}
+    variants = {"eager full-depth step": eager}
+    if model.lean is not None:
+        @torch.no_grad()
+        def fp32_lean(token, cache, pos, prev):  # FullDepth's single-token path for an fp32 model: eager's logits bit for bit
+            return model.lean.logits(int(token), cache, pos), model.dims.n_layer
+
+        variants["fp32 lean full-depth step (full mode's path)"] = fp32_lean
+    variants["int8-weight full-depth step (generic path)"] = int8_step
     if int8.lean is not None:
         def lean_step(token, cache, pos, prev):  # returns the greedy token's one-hot "logits": step_timer takes their argmax
             return torch.nn.functional.one_hot(torch.tensor([int8.lean.greedy(int(token), cache, pos)]), model.dims.vocab_size), model.dims.n_layer

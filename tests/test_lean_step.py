@@ -60,3 +60,43 @@ def test_models_the_fused_op_cannot_take_have_no_lean_path(tiny_tokenizer):
     assert quantize_int8(odd).lean is None
     assert not LeanInt8Step.supports(odd)  # fp32: not an int8 copy
     assert quantize_int8(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer))), head=False).lean is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_fp32_lean_step_is_the_generic_path_bit_for_bit(tiny_tokenizer, seed):
+    from earlyexit.runtime.lean_step import LeanFp32Step, attach_lean_step
+
+    model = attach_lean_step(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=3, n_embd=48, seed=seed)))
+    assert isinstance(model.lean, LeanFp32Step)
+    prompt = torch.randint(0, len(tiny_tokenizer), (1, 5 + seed), generator=torch.Generator().manual_seed(seed))
+    generic, lean = model.new_cache(1, 40), model.new_cache(1, 40)
+    with torch.inference_mode():
+        model(prompt, generic, 0)
+        model(prompt, lean, 0)
+        tok = int(prompt[0, -1])
+        for pos in range(prompt.shape[1], prompt.shape[1] + 20):
+            ref = model.logits(model.hidden(torch.tensor([[tok]]), generic, pos)[:, -1])
+            got = model.lean.logits(tok, lean, pos)
+            assert torch.equal(got, ref)
+            tok = int(ref.argmax())
+    assert torch.equal(lean.k, generic.k) and torch.equal(lean.v, generic.v)
+    assert LeanFp32Step.supports(model) and not LeanFp32Step.supports(quantize_int8(model))
+
+
+def test_full_mode_of_a_loaded_fp32_model_takes_the_lean_path_and_writes_transformers_greedy_tokens(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from earlyexit.runtime.decoding import GenerationSettings, complete
+    from earlyexit.runtime.lean_step import LeanFp32Step
+    from earlyexit.runtime.loading import load_runtime_model
+
+    model, tok = load_runtime_model(tiny_model_dir)
+    assert isinstance(model.lean, LeanFp32Step)
+    calls = []
+    real = model.lean.logits
+    monkeypatch.setattr(model.lean, "logits", lambda *a: calls.append(1) or real(*a))
+    ids = tok("def add(a, b):\n    return", return_tensors="pt").input_ids
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ref = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id, eos_token_id=None)[0, ids.shape[1]:]
+    got = complete(model, tok, ids[0].tolist(), GenerationSettings(max_new_tokens=12), policy=FullDepth())
+    assert got.token_ids == ref.tolist()[:len(got.token_ids)] and len(calls) >= len(got.token_ids) - 1

@@ -1,4 +1,4 @@
-"""A lean single-token step over an int8 model: lossless mode's drafts and `--weights int8` decoding.
+"""Lean single-token steps: an int8 model's (lossless mode's drafts, `--weights int8`) and an fp32 model's.
 
 `GPT2.hidden` is general (batches, ragged positions, T new tokens, per-layer hooks for the
 exit controller) and goes through `Int8Linear`, whose fp32-in/fp32-out contract costs a
@@ -106,3 +106,65 @@ class LeanInt8Step:
         exact = self.head_rows[top] @ z[0]  # the candidates' fp32 logits
         return int(top[exact.argmax()])
 
+
+
+class LeanFp32Step:
+    """One token at batch 1 through every block of an fp32 `GPT2`, with the generic path's own ops and nothing else.
+
+    The generic path (`GPT2.hidden`) is written for batches, ragged positions and T new tokens: each projection
+    reshapes and views, each attention splits heads and slices the cache. For one token at one position none of
+    that is needed; the same `addmm`s, layer norms, attention and adds in the same order give the same logits bit
+    for bit (tested), so full mode's tokens stay `transformers`' greedy tokens.
+    """
+
+    def __init__(self, model: GPT2):
+        self.model, self._seen = model, None
+        d = model.dims
+        self.d, self.n_head, self.hs, self.eps = d.n_embd, d.n_head, d.head_size, d.layer_norm_epsilon
+        self.act = _ACTIVATIONS[d.activation]
+
+    def _gather(self) -> None:
+        self.layers = []
+        for block in self.model.h:
+            a, m = block.attn, block.mlp
+            self.layers.append((block.ln_1.weight, block.ln_1.bias, a.c_attn.weight, a.c_attn.bias, a.scale,
+                                a.c_proj.weight, a.c_proj.bias, block.ln_2.weight, block.ln_2.bias,
+                                m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias))
+        self._seen = self.model.wte.weight
+
+    @staticmethod
+    def supports(model) -> bool:
+        """An fp32 (or other float) `GPT2` whose projections are all Conv1D: not an int8 copy."""
+        from .model import Conv1D
+
+        return type(model) is GPT2 and all(isinstance(lin, Conv1D) for b in model.h
+                                           for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
+
+    def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
+        """The residual stream (1, d) after the last block, for `token` at `pos` (its K/V written into `cache`)."""
+        if self.model.wte.weight is not self._seen:
+            self._gather()
+        d, nh, hs, eps = self.d, self.n_head, self.hs, self.eps
+        m = self.model
+        x = (m.wte.weight[token] + m.wpe.weight[pos]).view(1, d)
+        for i, (w1, b1, wa, ba, scale, wp, bp, w2, b2, wf, bf, wm, bm) in enumerate(self.layers):
+            qkv = torch.addmm(ba, F.layer_norm(x, (d,), w1, b1, eps), wa)  # (1, 3d)
+            keys, values = cache.k[i], cache.v[i]  # (1, nh, S, hs)
+            keys[:, :, pos] = qkv[:, d:2 * d].view(1, nh, hs)
+            values[:, :, pos] = qkv[:, 2 * d:].view(1, nh, hs)
+            y = F.scaled_dot_product_attention(qkv[:, :d].view(1, nh, 1, hs), keys[:, :, :pos + 1], values[:, :, :pos + 1], scale=scale)
+            x = x + torch.addmm(bp, y.view(1, d), wp)
+            x = x + torch.addmm(bm, self.act(torch.addmm(bf, F.layer_norm(x, (d,), w2, b2, eps), wf)), wm)
+        return x
+
+    @torch.inference_mode()
+    def logits(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
+        """Next-token logits (1, V): the generic path's, from fewer ops."""
+        return self.model.logits(self.residual(token, cache, pos))
+
+
+def attach_lean_step(model: GPT2) -> GPT2:
+    """Give an fp32 model its lean single-token path (`model.lean`), where it applies; returns the model."""
+    if LeanFp32Step.supports(model):
+        model.lean = LeanFp32Step(model)
+    return model

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import EarlyExitError
+from .lean_step import attach_lean_step
 from .model import GPT2
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
@@ -99,4 +100,4 @@ def load_runtime_model(model: str | Path | None = None, dtype: torch.dtype = tor
     if len(tok) > runtime.dims.vocab_size:  # its ids past the model's vocabulary would index past the embedding
         raise EarlyExitError(f"the tokenizer in {resolve_model_dir(model)} has {len(tok):,} tokens, more than the model's "
                              f"vocabulary of {runtime.dims.vocab_size:,}: they do not belong together")
-    return runtime, tok
+    return attach_lean_step(runtime), tok

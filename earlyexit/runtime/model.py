@@ -201,7 +201,7 @@ class Block(nn.Module):
 class GPT2(nn.Module):
     """A GPT-2 language model whose forward the caller drives one block at a time."""
 
-    lean = None  # a single-token fast path, set on int8 copies (earlyexit.runtime.lean_step.LeanInt8Step) where the fused op runs
+    lean = None  # a single-token fast path (earlyexit.runtime.lean_step): fp32 models from load_runtime_model, int8 copies
 
     def __init__(self, dims: GPT2Dims):
         super().__init__()
