@@ -67,7 +67,8 @@ def section(results: Path) -> str:
     runs = [("per_layer_study", "Per-layer study (RQ1)"), ("threshold_sweep", "Threshold sweep (RQ2)"),
             ("stop_analysis", "Stop analysis"), ("member_completion", "Member completion"),
             ("benchmark_generate", "Speed against other engines"), ("decode_profile", "Decode-step profile, torch.compile"),
-            ("head_loss_ablation", "Head-loss ablation"), ("ngram_cache_sweep", "N-gram cache weight")]
+            ("head_loss_ablation", "Head-loss ablation"), ("ngram_cache_sweep", "N-gram cache weight"),
+            ("exit_training", "A backbone trained to exit, beside the shipped one")]
     out += ["| experiment | results | how it ran |", "|---|---|---|"]
     for name, title in runs:
         r = load(results, name)
@@ -97,6 +98,14 @@ def section(results: Path) -> str:
                 f"{cache['best_weight']:g}, the CLI's default, takes exact match from {off['exact_match']:.1%} to {best['exact_match']:.1%} "
                 f"and edit similarity from {off['edit_similarity']:.3f} to {best['edit_similarity']:.3f} "
                 f"({best['against_no_cache']['gained']} lines gained, {best['against_no_cache']['lost']} lost)."]
+    trained = load(results, "exit_training")
+    if trained:
+        b, a = trained["before"], trained["after"]
+        depth = lambda r: "-" if r["controller_mean_layers"] is None else f"{r['controller_mean_layers']:.2f}"  # noqa: E731
+        out += ["", f"Trained to exit (`{a['model']}` against `{b['model']}`, teacher-forced on the same test tokens): right at "
+                f"layer 1 {b['right_at_layer_1']:.1%} -> {a['right_at_layer_1']:.1%}, oracle mean depth {b['oracle_mean_depth']:.2f} -> "
+                f"{a['oracle_mean_depth']:.2f} of {a['n_layer']}, the controller at its calibrated threshold {depth(b)} -> {depth(a)} "
+                f"layers, last-layer loss {b['test_loss']:.3f} -> {a['test_loss']:.3f}."]
     bench = load(results, "benchmark_generate")
     if bench:
         out += ["", "Speed (batch 1; median ms per generated token and its ratio to `transformers` `generate`; tokens/s with "
