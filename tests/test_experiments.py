@@ -377,3 +377,21 @@ def test_the_caches_defaults_are_the_committed_sweeps_choice():
     committed = json.loads((Path(__file__).resolve().parents[1] / "experiments/results/ngram_cache_sweep/results.json").read_text())
     assert (committed["best_weight"], committed["best_skip_recent"]) == (DEFAULT_WEIGHT, SKIP_RECENT)
     assert (committed["default_weight"], committed["default_skip_recent"]) == (DEFAULT_WEIGHT, SKIP_RECENT)  # swept around them
+
+
+def test_exit_training_compares_two_models_on_the_same_tokens(model_with_heads, tmp_path):
+    import exit_training
+
+    args = [f"before={model_with_heads}", f"after={model_with_heads}", "seq_len=16", "--limit", "3"]
+    assert exit_training.main(args) == 0
+    out = tmp_path / "results/exit_training"
+    result = json.loads((out / "results.json").read_text())
+    before, after = result["before"], result["after"]
+    assert before["tokens"] == after["tokens"] == 3 * 16
+    for key in ("right_at_layer_1", "oracle_mean_depth", "test_loss", "right_by_layer", "agree_by_layer"):
+        assert before[key] == after[key]  # one model against itself: the same figures
+    L = before["n_layer"]
+    assert 1 <= before["oracle_mean_depth"] <= L and before["agree_by_layer"][-1] == 1.0
+    assert before["right_by_layer"] == sorted(before["right_by_layer"])  # cumulative
+    assert before["controller_mean_layers"] is None  # the tiny heads were never calibrated
+    assert (out / "by_layer.png").stat().st_size > 0 and "oracle mean depth" in (out / "results.md").read_text()
