@@ -1,4 +1,4 @@
-"""Complete code from the command line.
+r"""Complete code from the command line.
 
     python -m earlyexit.generate "def fibonacci(n):"
     python -m earlyexit.generate --file snippet.py --max-new-tokens 32 --json
