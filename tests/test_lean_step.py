@@ -100,3 +100,17 @@ def test_full_mode_of_a_loaded_fp32_model_takes_the_lean_path_and_writes_transfo
     ref = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id, eos_token_id=None)[0, ids.shape[1]:]
     got = complete(model, tok, ids[0].tolist(), GenerationSettings(max_new_tokens=12), policy=FullDepth())
     assert got.token_ids == ref.tolist()[:len(got.token_ids)] and len(calls) >= len(got.token_ids) - 1
+
+
+def test_lossless_drafting_full_depth_with_the_model_itself_takes_the_fp32_lean_step_and_stays_full(tiny_model_dir):
+    from earlyexit.runtime.decoding import GenerationSettings, complete
+    from earlyexit.runtime.heads import ExitHeads
+    from earlyexit.runtime.loading import load_runtime_model
+    from earlyexit.runtime.speculative import Lossless
+
+    model, tok = load_runtime_model(tiny_model_dir)
+    policy = Lossless(model, ExitHeads.for_backbone(model, rank=2), exit_threshold=1.0, draft="same")
+    assert policy.lean is model.lean  # drafts at full depth, one token at a time: the lean step's greedy
+    settings = GenerationSettings(max_new_tokens=10)
+    full = complete(model, tok, "def add(a, b):", settings, policy=FullDepth())
+    assert complete(model, tok, "def add(a, b):", settings, policy=policy).token_ids == full.token_ids

@@ -162,6 +162,10 @@ class LeanFp32Step:
         """Next-token logits (1, V): the generic path's, from fewer ops."""
         return self.model.logits(self.residual(token, cache, pos))
 
+    def greedy(self, token: int, cache: KVCache, pos: int) -> int:
+        """The next greedy token (what lossless mode's full-depth drafts of the model itself ask for)."""
+        return int(self.logits(token, cache, pos).argmax(-1))
+
 
 def attach_lean_step(model: GPT2) -> GPT2:
     """Give an fp32 model its lean single-token path (`model.lean`), where it applies; returns the model."""
