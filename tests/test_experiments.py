@@ -199,7 +199,8 @@ def test_decode_profile_limit_run(model_with_heads, tmp_path):
 
     assert decode_profile.main(["--model", str(model_with_heads), "--no-compile", "--tokens", "3", "--rounds", "1", "--threads", "1"]) == 0
     result = json.loads((tmp_path / "results/decode_profile/results.json").read_text())
-    assert [r["variant"].split(" (")[0] for r in result["rows"]] == ["eager full-depth step", "int8-weight full-depth step", "int8-weight lean greedy step", "early-exit step"]
+    assert [r["variant"].split(" (")[0] for r in result["rows"]] == ["eager full-depth step", "fp32 lean full-depth step",
+                                                                         "int8-weight full-depth step", "int8-weight lean greedy step", "early-exit step"]
     assert result["rows"][0]["vs_eager"] == 1.0 and all(r["median_ms"] > 0 for r in result["rows"])
     assert result["profile_top_ops"] and abs(sum(t["share"] for t in result["profile_top_ops"])) <= 1.0 + 1e-9
 
