@@ -58,7 +58,7 @@ def calibrated_depth(heads) -> dict:
             "calibration_agreement": row and row["agreement"]}
 
 
-def measure(model_dir: str, windows_of, cfg: ExitTrainingConfig) -> dict:
+def measure(model_dir: str, windows_of) -> dict:
     from earlyexit.runtime.heads import load_heads
     from earlyexit.runtime.loading import load_runtime_model
 
@@ -132,7 +132,7 @@ def run(cfg: ExitTrainingConfig, limit: int | None) -> Path:
     from dataclasses import asdict
 
     result = {"stamp": stamp(f"{cfg.before} vs {cfg.after}", asdict(cfg)),
-              "before": measure(cfg.before, windows_of, cfg), "after": measure(cfg.after, windows_of, cfg)}
+              "before": measure(cfg.before, windows_of), "after": measure(cfg.after, windows_of)}
     out = write_results("exit_training", result, table(result))
     if cfg.plot:
         plot(result, out / "by_layer.png")

@@ -85,11 +85,10 @@ def load_tokenizer(model_dir: str | Path | None = None):
         # transformers would build an empty tokenizer from config.json alone: every prompt would encode to nothing
         raise EarlyExitError(f"no tokenizer in {path}: it needs tokenizer.json, or vocab.json and merges.txt")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # transformers raises many types for a missing or broken tokenizer
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EarlyExitError(f"cannot load a tokenizer from {path}: {first}") from None
-    return tok
 
 
 def load_runtime_model(model: str | Path | None = None, dtype: torch.dtype = torch.float32):
