@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choose the exit threshold from the heads' calibration table so tokens agree with the full model at this rate "
                         "(the fixed-sequence test of earlyexit.training.calibrate, same confidence); instead of --exit-threshold")
     p.add_argument("--stop-threshold", type=float, help="stop when p(stop) is the largest and above this, in [0, 1]; 1 disables stopping (default: the heads' calibrated value; lossless: 1)")
+    p.add_argument("--exit-layers", metavar="LIST",
+                   help="early-exit mode: ask the controller only after these blocks, 1-based and comma-separated (e.g. 3,6,9), "
+                        "or 'all' (default: the heads' choice, earlyexit.training.exit_layers, else all)")
     p.add_argument("--stats", action="store_true", help="show each token with the layer it left at")
     p.add_argument("--json", action="store_true", help="print text, token ids, layers and timings as JSON")
     return p
@@ -127,11 +130,15 @@ def build_policy(args: argparse.Namespace, model, model_dir, backbone=None):
     if mode == "full":
         if args.exit_threshold is not None or args.stop_threshold is not None or args.target_agreement is not None:
             raise EarlyExitError("--exit-threshold, --target-agreement and --stop-threshold apply to --mode early-exit only")
+        if args.exit_layers is not None:
+            raise EarlyExitError("--exit-layers applies to --mode early-exit only")
         return FullDepth()
     heads = load_heads(model_dir, backbone or model)
     defaults = heads.cfg.thresholds
     if args.target_agreement is not None:
         args.exit_threshold = calibrated_exit(heads, args.target_agreement)
+    if mode == "lossless" and args.exit_layers is not None:
+        raise EarlyExitError("--exit-layers applies to --mode early-exit only")
     if mode == "lossless":  # full's exact tokens: the controller stops only when asked to
         return Lossless(model, heads, args.exit_threshold, max_draft=args.max_draft or DEFAULT_MAX_DRAFT, draft=args.draft or "auto",
                         stop_threshold=1.0 if args.stop_threshold is None else args.stop_threshold)
@@ -139,7 +146,17 @@ def build_policy(args: argparse.Namespace, model, model_dir, backbone=None):
         exit=defaults.exit if args.exit_threshold is None else args.exit_threshold,
         stop=defaults.stop if args.stop_threshold is None else args.stop_threshold,
     )
-    return EarlyExit(model, heads, thresholds)
+    return EarlyExit(model, heads, thresholds, exit_layers=parse_exit_layers(args.exit_layers))
+
+
+def parse_exit_layers(text: str | None):
+    """--exit-layers: None (the heads' choice), "all", or 1-based block numbers -> EarlyExit's 0-based indices."""
+    if text is None or text.strip() == "all":
+        return None if text is None else "all"
+    try:
+        return [int(part) - 1 for part in text.split(",")]
+    except ValueError:
+        raise EarlyExitError(f"--exit-layers takes 'all' or comma-separated block numbers such as 3,6,9, got {text!r}") from None
 
 
 def calibrated_exit(heads, target: float) -> float:

@@ -59,6 +59,8 @@ class HeadsConfig:
     backbone_sha256: str = ""
     heads_sha256: str = ""  # of the heads' own tensors as saved: exit_heads.safetensors belongs to this JSON only
     thresholds: Thresholds = field(default_factory=Thresholds)
+    # the blocks (0-based) after which the controller is asked, as earlyexit.training.exit_layers chose them; None: all
+    exit_layers: list[int] | None = None
     training: dict = field(default_factory=dict)  # what train_heads measured; informational
     calibration: dict = field(default_factory=dict)  # what earlyexit.training.calibrate measured and chose; empty until it runs
 

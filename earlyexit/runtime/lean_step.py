@@ -46,9 +46,11 @@ class LeanInt8Step:
         self.d, self.n_head, self.hs, self.eps = d.n_embd, d.n_head, d.head_size, d.layer_norm_epsilon
         self.act = _ACTIVATIONS[d.activation]
         self.rerank = max(1, model.rerank)
+        self._at: tuple[int, torch.Tensor | None] = (-1, None)
 
     def _gather(self) -> None:
         model = self.model
+        self._at = (-1, None)
         self.layers = []
         for block in model.h:
             a, m = block.attn, block.mlp
@@ -58,6 +60,8 @@ class LeanInt8Step:
                 block.ln_2.weight, block.ln_2.bias, m.c_fc.qweight, m.c_fc.scale, m.c_fc.bias,
                 m.c_proj.qweight, m.c_proj.scale, m.c_proj.bias,
             ))
+        d = self.d  # the K/V rows of each QKV projection, for state copying (contiguous slices: no copy)
+        self.kv_rows = [(layer[2][d:], layer[3][d:], layer[4][d:]) for layer in self.layers]
         self.head = model.int8_head
         self.head_rows = GPT2.head_weight.fget(model)  # the fp32 rows the rerank reads (Int8GPT2 overrides the property)
         self._seen = model.wte.weight
@@ -70,26 +74,46 @@ class LeanInt8Step:
         linears = [lin for b in model.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
         return all(_fusable(lin) for lin in linears) and _fused_ok(model.int8_head.in_features, model.int8_head.qweight)
 
-    def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
-        """The residual stream (1, d) after the last block, for `token` at `pos` (its K/V written into `cache`)."""
+    def embed(self, token: int, pos: int) -> torch.Tensor:
+        """The fp32 residual stream (1, d) entering the first block (the per-layer tensors gathered if stale)."""
         if self.model.wte.weight is not self._seen:
             self._gather()
-        d, nh, hs, eps = self.d, self.n_head, self.hs, self.eps
         m = self.model
-        x = (m.wte.weight[token] + m.wpe.weight[pos]).view(1, d)  # fp32 residual stream
-        at = torch.tensor([pos], device=x.device)
-        for i, (w1, b1, qa, sa, ba, scale, qp, sp, bp, w2, b2, qf, sf, bf, qm, sm, bm) in enumerate(self.layers):
-            h = F.layer_norm(x, (d,), w1, b1, eps).to(_BF16)
-            qkv = torch.add(ba, _FUSED_OP(h, qa, sa))  # fp32 (1, 3d)
-            keys, values = cache.k[i], cache.v[i]  # (1, nh, S, hs)
-            keys.index_copy_(2, at, qkv[:, d:2 * d].view(1, nh, 1, hs))
-            values.index_copy_(2, at, qkv[:, 2 * d:].view(1, nh, 1, hs))
-            # 4-d: with 3-d inputs SDPA takes its unfused math path, several times slower here
-            y = F.scaled_dot_product_attention(qkv[:, :d].view(1, nh, 1, hs), keys[:, :, :pos + 1], values[:, :, :pos + 1], scale=scale)
-            x = x + torch.add(bp, _FUSED_OP(y.view(1, d).to(_BF16), qp, sp))
-            h = F.layer_norm(x, (d,), w2, b2, eps).to(_BF16)
-            h = self.act(torch.add(bf, _FUSED_OP(h, qf, sf))).to(_BF16)  # (1, 4d)
-            x = x + torch.add(bm, _FUSED_OP(h, qm, sm))
+        return (m.wte.weight[token] + m.wpe.weight[pos]).view(1, self.d)
+
+    def block(self, i: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        """Block `i` on the residual stream x (1, d) of the token at `pos`: its K/V into `cache`, the new stream back."""
+        d, nh, hs, eps = self.d, self.n_head, self.hs, self.eps
+        w1, b1, qa, sa, ba, scale, qp, sp, bp, w2, b2, qf, sf, bf, qm, sm, bm = self.layers[i]
+        if self._at[0] != pos:  # index_copy_'s index, made once per position rather than once per block
+            self._at = (pos, torch.tensor([pos], device=x.device))
+        at = self._at[1]
+        h = F.layer_norm(x, (d,), w1, b1, eps).to(_BF16)
+        qkv = torch.add(ba, _FUSED_OP(h, qa, sa))  # fp32 (1, 3d)
+        keys, values = cache.k[i], cache.v[i]  # (1, nh, S, hs)
+        keys.index_copy_(2, at, qkv[:, d:2 * d].view(1, nh, 1, hs))
+        values.index_copy_(2, at, qkv[:, 2 * d:].view(1, nh, 1, hs))
+        # 4-d: with 3-d inputs SDPA takes its unfused math path, several times slower here
+        y = F.scaled_dot_product_attention(qkv[:, :d].view(1, nh, 1, hs), keys[:, :, :pos + 1], values[:, :, :pos + 1], scale=scale)
+        x = x + torch.add(bp, _FUSED_OP(y.view(1, d).to(_BF16), qp, sp))
+        h = F.layer_norm(x, (d,), w2, b2, eps).to(_BF16)
+        h = self.act(torch.add(bf, _FUSED_OP(h, qf, sf))).to(_BF16)  # (1, 4d)
+        return x + torch.add(bm, _FUSED_OP(h, qm, sm))
+
+    def fill_kv(self, i: int, h: torch.Tensor, cache: KVCache, pos: int) -> None:
+        """State copying into skipped block `i`: K, V = split(ln_1(h) @ W_kv + b_kv), from the int8 K/V rows."""
+        d, nh, hs = self.d, self.n_head, self.hs
+        w1, b1, qa, sa, ba = self.layers[i][:5]
+        qkv_rows, scales, bias = self.kv_rows[i]
+        kv = torch.add(bias, _FUSED_OP(F.layer_norm(h, (d,), w1, b1, self.eps).to(_BF16), qkv_rows, scales))  # (1, 2d)
+        cache.k[i, :, :, pos] = kv[:, :d].view(1, nh, hs)
+        cache.v[i, :, :, pos] = kv[:, d:].view(1, nh, hs)
+
+    def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
+        """The residual stream (1, d) after the last block, for `token` at `pos` (its K/V written into `cache`)."""
+        x = self.embed(token, pos)
+        for i in range(len(self.layers)):
+            x = self.block(i, x, cache, pos)
         return x
 
     @torch.inference_mode()
@@ -140,21 +164,38 @@ class LeanFp32Step:
         return type(model) is GPT2 and all(isinstance(lin, Conv1D) for b in model.h
                                            for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
 
-    def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
-        """The residual stream (1, d) after the last block, for `token` at `pos` (its K/V written into `cache`)."""
+    def embed(self, token: int, pos: int) -> torch.Tensor:
+        """The residual stream (1, d) entering the first block (the per-layer tensors gathered if stale)."""
         if self.model.wte.weight is not self._seen:
             self._gather()
-        d, nh, hs, eps = self.d, self.n_head, self.hs, self.eps
         m = self.model
-        x = (m.wte.weight[token] + m.wpe.weight[pos]).view(1, d)
-        for i, (w1, b1, wa, ba, scale, wp, bp, w2, b2, wf, bf, wm, bm) in enumerate(self.layers):
-            qkv = torch.addmm(ba, F.layer_norm(x, (d,), w1, b1, eps), wa)  # (1, 3d)
-            keys, values = cache.k[i], cache.v[i]  # (1, nh, S, hs)
-            keys[:, :, pos] = qkv[:, d:2 * d].view(1, nh, hs)
-            values[:, :, pos] = qkv[:, 2 * d:].view(1, nh, hs)
-            y = F.scaled_dot_product_attention(qkv[:, :d].view(1, nh, 1, hs), keys[:, :, :pos + 1], values[:, :, :pos + 1], scale=scale)
-            x = x + torch.addmm(bp, y.view(1, d), wp)
-            x = x + torch.addmm(bm, self.act(torch.addmm(bf, F.layer_norm(x, (d,), w2, b2, eps), wf)), wm)
+        return (m.wte.weight[token] + m.wpe.weight[pos]).view(1, self.d)
+
+    def block(self, i: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        """Block `i` on the residual stream x (1, d) of the token at `pos`: its K/V into `cache`, the new stream back."""
+        d, nh, hs, eps = self.d, self.n_head, self.hs, self.eps
+        w1, b1, wa, ba, scale, wp, bp, w2, b2, wf, bf, wm, bm = self.layers[i]
+        qkv = torch.addmm(ba, F.layer_norm(x, (d,), w1, b1, eps), wa)  # (1, 3d)
+        keys, values = cache.k[i], cache.v[i]  # (1, nh, S, hs)
+        keys[:, :, pos] = qkv[:, d:2 * d].view(1, nh, hs)
+        values[:, :, pos] = qkv[:, 2 * d:].view(1, nh, hs)
+        y = F.scaled_dot_product_attention(qkv[:, :d].view(1, nh, 1, hs), keys[:, :, :pos + 1], values[:, :, :pos + 1], scale=scale)
+        x = x + torch.addmm(bp, y.view(1, d), wp)
+        return x + torch.addmm(bm, self.act(torch.addmm(bf, F.layer_norm(x, (d,), w2, b2, eps), wf)), wm)
+
+    def fill_kv(self, i: int, h: torch.Tensor, cache: KVCache, pos: int) -> None:
+        """State copying into skipped block `i`: K, V = split(ln_1(h) @ W_kv + b_kv), from the K/V columns of c_attn."""
+        d, nh, hs = self.d, self.n_head, self.hs
+        w1, b1, wa, ba = self.layers[i][:4]
+        kv = torch.addmm(ba[d:], F.layer_norm(h, (d,), w1, b1, self.eps), wa[:, d:])  # (1, 2d)
+        cache.k[i, :, :, pos] = kv[:, :d].view(1, nh, hs)
+        cache.v[i, :, :, pos] = kv[:, d:].view(1, nh, hs)
+
+    def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
+        """The residual stream (1, d) after the last block, for `token` at `pos` (its K/V written into `cache`)."""
+        x = self.embed(token, pos)
+        for i in range(len(self.layers)):
+            x = self.block(i, x, cache, pos)
         return x
 
     @torch.inference_mode()

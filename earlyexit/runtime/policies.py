@@ -7,6 +7,11 @@
   projection of the exit hidden state, through `earlyexit.kernels.state_copy`); on stop
   the completion ends before this token is written. Each layer's decision goes through
   `earlyexit.kernels.layer_check` (block's last residual add + classifier, fused on GPU).
+  `exit_layers` limits where the controller is asked (the study asks after every block):
+  a check costs a few ops, and at a layer where exits are rare it costs more than it saves.
+  A model with a lean single-token path (`model.lean`, earlyexit.runtime.lean_step) decodes
+  on it: the blocks, the check (layer norm + classifier, one host sync) and the state copy
+  with no per-layer allocation beyond the ops themselves.
 
 A policy sees one token (B = 1) at a time and returns a `StepResult`: the next-token
 logits, how many blocks ran, and whether to stop. For batched decoding
@@ -20,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import EarlyExitError
 from .heads import EXIT, STOP, ExitHeads, Thresholds
@@ -38,6 +44,21 @@ class BatchStep:
     logits: torch.Tensor  # (B, V); a stopped row's is meaningless
     layers: list[int]  # per row, the blocks it ran through
     stop: list[bool]  # per row, whether the controller stopped it
+
+
+def check_exit_layers(exit_layers, n_layer: int) -> frozenset[int] | None:
+    """`exit_layers` as given to `EarlyExit`: None or "all" (every layer), or 0-based block indices below the last
+    (none: exits never pay on this model, earlyexit.training.exit_layers found; the controller may still stop at the last)."""
+    if exit_layers is None or exit_layers == "all":
+        return None
+    if isinstance(exit_layers, (str, bytes)) or not hasattr(exit_layers, "__iter__"):
+        raise EarlyExitError(f"exit_layers must be a list of layer indices, got {type(exit_layers).__name__} {exit_layers!r}")
+    layers = list(exit_layers)
+    bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n_layer - 1]
+    if bad:
+        raise EarlyExitError(f"exit_layers must be 0-based block indices in [0, {n_layer - 2}] (--exit-layers counts from 1: "
+                             f"1..{n_layer - 1}; leaving after the last block is not an exit), got {layers!r}")
+    return frozenset(layers)
 
 
 class FullDepth:
@@ -77,7 +98,8 @@ class EarlyExit:
 
     name = "early-exit"
 
-    def __init__(self, model: GPT2, heads: ExitHeads, thresholds: Thresholds | None = None, kernel_backend: str = "auto"):
+    def __init__(self, model: GPT2, heads: ExitHeads, thresholds: Thresholds | None = None, kernel_backend: str = "auto",
+                 exit_layers=None):
         from ..kernels.dispatch import stack_state_copy_weights
 
         if not isinstance(heads, ExitHeads):
@@ -96,6 +118,16 @@ class EarlyExit:
         self.bias_table = table.detach().float().contiguous()  # (L, L + 1, 3)
         self._bias_rows = [list(self.bias_table[layer]) for layer in range(L)]  # views: no indexing per call
         self._no_bias = torch.zeros_like(self.bias_table[0, 0])
+        # None: the heads' own choice (exit_heads.json, earlyexit.training.exit_layers), which is every layer by default
+        self.exit_layers = check_exit_layers(heads.cfg.exit_layers if exit_layers is None else exit_layers, L)
+        self._cls_t = heads.cls.weight.detach().float().t()  # (d, 3): layer_check_reference's operand, as a view
+
+    def asks(self, layer: int, n_layer: int) -> bool:
+        """Whether the controller is asked after block `layer`: where it may exit (an exit layer below the last)
+        or stop (every asked layer, and the last); never where no action could win at the current thresholds."""
+        exit_here = layer < n_layer - 1 and self.thresholds.exit < 1 and (self.exit_layers is None or layer in self.exit_layers)
+        stop_here = self.thresholds.stop < 1 and (self.exit_layers is None or layer in self.exit_layers or layer == n_layer - 1)
+        return exit_here or stop_here
 
     def check(self, layer: int, x_mid: torch.Tensor, mlp_out: torch.Tensor, prev_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Finish block `layer` for the newest token and ask the controller, in one fused call.
@@ -141,6 +173,9 @@ class EarlyExit:
         """The prompt runs every block (its K/V are needed anyway); the controller may still stop."""
         x = model.embed(ids, 0)
         for layer in range(model.dims.n_layer):
+            if not self.asks(layer, model.dims.n_layer):
+                x = model.block(layer, x, cache, 0)
+                continue
             x_mid, mlp_out = model.block_branches(layer, x, cache, 0)
             _, probs = self.check(layer, x_mid[:, -1], mlp_out[:, -1], 0)
             x = x_mid + mlp_out
@@ -153,8 +188,14 @@ class EarlyExit:
         from ..kernels.dispatch import state_copy
 
         L = model.dims.n_layer
+        lean = model.lean
+        if lean is not None and token.shape == (1, 1) and isinstance(pos, int):
+            return self.lean_step(model, int(token), cache, pos, prev_layers)
         x = model.embed(token, pos)
         for layer in range(L):
+            if not self.asks(layer, L):
+                x = model.block(layer, x, cache, pos)
+                continue
             x_mid, mlp_out = model.block_branches(layer, x, cache, pos)
             h, probs = self.check(layer, x_mid[:, -1], mlp_out[:, -1], prev_layers)  # h: (1, d)
             x = h[:, None]
@@ -166,6 +207,30 @@ class EarlyExit:
                 return StepResult(self.heads.head_logits(layer, h, model), layer + 1)
         return StepResult(model.logits(x[:, -1]), L)
 
+    def lean_step(self, model: GPT2, token: int, cache: KVCache, pos: int, prev_layers: int) -> StepResult:
+        """`step` on the model's lean single-token path: the same decisions from the same probabilities."""
+        lean, L = model.lean, model.dims.n_layer
+        x = lean.embed(token, pos)  # (1, d)
+        for layer in range(L):
+            x = lean.block(layer, x, cache, pos)
+            if not self.asks(layer, L):
+                continue
+            action = self.decide(self.lean_probs(layer, x, prev_layers), allow_exit=layer < L - 1)
+            if action == STOP:
+                return StepResult(None, layer + 1, stop=True)
+            if action == EXIT:
+                for skipped in range(layer + 1, L):
+                    lean.fill_kv(skipped, x, cache, pos)
+                return StepResult(self.heads.head_logits(layer, x, model), layer + 1)
+        return StepResult(model.logits(x), L)
+
+    def lean_probs(self, layer: int, h: torch.Tensor, prev_layers: int) -> list[float]:
+        """The action probabilities after block `layer` for one fp32 row h (1, d), as `layer_check_reference` computes
+        them (the same ops on the same operands, so the same floats), brought to the host: the layer's one sync."""
+        ln = self.heads.cls_ln
+        z = F.layer_norm(h, (h.shape[-1],), ln.weight, ln.bias, ln.eps)
+        return torch.addmm(self._bias_rows[layer][prev_layers], z, self._cls_t).softmax(-1)[0].tolist()
+
     @torch.inference_mode()
     def prefill_batch(self, model: GPT2, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> BatchStep:
         """`prefill` for right-padded prompts: every block runs on every row; each row's last real token may stop it."""
@@ -174,6 +239,9 @@ class EarlyExit:
         stopped = [False] * B
         x = model.embed(ids, 0)
         for layer in range(L):
+            if not self.asks(layer, L):
+                x = model.block(layer, x, cache, 0)
+                continue
             x_mid, mlp_out = model.block_branches(layer, x, cache, 0)
             _, probs = self.check_rows(layer, x_mid[batch, last], mlp_out[batch, last], 0)
             x = x_mid + mlp_out
@@ -193,6 +261,9 @@ class EarlyExit:
         live = torch.arange(B, device=tokens.device)  # rows of this batch still running
         x = model.embed(tokens, pos)
         for layer in range(L):
+            if not self.asks(layer, L):
+                x = model.block(layer, x, cache, pos[live], rows[live])
+                continue
             x_mid, mlp_out = model.block_branches(layer, x, cache, pos[live], rows[live])
             h, probs = self.check_rows(layer, x_mid[:, -1], mlp_out[:, -1], prev_layers[live])  # h: (live, d)
             stay, leave = [], []
