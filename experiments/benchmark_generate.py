@@ -1,17 +1,24 @@
-"""Greedy completion speed: transformers `generate` against our runtime's modes, one run, same prompts.
+"""Greedy completion speed: transformers `generate`, the peer engines and our runtime's modes, one run, same prompts.
 
-    python experiments/benchmark_generate.py [--model DIR] [--prompts 20] [--max-new-tokens 32] [--repeats 3]
+    python experiments/benchmark_generate.py [--model DIR] [--prompts 20 | --prompts FILE.jsonl] [--task tokens|line]
+                                             [--max-new-tokens 32] [--repeats 3]
 
-Prompts are the study's: test-split files cut at a random token. Every prompt is completed
-by every engine in turn (interleaved, after warm-up) `--repeats` times: transformers'
-`generate`, our `full` loop and, when the model has exit heads, `early-exit` (heads'
-calibrated thresholds) and `lossless`, twice: with its default drafts (a weight-only int8
-copy of the model, earlyexit.runtime.quantize) and drafting with the fp32 model's own exits; and
-`full` and `early-exit` over the int8 copy (`--weights int8`), whose tokens may differ. Per-token latency is the time between consecutive
-generated tokens (transformers' is read from a `StoppingCriteria` that timestamps every
-step; lossless spreads a round's time over the tokens it wrote); tokens/s counts prefill
-too. Quality columns compare each engine's tokens with `full` greedy and its text with the
-reference continuation (ROUGE-L). Writes experiments/results/benchmark_generate/.
+Prompts: the study's (test-split files cut at a random token, `--task tokens`), editor-style
+lines (`--task line`: cut inside a line's code, the target the rest of that line, every
+engine stops at the end of the line) or a JSONL file (one object a line: `prompt`, optional
+`target`). Every prompt is completed by every engine in turn (interleaved, after warm-up)
+`--repeats` times: transformers' `generate`; the peers a CPU user would pick on the same
+weights (llama.cpp through llama-cpp-python on our GGUF export, fp32 and Q8_0; ONNX Runtime;
+ctransformers' GGML runner); our `full` loop and, when the model has exit heads,
+`early-exit` (the heads' calibrated thresholds and asked layers) and `lossless` (int8
+drafts; drafting with the fp32 model's own exits; with the heads' stop threshold); `full`
+and `early-exit` over the int8 copy (`--weights int8`), whose tokens may differ. Per-token
+latency is the time between consecutive generated tokens (transformers' is read from a
+`StoppingCriteria` that timestamps every step; lossless spreads a round's time over the
+tokens it wrote); tokens/s counts prefill too. Quality columns compare each engine's text
+with `full`'s and with the reference (ROUGE-L; on the line task exact match and edit
+similarity of the line). Writes experiments/results/benchmark_generate/ (`--task line`:
+benchmark_generate_line/).
 """
 
 from __future__ import annotations
@@ -21,33 +28,34 @@ import json
 import sys
 import tempfile
 import time
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import PeerUnavailable, ggml_engine, ort_engine  # noqa: E402
+from peers import PeerUnavailable, ggml_engine, llama_cpp_engine, ort_engine  # noqa: E402
 from common import DATA_HELP, our_engine, percentile, set_threads, stamp, test_split_files, write_results  # noqa: E402
 
 
 class StepClock:
-    """A StoppingCriteria that never stops generation, only records when each step ends."""
+    """A StoppingCriteria that records when each step ends, and stops a row after a token in `stop_ids`."""
 
-    def __init__(self):
+    def __init__(self, stop_ids: frozenset[int] = frozenset()):
         self.times: list[float] = []
+        self.stop_ids = stop_ids
 
     def __call__(self, input_ids, scores, **kwargs):
         self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        return torch.tensor([int(row[-1]) in self.stop_ids for row in input_ids], dtype=torch.bool)
 
 
-def hf_engine(hf, eos: int):
+def hf_engine(hf, eos: int, stop_ids: frozenset[int]):
     from transformers import StoppingCriteriaList
 
     def run(ids: list[int], max_new: int):
-        clock = StepClock()
+        clock = StepClock(stop_ids)
         x = torch.tensor([ids])
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -57,6 +65,43 @@ def hf_engine(hf, eos: int):
         return out[0, len(ids):].tolist(), total, list(np.diff(clock.times) * 1e3), None
 
     return run
+
+
+def newline_tokens(tok) -> frozenset[int]:
+    """The token ids whose text holds a line break: where a peer ends a line completion."""
+    return frozenset(i for i in range(len(tok)) if "\n" in tok.decode([i]))
+
+
+def load_examples(args, tok, model_dir: Path) -> list:
+    """(prompt, target) examples: --prompts FILE.jsonl, else --prompts N cut from the test split for the task."""
+    from earlyexit.data.corpus import CompletionExample, line_cut_examples, token_cut_examples
+    from earlyexit.errors import EarlyExitError
+
+    if not args.prompts.isdigit():
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise EarlyExitError(f"--prompts: no file {path} (give a number of test-split prompts or a JSONL file)")
+        examples = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EarlyExitError(f"{path}:{n} is not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+                raise EarlyExitError(f"{path}:{n} needs a non-empty string field \"prompt\"")
+            if not isinstance(row.get("target", ""), str):
+                raise EarlyExitError(f"{path}:{n}: \"target\" must be a string")
+            examples.append(CompletionExample(str(path), row["prompt"], row.get("target", "")))
+        if not examples:
+            raise EarlyExitError(f"{path} holds no prompts")
+        return examples
+    files = test_split_files(model_dir, args.data)
+    if args.task == "line":
+        return line_cut_examples(files, int(args.prompts), max_prompt_chars=4 * args.max_prompt_tokens, seed=args.seed)
+    return token_cut_examples(files, tok, int(args.prompts), target_tokens=args.max_new_tokens,
+                              max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -72,7 +117,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.barh(names, p95, color="lightgray", label="p95")
     ax.barh(names, med, color="tab:blue", label="median")
     for y, (m, r) in enumerate(zip(med, rows[::-1])):
-        ax.text(m, y, f" {m:.2f} ms ({r['speedup_median_ms']:.2f}× generate)", va="center", fontsize=8)
+        ax.text(m, y, f" {m:.2f} ms ({r['speedup_vs_generate']:.2f}× generate)", va="center", fontsize=8)
     ax.set_xlabel("ms per generated token (batch 1)")
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("Greedy decoding speed, same prompts, one run")
@@ -125,22 +170,32 @@ class EngineParts:
         def skipped():
             raise PeerUnavailable("skipped (--no-peers)")
 
-        f = {"transformers generate": lambda: hf_engine(self.hf, tok.eos_token_id),
-             "onnxruntime": skipped if a.no_peers else lambda: ort_engine(self.ours, tok.eos_token_id, self.work, a.threads),
-             "ggml (ctransformers)": skipped if a.no_peers else lambda: ggml_engine(self.ours, tok, self.work, a.threads),
-             "earlyexit full": lambda: our_engine(self.ours, tok, FullDepth())}
+        stop_ids = newline_tokens(tok) if a.task == "line" else frozenset()
+        stops = ("\n",) if a.task == "line" else ()
+
+        def peer(make):  # a peer decoding one token at a time ends a line completion after its line break
+            return skipped if a.no_peers else lambda: partial(make(), stop_ids=stop_ids)
+
+        def ours(model, policy):
+            return lambda: our_engine(model, tok, policy, stops)
+
+        f = {"transformers generate": lambda: hf_engine(self.hf, tok.eos_token_id, stop_ids),
+             "llama.cpp fp32": peer(lambda: llama_cpp_engine(self.ours, tok, self.work, a.threads, "f32")),
+             "llama.cpp Q8_0": peer(lambda: llama_cpp_engine(self.ours, tok, self.work, a.threads, "q8_0")),
+             "onnxruntime": peer(lambda: ort_engine(self.ours, tok.eos_token_id, self.work, a.threads)),
+             "ggml (ctransformers)": peer(lambda: ggml_engine(self.ours, tok, self.work, a.threads)),
+             "earlyexit full": ours(self.ours, FullDepth())}
         if self.has_heads:
             f |= {
-                "earlyexit early-exit": lambda: our_engine(self.ours, tok, EarlyExit(self.ours, self.heads)),
-                "earlyexit lossless": lambda: our_engine(self.ours, tok, Lossless(self.ours, self.heads, max_draft=a.max_draft)),  # int8 drafts
-                "earlyexit lossless (fp32 exit drafts)": lambda: our_engine(
-                    self.ours, tok, Lossless(self.ours, self.heads, max_draft=a.max_draft, draft="same")),
+                "earlyexit early-exit": lambda: ours(self.ours, EarlyExit(self.ours, self.heads))(),
+                "earlyexit lossless": lambda: ours(self.ours, Lossless(self.ours, self.heads, max_draft=a.max_draft))(),  # int8 drafts
+                "earlyexit lossless (fp32 exit drafts)": lambda: ours(self.ours, Lossless(self.ours, self.heads, max_draft=a.max_draft, draft="same"))(),
                 # with the heads' stop threshold, as early-exit mode has it: full's tokens up to where the controller stops
-                "earlyexit lossless (stopping)": lambda: our_engine(
-                    self.ours, tok, Lossless(self.ours, self.heads, max_draft=a.max_draft, stop_threshold=self.heads.cfg.thresholds.stop)),
+                "earlyexit lossless (stopping)": lambda: ours(
+                    self.ours, Lossless(self.ours, self.heads, max_draft=a.max_draft, stop_threshold=self.heads.cfg.thresholds.stop))(),
                 # --weights int8 on the command line: faster, not fp32's tokens
-                "earlyexit full (int8 weights)": lambda: our_engine(self.int8, tok, FullDepth()),
-                "earlyexit early-exit (int8 weights)": lambda: our_engine(self.int8, tok, EarlyExit(self.int8, self.heads)),
+                "earlyexit full (int8 weights)": lambda: ours(self.int8, FullDepth())(),
+                "earlyexit early-exit (int8 weights)": lambda: ours(self.int8, EarlyExit(self.int8, self.heads))(),
             }
         return f
 
@@ -189,11 +244,13 @@ def measure_memory(args, names: list[str]) -> dict[str, float | None]:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="GPT-2 checkpoint directory (default: the embedded model)")
     p.add_argument("--data", help=DATA_HELP)
-    p.add_argument("--prompts", type=int, default=20)
+    p.add_argument("--prompts", default="20", help="how many test-split prompts, or a JSONL file of {\"prompt\", \"target\"} objects")
+    p.add_argument("--task", choices=("tokens", "line"), default="tokens",
+                   help="tokens: the study's, up to --max-new-tokens; line: complete the rest of a line, stopping at its end")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
@@ -201,15 +258,123 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-draft", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-peers", action="store_true", help="skip ONNX Runtime and GGML (reported as skipped)")
+    p.add_argument("--no-peers", action="store_true", help="skip llama.cpp, ONNX Runtime and GGML (reported as skipped)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (one process per engine)")
     p.add_argument("--memory-of", metavar="ENGINE", help=argparse.SUPPRESS)  # the probe run in a subprocess
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def line_of(text: str) -> str:
+    """A line completion's text: up to its first line break."""
+    return text.split("\n", 1)[0]
+
+
+def measure(engines: dict, examples: list, prompts: list[list[int]], args, tok) -> dict:
+    """Every engine on every prompt, interleaved, `args.repeats` times: per engine the raw counts and texts."""
     from tqdm import tqdm
 
-    from earlyexit.data.corpus import token_cut_examples
+    from earlyexit.evaluation.metrics import edit_similarity, rouge_l
+
+    for ids in prompts[:args.warmup]:
+        for run in engines.values():
+            run(ids, args.max_new_tokens)
+    acc = {name: {"tokens": 0, "seconds": 0.0, "step_ms": [], "identical": 0, "rouge": [], "rouge_vs_full": [], "layers": [],
+                  "drafted": 0, "accepted": 0, "em": [], "es": []} for name in engines}
+    line = args.task == "line"
+    for _ in tqdm(range(args.repeats), desc="repeats"):
+        for ex, ids in zip(examples, prompts):
+            texts = {}
+            for name, run in engines.items():
+                tokens, secs, steps, completion = run(ids, args.max_new_tokens)
+                a = acc[name]
+                a["tokens"] += len(tokens)
+                a["seconds"] += secs
+                a["step_ms"] += steps
+                text = tok.decode(tokens, skip_special_tokens=True)
+                texts[name] = line_of(text) if line else text
+                a["rouge"].append(rouge_l(texts[name], ex.target))
+                if line:
+                    a["em"].append(float(texts[name].strip() == ex.target.strip()))
+                    a["es"].append(edit_similarity(texts[name].strip(), ex.target.strip()))
+                if completion is not None:
+                    a["layers"] += completion.exit_layers
+                    a["drafted"] += completion.speculation.get("drafted", 0)
+                    a["accepted"] += completion.speculation.get("accepted", 0)
+            full = texts["earlyexit full"]
+            for name, text in texts.items():
+                acc[name]["identical"] += text == full
+                acc[name]["rouge_vs_full"].append(rouge_l(text, full) if full else float(not text))
+    return acc
+
+
+def summarize(acc: dict, n_runs: int, n_layer: int) -> list[dict]:
+    """One row per engine, with its ratios to transformers generate, our full depth and llama.cpp fp32 (where measured)."""
+    rows = []
+    for name, a in acc.items():
+        rows.append({
+            "engine": name, "tokens": a["tokens"], "seconds": a["seconds"], "tokens_per_s": a["tokens"] / a["seconds"],
+            "median_ms_per_token": percentile(a["step_ms"], 50), "p95_ms_per_token": percentile(a["step_ms"], 95),
+            "identical_to_full": a["identical"] / n_runs, "rouge_l": float(np.mean(a["rouge"])),
+            "rouge_l_vs_full": float(np.mean(a["rouge_vs_full"])),
+            "mean_layers": float(np.mean(a["layers"])) if a["layers"] else float(n_layer),
+            "acceptance_rate": a["accepted"] / a["drafted"] if a["drafted"] else None,
+            "line_exact_match": float(np.mean(a["em"])) if a["em"] else None,
+            "line_edit_similarity": float(np.mean(a["es"])) if a["es"] else None,
+        })
+    by_name = {r["engine"]: r for r in rows}
+    for key, base in (("generate", "transformers generate"), ("full", "earlyexit full"), ("llama_cpp", "llama.cpp fp32")):
+        b = by_name.get(base)
+        for r in rows:
+            r[f"speedup_vs_{key}"] = b["median_ms_per_token"] / r["median_ms_per_token"] if b else None
+            r[f"tokens_per_s_vs_{key}"] = r["tokens_per_s"] / b["tokens_per_s"] if b else None
+    return rows
+
+
+def ratio(value) -> str:
+    return "-" if value is None else f"{value:.2f}×"
+
+
+def render(rows: list[dict], unavailable: dict, args, n_prompts: int, thresholds, memory: dict, n_layer: int) -> str:
+    what = (f"{n_prompts} prompts from {args.prompts}" if not args.prompts.isdigit() else
+            f"{n_prompts} test-split " + ("line prompts (cut inside a line's code; target: the rest of the line)" if args.task == "line"
+                                          else f"prompts (≤ {args.max_prompt_tokens} tokens; reference: the file's next {args.max_new_tokens} tokens)"))
+    lines = [
+        f"Greedy completion of {what} × {args.repeats} repeats, up to {args.max_new_tokens} new tokens"
+        + (", every engine stopping at the end of the line" if args.task == "line" else "") + f", batch 1, {args.threads} threads."
+        + (f" Early-exit thresholds: exit {thresholds.exit}, stop {thresholds.stop}." if thresholds else "")
+        + " Speed ratios are of median ms per token (higher is faster)."
+        + (" Memory: the peak RSS an engine adds to a process that has already imported torch, transformers and the "
+           "tokenizer, building the engine (weights included) and completing one prompt, one process per engine "
+           f"(building nothing adds {memory['baseline']:.0f} MB)." if memory.get("baseline") is not None else ""),
+        "",
+        "| engine | tokens/s | median ms/token | p95 ms/token | × generate | × earlyexit full | × llama.cpp fp32 | identical to full | "
+        f"ROUGE-L vs reference | ROUGE-L vs full | line EM | line edit sim. | mean layers (of {n_layer}) | drafts accepted | memory added MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        accepted = f"{r['acceptance_rate']:.0%}" if r["acceptance_rate"] is not None else "-"
+        rss = f"{r['memory_added_mb']:.0f}" if r.get("memory_added_mb") is not None else "-"
+        em = "-" if r["line_exact_match"] is None else f"{r['line_exact_match']:.1%}"
+        es = "-" if r["line_edit_similarity"] is None else f"{r['line_edit_similarity']:.3f}"
+        lines.append(f"| {r['engine']} | {r['tokens_per_s']:.1f} | {r['median_ms_per_token']:.2f} | {r['p95_ms_per_token']:.2f} | "
+                     f"{ratio(r['speedup_vs_generate'])} | {ratio(r['speedup_vs_full'])} | {ratio(r['speedup_vs_llama_cpp'])} | "
+                     f"{r['identical_to_full']:.0%} | {r['rouge_l']:.3f} | {r['rouge_l_vs_full']:.3f} | {em} | {es} | {r['mean_layers']:.2f} | "
+                     f"{accepted} | {rss} |")
+    for name, why in unavailable.items():
+        lines.append(f"| {name} | not run: {why} |" + " |" * 14)
+    lines += ["", "![median ms per token by engine](ms_per_token.png)"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from earlyexit.config import exit_code
+
+    args = parse_args(argv)
+    return exit_code(lambda: benchmark(args))
+
+
+def benchmark(args) -> int:
     from earlyexit.runtime.loading import load_tokenizer, resolve_model_dir
-    from earlyexit.evaluation.metrics import rouge_l
 
     set_threads(args.threads)
     model_dir = resolve_model_dir(args.model)
@@ -218,7 +383,8 @@ def main(argv=None) -> int:
     if args.memory_of:
         print(json.dumps(probe_memory(parts, args.memory_of)))
         return 0
-    ours = parts.ours
+    examples = load_examples(args, tok, model_dir)
+    prompts = [tok.encode(ex.prompt)[-args.max_prompt_tokens:] for ex in examples]
     engines, unavailable = {}, {}
     for name, make in parts.factories().items():
         try:
@@ -226,81 +392,18 @@ def main(argv=None) -> int:
         except PeerUnavailable as e:
             unavailable[name] = str(e)
     thresholds = parts.heads.cfg.thresholds if parts.has_heads else None
-    examples = token_cut_examples(test_split_files(model_dir, args.data), tok, args.prompts, target_tokens=args.max_new_tokens,
-                                  max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
-    prompts = [tok.encode(ex.prompt) for ex in examples]
-    for ids in prompts[:args.warmup]:
-        for run in engines.values():
-            run(ids, args.max_new_tokens)
-    acc = {name: {"tokens": 0, "seconds": 0.0, "step_ms": [], "identical": 0, "rouge": [], "rouge_vs_full": [], "layers": [], "drafted": 0, "accepted": 0}
-           for name in engines}
-    for _ in tqdm(range(args.repeats), desc="repeats"):
-        for ex, ids in zip(examples, prompts):
-            reference = None
-            for name, run in engines.items():
-                tokens, secs, steps, completion = run(ids, args.max_new_tokens)
-                if name == "earlyexit full":
-                    reference = tokens
-                a = acc[name]
-                a["tokens"] += len(tokens)
-                a["seconds"] += secs
-                a["step_ms"] += steps
-                a["tokens_list"] = a.get("tokens_list", []) + [tokens]
-                a["rouge"].append(rouge_l(tok.decode(tokens, skip_special_tokens=True), ex.target))
-                if completion is not None:
-                    a["layers"] += completion.exit_layers
-                    a["drafted"] += completion.speculation.get("drafted", 0)
-                    a["accepted"] += completion.speculation.get("accepted", 0)
-            full_text = tok.decode(reference, skip_special_tokens=True)
-            for name in engines:
-                written = acc[name]["tokens_list"][-1]
-                acc[name]["identical"] += written == reference
-                acc[name]["rouge_vs_full"].append(rouge_l(tok.decode(written, skip_special_tokens=True), full_text) if full_text else float(not written))
-    rows = []
-    n_runs = args.repeats * len(prompts)
-    for name, a in acc.items():
-        rows.append({
-            "engine": name, "tokens": a["tokens"], "seconds": a["seconds"], "tokens_per_s": a["tokens"] / a["seconds"],
-            "median_ms_per_token": percentile(a["step_ms"], 50), "p95_ms_per_token": percentile(a["step_ms"], 95),
-            "identical_to_full": a["identical"] / n_runs, "rouge_l": float(np.mean(a["rouge"])),
-            "rouge_l_vs_full": float(np.mean(a["rouge_vs_full"])),
-            "mean_layers": float(np.mean(a["layers"])) if a["layers"] else float(ours.dims.n_layer),
-            "acceptance_rate": a["accepted"] / a["drafted"] if a["drafted"] else None,
-        })
+    n_layer = parts.ours.dims.n_layer
+    rows = summarize(measure(engines, examples, prompts, args, tok), args.repeats * len(prompts), n_layer)
     memory = {} if args.no_memory else measure_memory(args, [r["engine"] for r in rows])
     for r in rows:
         r["memory_added_mb"] = memory.get(r["engine"])
-    base = rows[0]
-    for r in rows:
-        r["speedup_tokens_per_s"] = r["tokens_per_s"] / base["tokens_per_s"]
-        r["speedup_median_ms"] = base["median_ms_per_token"] / r["median_ms_per_token"]
-    result = {"stamp": stamp(str(model_dir), vars(args)), "thresholds": thresholds and vars(thresholds), "rows": rows,
-              "unavailable": unavailable, "baseline_added_mb": memory.get("baseline")}
-    L = ours.dims.n_layer
-    table = [
-        f"Greedy completion of {args.prompts} test-split prompts (≤ {args.max_prompt_tokens} tokens) × {args.repeats} repeats, "
-        f"up to {args.max_new_tokens} new tokens, batch 1, {args.threads} threads; reference for ROUGE-L: the file's next "
-        f"{args.max_new_tokens} tokens." + (f" Early-exit thresholds: exit {thresholds.exit}, stop {thresholds.stop}." if thresholds else "")
-        + (" Memory: the peak RSS an engine adds to a process that has already imported torch, transformers and the "
-           "tokenizer, building the engine (weights included) and completing one prompt, one process per engine "
-           f"(building nothing adds {memory['baseline']:.0f} MB)." if memory.get("baseline") is not None else ""),
-        "",
-        "| engine | tokens/s | median ms/token | p95 ms/token | tokens/s vs generate | ms/token vs generate | identical to full | "
-        f"ROUGE-L vs reference | ROUGE-L vs full | mean layers (of {L}) | drafts accepted | memory added MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        accepted = f"{r['acceptance_rate']:.0%}" if r["acceptance_rate"] is not None else "-"
-        rss = f"{r['memory_added_mb']:.0f}" if r["memory_added_mb"] is not None else "-"
-        table.append(f"| {r['engine']} | {r['tokens_per_s']:.1f} | {r['median_ms_per_token']:.2f} | {r['p95_ms_per_token']:.2f} | "
-                     f"{r['speedup_tokens_per_s']:.2f}× | {r['speedup_median_ms']:.2f}× | {r['identical_to_full']:.0%} | {r['rouge_l']:.3f} | "
-                     f"{r['rouge_l_vs_full']:.3f} | {r['mean_layers']:.2f} | {accepted} | {rss} |")
-    for name, why in unavailable.items():
-        table.append(f"| {name} | not run: {why} | | | | | | | | | | |")
-    table += ["", "![median ms per token by engine](ms_per_token.png)"]
-    out = write_results("benchmark_generate", result, "\n".join(table))
+    result = {"stamp": stamp(str(model_dir), vars(args)), "task": args.task, "thresholds": thresholds and vars(thresholds),
+              "exit_layers": parts.heads.cfg.exit_layers if parts.has_heads else None, "rows": rows, "unavailable": unavailable,
+              "baseline_added_mb": memory.get("baseline")}
+    table = render(rows, unavailable, args, len(prompts), thresholds, memory, n_layer)
+    out = write_results("benchmark_generate" + ("_line" if args.task == "line" else ""), result, table)
     plot(rows, out / "ms_per_token.png")
-    print("\n".join(table))
+    print(table)
     print(f"wrote {out}")
     return 0
 

@@ -60,15 +60,15 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def our_engine(model, tok, policy):
-    """A runner (ids, max_new) -> (token ids, seconds, per-token ms, Completion) over earlyexit.cli."""
+def our_engine(model, tok, policy, stop_strings=()):
+    """A runner (ids, max_new) -> (token ids, seconds, per-token ms, Completion) over earlyexit.runtime.decoding."""
     import time
 
     from earlyexit.runtime.decoding import GenerationSettings, complete
 
     def run(ids: list[int], max_new: int):
         t0 = time.perf_counter()
-        c = complete(model, tok, ids, GenerationSettings(max_new_tokens=max_new), policy=policy)
+        c = complete(model, tok, ids, GenerationSettings(max_new_tokens=max_new, stop_strings=stop_strings), policy=policy)
         return c.token_ids, time.perf_counter() - t0, c.token_ms, c
 
     return run

@@ -47,7 +47,7 @@ def test_benchmark_limit_run_has_every_mode(model_with_heads, tmp_path):
                                     "--max-new-tokens", "5", "--max-prompt-tokens", "20", "--threads", "1", "--no-memory"]) == 0
     result = json.loads((tmp_path / "results/benchmark_generate/results.json").read_text())
     rows = {r["engine"]: r for r in result["rows"]}
-    peers = {"onnxruntime", "ggml (ctransformers)"}
+    peers = {"llama.cpp fp32", "llama.cpp Q8_0", "onnxruntime", "ggml (ctransformers)"}
     ours = {"earlyexit full", "earlyexit early-exit", "earlyexit lossless", "earlyexit lossless (fp32 exit drafts)", "earlyexit lossless (stopping)",
             "earlyexit full (int8 weights)", "earlyexit early-exit (int8 weights)"}
     assert set(rows) - peers == {"transformers generate", *ours}
@@ -57,6 +57,35 @@ def test_benchmark_limit_run_has_every_mode(model_with_heads, tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in rows.values()) and result["stamp"]["commit"]
     assert (tmp_path / "results/benchmark_generate/ms_per_token.png").stat().st_size > 0
     assert all(r["memory_added_mb"] is None for r in rows.values()) and "memory added MB" in (tmp_path / "results/benchmark_generate/results.md").read_text()
+
+
+def test_benchmark_line_task_on_a_prompts_file_stops_every_engine_at_the_end_of_the_line(model_with_heads, tmp_path):
+    import benchmark_generate
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def add(a, b):\n    return", "target": " a + b"}) + "\n\n"
+                       + json.dumps({"prompt": "import os\nimport"}) + "\n")
+    assert benchmark_generate.main(["--model", str(model_with_heads), "--prompts", str(prompts), "--task", "line", "--repeats", "1",
+                                    "--warmup", "0", "--max-new-tokens", "6", "--threads", "1", "--no-memory", "--no-peers"]) == 0
+    result = json.loads((tmp_path / "results/benchmark_generate_line/results.json").read_text())
+    rows = {r["engine"]: r for r in result["rows"]}
+    assert result["task"] == "line" and "transformers generate" in rows and "earlyexit lossless" in rows
+    for name, r in rows.items():
+        assert r["line_exact_match"] is not None and 0 <= r["line_edit_similarity"] <= 1, name
+    assert rows["earlyexit lossless"]["identical_to_full"] == 1.0 and rows["transformers generate"]["identical_to_full"] == 1.0
+    assert rows["earlyexit full"]["speedup_vs_full"] == 1.0 and rows["earlyexit full"]["speedup_vs_llama_cpp"] is None
+    assert set(result["unavailable"]) == {"llama.cpp fp32", "llama.cpp Q8_0", "onnxruntime", "ggml (ctransformers)"}
+
+
+@pytest.mark.parametrize("content, message", [("not json\n", "is not JSON"), ('{"target": "x"}\n', "prompt"), ("\n", "holds no prompts")])
+def test_benchmark_refuses_a_bad_prompts_file_in_one_line(model_with_heads, tmp_path, capsys, content, message):
+    import benchmark_generate
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(content)
+    assert benchmark_generate.main(["--model", str(model_with_heads), "--prompts", str(prompts), "--no-memory", "--no-peers"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
 
 
 def test_benchmark_memory_probe_runs_one_engine(model_with_heads, capsys):

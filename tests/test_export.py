@@ -99,3 +99,59 @@ def test_onnx_export_matches_our_runtime(tmp_path, model, tiny_tokenizer):
         tokens.append(int(out[0].argmax()))
         x = np.asarray([[tokens[-1]]])
     assert tokens == complete(model, tiny_tokenizer, ids[0].tolist(), GenerationSettings(max_new_tokens=10)).token_ids
+
+
+def gguf_read(path):
+    gguf = pytest.importorskip("gguf", reason="GGUF export needs the gguf package (the [dev] and [bench] extras)")
+    reader = gguf.GGUFReader(str(path))
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    return gguf, fields, {t.name: t for t in reader.tensors}
+
+
+def test_gguf_file_holds_every_weight_in_llama_cpp_gpt2_layout(tmp_path, model, tiny_tokenizer):
+    from earlyexit.export.gguf import write_gguf
+
+    gguf, fields, tensors = gguf_read(write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf"))
+    d = model.dims
+    assert fields["general.architecture"] == "gpt2"
+    assert (fields["gpt2.block_count"], fields["gpt2.embedding_length"], fields["gpt2.attention.head_count"],
+            fields["gpt2.context_length"], fields["gpt2.feed_forward_length"]) == (d.n_layer, d.n_embd, d.n_head, d.n_positions, 4 * d.n_embd)
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.tokens"] == tiny_tokenizer.convert_ids_to_tokens(list(range(d.vocab_size)))
+    assert fields["tokenizer.ggml.eos_token_id"] == tiny_tokenizer.eos_token_id and len(fields["tokenizer.ggml.merges"]) > 0
+    assert len(tensors) == 5 + 12 * d.n_layer
+    values = {name: np.asarray(t.data).reshape(tuple(reversed(t.shape.tolist()))) for name, t in tensors.items()}
+    np.testing.assert_array_equal(values["token_embd.weight"], model.wte.weight.numpy())
+    np.testing.assert_array_equal(values["output.weight"], model.head_weight.numpy())
+    # GGUF takes PyTorch's (out, in): Hugging Face's (and our) Conv1D (in, out) transposed
+    np.testing.assert_array_equal(values["blk.1.attn_qkv.weight"], model.h[1].attn.c_attn.weight.numpy().T)
+    np.testing.assert_array_equal(values["blk.0.ffn_down.weight"], model.h[0].mlp.c_proj.weight.numpy().T)
+    np.testing.assert_array_equal(values["blk.0.ffn_norm.bias"], model.h[0].ln_2.bias.numpy())
+    assert values["blk.0.ffn_up.weight"].shape == (4 * d.n_embd, d.n_embd)
+
+
+def test_gguf_q8_0_stores_the_projections_and_head_as_q8_0_within_their_rounding(tmp_path, tiny_tokenizer):
+    from earlyexit.export.gguf import write_gguf
+
+    model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2, n_embd=64, n_head=4, seed=1))
+    gguf, fields, tensors = gguf_read(write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "q8_0"))
+    assert tensors["blk.0.attn_qkv.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert tensors["output.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert tensors["blk.0.attn_qkv.bias"].tensor_type == gguf.GGMLQuantizationType.F32
+    t = tensors["blk.1.ffn_down.weight"]
+    back = gguf.quants.dequantize(t.data, t.tensor_type)
+    want = model.h[1].mlp.c_proj.weight.numpy().T
+    assert back.shape == want.shape
+    assert np.abs(back - want).max() <= np.abs(want).max() / 127 + 1e-6  # a scale per 32 weights: error <= scale / 2
+
+
+def test_gguf_export_refuses_what_llama_cpp_would_compute_differently(tmp_path, tiny_tokenizer):
+    from earlyexit.errors import EarlyExitError
+    from earlyexit.export.gguf import write_gguf
+
+    relu = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=1, n_embd=32))
+    object.__setattr__(relu.dims, "activation", "relu")
+    with pytest.raises(EarlyExitError, match="tanh GELU"):
+        write_gguf(relu, tiny_tokenizer, tmp_path / "m.gguf")
+    with pytest.raises(EarlyExitError, match="tensor type"):
+        write_gguf(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=1, n_embd=32)), tiny_tokenizer, tmp_path / "m.gguf", "q4_0")
