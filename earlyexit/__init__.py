@@ -16,9 +16,11 @@ from .runtime.batch import complete_batch
 from .runtime.decoding import Completion, GenerationSettings, complete
 from .runtime.loading import DEFAULT_MODEL_DIR, load_runtime_model
 from .runtime.model import GPT2, GPT2Dims, KVCache
+from .runtime.policies import EarlyExit, FullDepth, Policy, SpeculativePolicy
+from .runtime.speculative import Lossless
 
 __all__ = [
-    "Completion", "DEFAULT_MODEL_DIR", "EarlyExitError", "GPT2", "GPT2Dims", "GenerationSettings", "KVCache",
-    "complete", "complete_batch", "load_runtime_model",
+    "Completion", "DEFAULT_MODEL_DIR", "EarlyExit", "EarlyExitError", "FullDepth", "GPT2", "GPT2Dims", "GenerationSettings", "KVCache",
+    "Lossless", "Policy", "SpeculativePolicy", "complete", "complete_batch", "load_runtime_model",
 ]
 __version__ = "0.1.0"

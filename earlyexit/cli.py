@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a local GPT-2 checkpoint directory (default: the embedded model)")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="at most this many tokens (default %(default)s)")
     p.add_argument("--stop", action="append", default=[], metavar="STRING", help="end the completion before this string (repeatable)")
-    p.add_argument("--no-escape", action="store_true", help="take \\n, \\t, ... in the prompt argument and --stop literally (by default they are processed)")
+    p.add_argument("--no-escape", action="store_true",
+                   help="take \\n, \\t, ... in the prompt argument and --stop literally (by default they are processed)")
     p.add_argument("--no-token-healing", action="store_true", help="do not back off a prompt's partial last word (healing is on by default)")
     p.add_argument("--no-repetition-stop", action="store_true",
                    help="let a completion that loops (a line, block or phrase written again) run on (by default it ends with one copy)")
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s; lossless mode writes full mode's tokens with the same cache)")
     p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt too long for the context instead of refusing it")
     p.add_argument("--mode", choices=("full", "early-exit", "lossless"),
-                   help="early-exit (the default when the model has exit heads), full depth, or lossless (full's exact tokens, drafted cheaply and verified)")
+                   help="early-exit (the default when the model has exit heads), full depth, "
+                        "or lossless (full's exact tokens, drafted cheaply and verified)")
     p.add_argument("--max-draft", type=int, help=f"lossless mode: most tokens drafted per verification (default {DEFAULT_MAX_DRAFT})")
     p.add_argument("--draft", choices=("auto", "int8", "same"),
                    help="lossless mode: draft with a weight-only int8 copy of the model (auto: for an fp32 model on the CPU) "
@@ -106,11 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
                    help="full and early-exit modes: run a weight-only int8 copy of the model (faster on a CPU, tokens may differ "
                         "from fp32; lossless mode always verifies in fp32) (default %(default)s)")
-    p.add_argument("--exit-threshold", type=float, help="exit when p(exit) is the largest and above this, in [0, 1]; 1 disables exits (default: the heads' calibrated value; lossless with an int8 draft: 1)")
+    p.add_argument("--exit-threshold", type=float,
+                   help="exit when p(exit) is the largest and above this, in [0, 1]; 1 disables exits "
+                        "(default: the heads' calibrated value; lossless with an int8 draft: 1)")
     p.add_argument("--target-agreement", type=float, metavar="RATE",
                    help="choose the exit threshold from the heads' calibration table so tokens agree with the full model at this rate "
                         "(the fixed-sequence test of earlyexit.training.calibrate, same confidence); instead of --exit-threshold")
-    p.add_argument("--stop-threshold", type=float, help="stop when p(stop) is the largest and above this, in [0, 1]; 1 disables stopping (default: the heads' calibrated value; lossless: 1)")
+    p.add_argument("--stop-threshold", type=float,
+                   help="stop when p(stop) is the largest and above this, in [0, 1]; 1 disables stopping "
+                        "(default: the heads' calibrated value; lossless: 1)")
     p.add_argument("--exit-layers", metavar="LIST",
                    help="early-exit mode: ask the controller only after these blocks, 1-based and comma-separated (e.g. 3,6,9), "
                         "or 'all' (default: the heads' choice, earlyexit.training.exit_layers, else all)")
@@ -192,7 +198,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.max_draft is not None and args.max_draft < 1:
         raise EarlyExitError(f"--max-draft must be a positive integer, got {args.max_draft}")
     if args.weights == "int8" and args.mode == "lossless":
-        raise EarlyExitError("--weights int8 does not apply to lossless mode: it verifies with the fp32 model (its drafts are int8 already, see --draft)")
+        raise EarlyExitError("--weights int8 does not apply to lossless mode: it verifies with the fp32 model "
+                             "(its drafts are int8 already, see --draft)")
     prompt = read_prompt(args)
     check_text(prompt)  # before the model loads: no reason to wait seconds for this error
     model_dir = resolve_model_dir(args.model)

@@ -189,7 +189,8 @@ class EngineParts:
             f |= {
                 "earlyexit early-exit": lambda: ours(self.ours, EarlyExit(self.ours, self.heads))(),
                 "earlyexit lossless": lambda: ours(self.ours, Lossless(self.ours, self.heads, max_draft=a.max_draft))(),  # int8 drafts
-                "earlyexit lossless (fp32 exit drafts)": lambda: ours(self.ours, Lossless(self.ours, self.heads, max_draft=a.max_draft, draft="same"))(),
+                "earlyexit lossless (fp32 exit drafts)": lambda: ours(
+                    self.ours, Lossless(self.ours, self.heads, max_draft=a.max_draft, draft="same"))(),
                 # with the heads' stop threshold, as early-exit mode has it: full's tokens up to where the controller stops
                 "earlyexit lossless (stopping)": lambda: ours(
                     self.ours, Lossless(self.ours, self.heads, max_draft=a.max_draft, stop_threshold=self.heads.cfg.thresholds.stop))(),
@@ -335,9 +336,12 @@ def ratio(value) -> str:
 
 
 def render(rows: list[dict], unavailable: dict, args, n_prompts: int, thresholds, memory: dict, n_layer: int) -> str:
-    what = (f"{n_prompts} prompts from {args.prompts}" if not args.prompts.isdigit() else
-            f"{n_prompts} test-split " + ("line prompts (cut inside a line's code; target: the rest of the line)" if args.task == "line"
-                                          else f"prompts (≤ {args.max_prompt_tokens} tokens; reference: the file's next {args.max_new_tokens} tokens)"))
+    if not args.prompts.isdigit():
+        what = f"{n_prompts} prompts from {args.prompts}"
+    elif args.task == "line":
+        what = f"{n_prompts} test-split line prompts (cut inside a line's code; target: the rest of the line)"
+    else:
+        what = f"{n_prompts} test-split prompts (≤ {args.max_prompt_tokens} tokens; reference: the file's next {args.max_new_tokens} tokens)"
     lines = [
         f"Greedy completion of {what} × {args.repeats} repeats, up to {args.max_new_tokens} new tokens"
         + (", every engine stopping at the end of the line" if args.task == "line" else "") + f", batch 1, {args.threads} threads."

@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     if cuda:
         result = {"stamp": {**stamp("synthetic weights; end to end: the embedded model", vars(args)), "gpu": torch.cuda.get_device_name()},
                   "copy_bandwidth_GB_s": bandwidth, "rows": rows, "end_to_end": e2e}
-        out = write_results("benchmark_kernels", result, f"GPU: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth:.0f} GB/s\n\n" + "\n".join(table))
+        out = write_results("benchmark_kernels", result,
+                            f"GPU: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth:.0f} GB/s\n\n" + "\n".join(table))
         print(f"wrote {out}")
     else:
         print("interpreter run: outputs checked against the references; the timings above are not GPU timings and are not saved")

@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     step_timer(model, ids, eager, 20, around=prof)
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in ops)
-    top = [{"op": e.key, "self_ms_per_token": e.self_cpu_time_total / 20 / 1e3, "share": e.self_cpu_time_total / total, "calls_per_token": e.count / 20}
+    top = [{"op": e.key, "self_ms_per_token": e.self_cpu_time_total / 20 / 1e3, "share": e.self_cpu_time_total / total,
+            "calls_per_token": e.count / 20}
            for e in ops[:12]]
     result = {"stamp": stamp(str(model_dir), vars(args)), "prompt_tokens": int(ids.shape[1]), "compile_seconds": compile_seconds,
               "rows": rows, "profile_top_ops": top, "profile_total_ms_per_token": total / 20 / 1e3}

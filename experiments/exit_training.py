@@ -111,7 +111,8 @@ def table(result: dict) -> str:
     lines = [f"Teacher-forced over the same {b['tokens']:,} test-split tokens; before: `{b['model']}`, after: `{a['model']}`.", "",
              "| | before | after |", "|---|---|---|", *[f"| {name} | {fmt(f, b[k])} | {fmt(f, a[k])} |" for name, k, f in rows],
              "", "| layer | right by here, before | after | agrees with last by here, before | after |", "|---|---|---|---|---|",
-             *[f"| {i + 1} | {b['right_by_layer'][i]:.1%} | {a['right_by_layer'][i]:.1%} | {b['agree_by_layer'][i]:.1%} | {a['agree_by_layer'][i]:.1%} |"
+             *[f"| {i + 1} | {b['right_by_layer'][i]:.1%} | {a['right_by_layer'][i]:.1%} | "
+               f"{b['agree_by_layer'][i]:.1%} | {a['agree_by_layer'][i]:.1%} |"
                for i in range(b["n_layer"])],
              "", "![cumulative share by layer, both models](by_layer.png)"]
     return "\n".join(lines)

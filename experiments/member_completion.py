@@ -151,7 +151,8 @@ def run(args, cfg: MemberConfig) -> None:
     L = model.dims.n_layer
     rows = [{"exit_threshold": t, "chosen": t == chosen, **summary(r), "mean_layers": float(layers.mean())}
             for t, (r, layers) in per_threshold.items()]
-    result = {"stamp": stamp(str(model_dir), {**vars(cfg), "data": args.data or "test split"}), "n_layer": L, "sites_found": total, "sites_scored": int(len(full)),
+    result = {"stamp": stamp(str(model_dir), {**vars(cfg), "data": args.data or "test split"}), "n_layer": L, "sites_found": total,
+              "sites_scored": int(len(full)),
               "merged_with_dot_skipped": merged, "full": summary(full), "early_exit": rows,
               "per_layer_top1": [float((r == 1).mean()) for r in layer_ranks]}
     f = result["full"]

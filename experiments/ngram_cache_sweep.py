@@ -123,7 +123,8 @@ def render(cfg: CacheSweepConfig, result: dict) -> str:
         f"Sample loops: of the model card's {result['samples']} sample prompts, how many loop (the CLI's repetition stop ends them) "
         "as the CLI completes them with that cache.",
         "",
-        "| sweep | prompt | weight | skip recent | exact match | edit similarity | degenerate | sample loops | exact lines gained / lost vs no cache (sign test p) |",
+        "| sweep | prompt | weight | skip recent | exact match | edit similarity | degenerate | sample loops | "
+        "exact lines gained / lost vs no cache (sign test p) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:

@@ -142,7 +142,8 @@ def render_rows(rows: list[dict], healing_mode: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         scored = f"earlier, at `{r['scored_at']}`" if r.get("scored_at") else "this run"
-        lines.append(f"| `{Path(r['checkpoint']).name}` | `{r['recipe']}` | {r['step']:,} | {r['tokens_seen'] / 1e6:.1f}M | {r.get('layers', '?')} | {r['context']} | "
+        lines.append(f"| `{Path(r['checkpoint']).name}` | `{r['recipe']}` | {r['step']:,} | {r['tokens_seen'] / 1e6:.1f}M | "
+                     f"{r.get('layers', '?')} | {r['context']} | "
                      f"{r['exact_match']:.1%} | {r['edit_similarity']:.3f} | {r['rouge_l']:.3f} | {r['degenerate_rate']:.1%} | {scored} |")
     return "\n".join(lines)
 

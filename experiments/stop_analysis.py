@@ -140,7 +140,8 @@ def run(args, cfg: StopConfig) -> None:
     diverged = sum(k != f[:len(k)] for t in policies for k, f in zip(kept[t], full))
     rows = [{"threshold": t, **stop_stats(full, refs, kept[t], stopped[t])} for t in policies]
     chosen = heads.cfg.thresholds.stop
-    result = {"stamp": stamp(str(model_dir), {**vars(cfg), "data": args.data or "test split"}), "prompts": len(examples), "chosen_stop_threshold": chosen,
+    result = {"stamp": stamp(str(model_dir), {**vars(cfg), "data": args.data or "test split"}), "prompts": len(examples),
+              "chosen_stop_threshold": chosen,
               "full_completions_with_a_wrong_token": float(np.mean([first_wrong(f, r) is not None for f, r in zip(full, refs)])),
               "kept_parts_differing_from_full": diverged, "rows": rows}
     out = write_results("stop_analysis", result, "")

@@ -179,7 +179,8 @@ def run(args, cfg: SweepConfig) -> None:
         f"time per decoded token is the median of {cfg.repeats} interleaved repeats; `full` takes {full_ms:.2f} ms/token in the same run.",
         "", f"In the study's form (study: {STUDY['layers_skipped']}/{STUDY['n_layer']} layers skipped, {STUDY['speedup']:+.1%} speed, "
         f"{STUDY['rouge_l_change']:+.1%} ROUGE-L):", "",
-        f"| point | layers skipped (of {L}) | speed vs full | ROUGE-L change | ROUGE-L | exact match | edit sim. | ROUGE-L vs full | identical to full | stopped | Pareto |",
+        f"| point | layers skipped (of {L}) | speed vs full | ROUGE-L change | ROUGE-L | exact match | edit sim. | "
+        "ROUGE-L vs full | identical to full | stopped | Pareto |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| full | 0.00 | 1.00× | - | {full['rouge_l']:.3f} | {full['exact_match']:.1%} | {full['edit_similarity']:.3f} | 1.000 | 100% | 0% | |",
     ]

@@ -56,7 +56,8 @@ def test_cli_completes_with_the_default_model(capsys):
     assert len(result["token_ids"]) >= 1 and result["finish_reason"] in ("eos", "max_tokens", "stop") and result["mode"] == "early-exit"
 
 
-@pytest.mark.parametrize("prompt,word", [("    ret", "urn"), ("        self.items = []\n\n    def push(self, item):\n        self.items.app", "end"), ("import collec", "tions"),
+@pytest.mark.parametrize("prompt,word", [("    ret", "urn"), ("        self.items = []\n\n    def push(self, item):\n        self.items.app", "end"),
+                                         ("import collec", "tions"),
                                          ("def area(r):\n    \"\"\"Retu", "rn"),
                                          ("class Stack:\n    def __init__(self):\n        self.items = []\n\n    ", "def ")])
 def test_token_healing_on_prompts_cut_inside_a_word(hf_and_tok, prompt, word):

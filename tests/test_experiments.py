@@ -56,7 +56,8 @@ def test_benchmark_limit_run_has_every_mode(model_with_heads, tmp_path):
         assert rows[name]["identical_to_full"] == 1.0 and rows[name]["rouge_l_vs_full"] == 1.0, name
     assert all(r["tokens_per_s"] > 0 for r in rows.values()) and result["stamp"]["commit"]
     assert (tmp_path / "results/benchmark_generate/ms_per_token.png").stat().st_size > 0
-    assert all(r["memory_added_mb"] is None for r in rows.values()) and "memory added MB" in (tmp_path / "results/benchmark_generate/results.md").read_text()
+    assert (all(r["memory_added_mb"] is None for r in rows.values())
+            and "memory added MB" in (tmp_path / "results/benchmark_generate/results.md").read_text())
 
 
 def test_benchmark_line_task_on_a_prompts_file_stops_every_engine_at_the_end_of_the_line(model_with_heads, tmp_path):
@@ -229,7 +230,8 @@ def test_decode_profile_limit_run(model_with_heads, tmp_path):
     assert decode_profile.main(["--model", str(model_with_heads), "--no-compile", "--tokens", "3", "--rounds", "1", "--threads", "1"]) == 0
     result = json.loads((tmp_path / "results/decode_profile/results.json").read_text())
     assert [r["variant"].split(" (")[0] for r in result["rows"]] == ["eager full-depth step", "fp32 lean full-depth step",
-                                                                         "int8-weight full-depth step", "int8-weight lean greedy step", "early-exit step"]
+                                                                         "int8-weight full-depth step", "int8-weight lean greedy step",
+                                                                         "early-exit step"]
     assert result["rows"][0]["vs_eager"] == 1.0 and all(r["median_ms"] > 0 for r in result["rows"])
     assert result["profile_top_ops"] and abs(sum(t["share"] for t in result["profile_top_ops"])) <= 1.0 + 1e-9
 

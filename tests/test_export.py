@@ -116,7 +116,8 @@ def test_gguf_file_holds_every_weight_in_llama_cpp_gpt2_layout(tmp_path, model, 
     assert fields["general.architecture"] == "gpt2"
     assert (fields["gpt2.block_count"], fields["gpt2.embedding_length"], fields["gpt2.attention.head_count"],
             fields["gpt2.context_length"], fields["gpt2.feed_forward_length"]) == (d.n_layer, d.n_embd, d.n_head, d.n_positions, 4 * d.n_embd)
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.tokens"] == tiny_tokenizer.convert_ids_to_tokens(list(range(d.vocab_size)))
+    assert (fields["tokenizer.ggml.model"] == "gpt2"
+            and fields["tokenizer.ggml.tokens"] == tiny_tokenizer.convert_ids_to_tokens(list(range(d.vocab_size))))
     assert fields["tokenizer.ggml.eos_token_id"] == tiny_tokenizer.eos_token_id and len(fields["tokenizer.ggml.merges"]) > 0
     assert len(tensors) == 5 + 12 * d.n_layer
     values = {name: np.asarray(t.data).reshape(tuple(reversed(t.shape.tolist()))) for name, t in tensors.items()}

@@ -145,6 +145,16 @@ def test_thresholds_are_checked_when_changed_too_and_the_policy_checks_its_argum
         EarlyExit(model, None)
 
 
+@pytest.mark.parametrize("policy", [object(), "early-exit", 0.5])
+def test_something_that_is_not_a_policy_is_refused_before_decoding(model, tiny_tokenizer, policy):
+    from earlyexit import complete, complete_batch
+
+    with pytest.raises(EarlyExitError, match="policy must be an earlyexit Policy"):
+        complete(model, tiny_tokenizer, "def f():", policy=policy)
+    with pytest.raises(EarlyExitError, match="policy must be an earlyexit Policy"):
+        complete_batch(model, tiny_tokenizer, ["def f():"], policy=policy)
+
+
 def test_weights_holding_nan_are_refused_at_load(tmp_path, tiny_tokenizer):
     from earlyexit.runtime.loading import load_runtime_model
 

@@ -8,7 +8,10 @@ Every import counts, at module level or inside a function, relative or absolute.
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "earlyexit"
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "earlyexit"
 STAGES = ["core", "kernels", "data", "runtime", "training", "evaluation", "export", "front"]
 CORE = {"errors", "config", "provenance"}
 FRONT = {"cli", "generate", "__main__", "__init__"}
@@ -78,3 +81,14 @@ def test_the_rule_sees_relative_and_function_level_imports_and_the_kernels():
     assert "earlyexit.training.exit_loss" in found  # `from .exit_loss import ...`, inside functions
     assert "earlyexit.kernels.dispatch" in imports_of(PACKAGE / "runtime" / "policies.py")
     assert any(p.parent.name == "kernels" for p in package_files()), "the kernels (a linked folder) are not checked"
+
+
+def test_the_code_is_ruff_clean():
+    """pyproject.toml's [tool.ruff] (pyflakes, pycodestyle errors and warnings, 150 columns) over the whole repository."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("ruff", reason="ruff is in the [dev] extra")
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", str(ROOT)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,6 +1,7 @@
 import pytest
 
-from earlyexit.evaluation.metrics import edit_similarity, exact_match, indel_similarity, is_degenerate, levenshtein, longest_common_subsequence, rouge_l
+from earlyexit.evaluation.metrics import (edit_similarity, exact_match, indel_similarity, is_degenerate, levenshtein, longest_common_subsequence,
+                                          rouge_l)
 
 
 def test_levenshtein_and_edit_similarity():

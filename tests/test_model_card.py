@@ -63,7 +63,8 @@ def test_recipe_names_every_phase_in_order(tmp_path):
     shipped = {**base, "max_steps": 500, "rewarm_at": 300}
     assert [p for p, _ in recipe_phases(shipped, tmp_path)] == ["configs/a.yaml", "configs/b.yaml", "configs/c.yaml"]
     lines = schedule_lines(shipped, tmp_path)
-    assert lines[2].startswith("- Phase 3 (`configs/c.yaml`, `--resume`): 16 × 256-token windows; re-warm at step 300") and "c.yaml --resume`." in lines[-1]
+    assert (lines[2].startswith("- Phase 3 (`configs/c.yaml`, `--resume`): 16 × 256-token windows; re-warm at step 300")
+            and "c.yaml --resume`." in lines[-1])
     assert recipe_phases({**shipped, "max_steps": 700}, tmp_path) == []  # no config ends there: no made-up recipe
     # a phase that starts from an earlier phase's export in a new work_dir continues the chain through that export
     (tmp_path / "d.yaml").write_text(yaml.safe_dump({**base, "work_dir": "runs/z", "max_steps": 600, "rewarm_at": 500,
@@ -71,9 +72,11 @@ def test_recipe_names_every_phase_in_order(tmp_path):
     widened = {**base, "work_dir": "runs/z", "max_steps": 600, "rewarm_at": 500, "init_from": "runs/x/export"}
     assert recipe_phases(widened, tmp_path) == []  # no config exports to runs/x/export yet
     for name in ("a", "b", "c"):
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**yaml.safe_load((tmp_path / f"{name}.yaml").read_text()), "out_dir": "runs/x/export"}))
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**yaml.safe_load((tmp_path / f"{name}.yaml").read_text()),
+                                                               "out_dir": "runs/x/export"}))
     assert [p for p, _ in recipe_phases(widened, tmp_path)] == ["configs/a.yaml", "configs/b.yaml", "configs/c.yaml", "configs/d.yaml"]
-    assert "starts from `runs/x/export`" in schedule_lines(widened, tmp_path)[3] and "on its own corpus in `runs/z`" in schedule_lines(widened, tmp_path)[3]
+    assert ("starts from `runs/x/export`" in schedule_lines(widened, tmp_path)[3]
+            and "on its own corpus in `runs/z`" in schedule_lines(widened, tmp_path)[3])
     # a phase that starts from the previous phase's export in that phase's own work_dir (its checkpoint gone) says so
     (tmp_path / "e.yaml").write_text(yaml.safe_dump({**base, "work_dir": "runs/z", "out_dir": "runs/z/export", "max_steps": 600,
                                                      "rewarm_at": 500, "init_from": "runs/x/export"}))
@@ -95,7 +98,8 @@ def test_recipe_names_every_phase_in_order(tmp_path):
 def test_recipe_evidence_reads_the_sweeps_and_flags_a_curve_behind_the_model(tmp_path):
     def write(name, body, config):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps({"stamp": {"commit": "abc1234", "config": config, "machine": "Test CPU (AMX), 2 threads"}, **body}))
+        (tmp_path / name / "results.json").write_text(json.dumps({"stamp": {"commit": "abc1234", "config": config,
+                                                                            "machine": "Test CPU (AMX), 2 threads"}, **body}))
 
     write("recipe_sweep", {"best_lr": 1e-3, "best_shape": "3x192", "rows": [
         {"sweep": "learning rate", "shape": "6x128", "lr": 1e-3, "val_loss": 5.3},

@@ -49,7 +49,8 @@ def test_lossless_equals_full_greedy(tiny_tokenizer, seed, k, draft):
 def test_a_perfect_drafter_is_accepted_whole(tiny_tokenizer):
     model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=3, seed=4))
     heads = ExitHeads.for_backbone(model, rank=0)  # never exits: drafts are full-depth, hence always right
-    got = complete(model, tiny_tokenizer, "def add(", GenerationSettings(max_new_tokens=17), policy=Lossless(model, heads, 1.0, max_draft=4, draft="same"))
+    got = complete(model, tiny_tokenizer, "def add(", GenerationSettings(max_new_tokens=17),
+                   policy=Lossless(model, heads, 1.0, max_draft=4, draft="same"))
     full = complete(model, tiny_tokenizer, "def add(", GenerationSettings(max_new_tokens=17))
     assert got.token_ids == full.token_ids
     # the first token comes from the prefill; then rounds of 4 accepted drafts + 1 bonus: 5 + 5 + 5 + the last one

@@ -30,7 +30,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path, 
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
-    bpe.train_from_iterator(seeded_sample(texts, float("inf") if max_bytes is None else max_bytes, seed), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=True)
+    bpe.train_from_iterator(seeded_sample(texts, float("inf") if max_bytes is None else max_bytes, seed), vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=[EOS], show_progress=True)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
     tok.model_max_length = 1_000_000  # the model's context, not the tokenizer, bounds prompts
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -215,7 +215,8 @@ def sweep_lines(recipe: dict | None, vocab: dict | None, schedule: dict | None =
     if vocab:
         c = vocab["config"]
         out.append(f"- Vocabulary at {c['shape']}, lr {c['lr']:g} (its own BPE per size, in nats per byte of text, comparable across sizes): "
-                   + ", ".join(f"{x['vocab_size']:,} → {x['val_nats_per_byte']:.3f}" for x in vocab["rows"]) + f"; best {vocab['best_vocab_size']:,}.")
+                   + ", ".join(f"{x['vocab_size']:,} → {x['val_nats_per_byte']:.3f}" for x in vocab["rows"])
+                   + f"; best {vocab['best_vocab_size']:,}.")
     if schedule:
         c, rows = schedule["config"], schedule["rows"]
         warm = [x for x in rows if x["sweep"] == "warm-up"]
@@ -234,7 +235,8 @@ def curve_lines(curve: dict | None, step: int, runtime: dict | None = None) -> l
     if not curve or not curve.get("rows"):
         return []
     rows = curve["rows"]
-    out = [f"Line completion (healing the last token only, so every phase is scored alike) against training tokens seen, one point per phase's last checkpoint "
+    out = [f"Line completion (healing the last token only, so every phase is scored alike) against training tokens seen, "
+           "one point per phase's last checkpoint "
            f"(`experiments/quality_curve.py` at commit `{curve['commit']}`, {rows[-1]['examples']} lines; a phase "
            "whose checkpoint was not on that machine keeps the row scored at an earlier commit, same lines):", "",
            "| step | tokens seen | layers | context | exact match | edit similarity | scored at |", "|---|---|---|---|---|---|---|"]
@@ -356,7 +358,8 @@ def render_card(r: dict, has_plot: bool) -> str:
         + f"; {stats['kept']:,} kept, {stats['bytes_kept'] / 1e6:.0f} MB.",
         f"- Split by a hash of each file's path: train {stats['per_split']['train']:,} files ({tokens['train'] / 1e6:.1f}M tokens), "
         f"validation {stats['per_split']['validation']} ({tokens['validation'] / 1e6:.2f}M), test {stats['per_split']['test']} files.",
-        f"- File list hash (sha256 of the `path<TAB>content-sha256` lines of train, validation and test, each sorted by path): `{stats['file_list_sha256']}`.",
+        "- File list hash (sha256 of the `path<TAB>content-sha256` lines of train, validation and test, each sorted by path): "
+        f"`{stats['file_list_sha256']}`.",
         "",
         "## Recipe",
         f"- {r['training']['step']:,} steps, the last phase's of {tc['batch_size']} × {tc['seq_len']} tokens (× {tc['grad_accum']} accumulation): "
@@ -408,7 +411,8 @@ def render_card(r: dict, has_plot: bool) -> str:
               f"| line completion edit similarity (healed) | ≥ {TARGET_LINE_COMPLETION['edit_similarity']:.2f} | {lc['edit_similarity']:.3f} |",
               *cache_target_rows(r),
               f"| sample completions with degenerate repetition, the model alone | 0 of {n} | {sum(s['degenerate'] for s in r['samples'])} of {n} |",
-              f"| the same, as the CLI writes them (n-gram cache and repetition stop on) | 0 of {n} | {sum(s['cli_degenerate'] for s in r['samples'])} of {n} |", "",
+              f"| the same, as the CLI writes them (n-gram cache and repetition stop on) | 0 of {n} | "
+              f"{sum(s['cli_degenerate'] for s in r['samples'])} of {n} |", "",
               *([f"Edit similarity here is 1 - Levenshtein distance / longer length. The horizon the issue names (CodeGPT-small-py "
                  f"on PY150, 39% / 71) is scored by CodeXGLUE's evaluator with an insert/delete-only ratio, 2 · LCS / total "
                  f"length, which credits a partly right line more: on that ratio these healed lines score "
@@ -421,7 +425,8 @@ def render_card(r: dict, has_plot: bool) -> str:
               f"{sum(s['cli_finish'] == 'repetition' for s in r['samples'])} of {n} samples loop within "
               f"{r['config']['sample_max_new_tokens']} tokens: the CLI cuts them to one copy.", ""]
     lines += ["## Ten sample completions", "",
-              f"Greedy with token healing, at most {r['config']['sample_max_new_tokens']} new tokens: the prompt, then the model's continuation after `⟨…⟩` "
+              f"Greedy with token healing, at most {r['config']['sample_max_new_tokens']} new tokens: the prompt, "
+              "then the model's continuation after `⟨…⟩` "
               "(*degenerate*: the last 8 tokens repeat a cycle of at most 4). Where the CLI's repetition stop "
               "(`earlyexit.runtime.repetition`, on by default) ends a loop, what the CLI writes follows.", ""]
     for s in r["samples"]:

@@ -49,7 +49,8 @@ def schedule_lines(tc: dict, config_dir: Path = CONFIG_DIR) -> list[str]:
     for i, (path, c) in enumerate(phases, 1):
         previous_dir = phases[i - 2][1]["work_dir"] if i > 1 else None
         start = c.get("rewarm_at", 0)
-        warm = (f"re-warm at step {start:,} from {c['min_lr']:g} to {c['lr']:g}" if start else f"warm-up to {c['lr']:g}") + f" over {c['warmup_steps']} steps"
+        warm = (f"re-warm at step {start:,} from {c['min_lr']:g} to {c['lr']:g}" if start
+                else f"warm-up to {c['lr']:g}") + f" over {c['warmup_steps']} steps"
         shape = (f"stable, then linear decay over the last {c['decay_steps']:,} steps" if c.get("schedule") == "wsd" else "cosine")
         window = f"{c.get('batch_size', defaults.batch_size)} × {c.get('seq_len', defaults.seq_len)}-token windows"
         if not c.get("init_from"):
@@ -64,7 +65,8 @@ def schedule_lines(tc: dict, config_dir: Path = CONFIG_DIR) -> list[str]:
             origin += (f"grown from {phases[i - 2][1].get('n_layer', defaults.n_layer)} to {c['n_layer']} layers (`grow_layers`: "
                        "the new ones start as copies of evenly spaced layers with zeroed output projections); ")
         named = re.search(r"phase(\d+)", path)  # phases that did not lead here (phase 11) leave gaps in the chain's count
-        lines.append(f"- Phase {named[1] if named else i} (`{path}`{', `--resume`' if start else ''}): {origin}{window}; {warm}, {shape} to {c['min_lr']:g} at step {c['max_steps']:,}.")
+        lines.append(f"- Phase {named[1] if named else i} (`{path}`{', `--resume`' if start else ''}): {origin}{window}; "
+                     f"{warm}, {shape} to {c['min_lr']:g} at step {c['max_steps']:,}.")
     lines.append("- Reproduce: " + ", then ".join(f"`python -m earlyexit.training.train_lm --config {p}{' --resume' if c.get('rewarm_at') else ''}`"
                                                    for p, c in phases) + ".")
     return lines

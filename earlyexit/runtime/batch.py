@@ -22,7 +22,7 @@ import torch
 from .decoding import Completion, GenerationSettings, Transcript, check_reproducible, per_kept_token, prepare_prompt
 from ..errors import EarlyExitError
 from .model import GPT2
-from .policies import FullDepth
+from .policies import FullDepth, SpeculativePolicy
 
 
 @torch.inference_mode()
@@ -37,10 +37,8 @@ def complete_batch(
 ) -> list[Completion]:
     settings = settings or GenerationSettings()
     policy = policy or FullDepth()
-    speculative = getattr(policy, "speculative", False)
     check_reproducible(policy, logits_processor)
-    if not hasattr(policy, "step_batch" if not speculative else "run_batch"):
-        raise EarlyExitError(f"policy {type(policy).__name__} has no batched step")
+    speculative = isinstance(policy, SpeculativePolicy)
     if isinstance(prompts, str) or not len(prompts):
         raise EarlyExitError("complete_batch takes a non-empty list of prompts (use complete for one)")
     rows = [prepare_prompt(tokenizer, model, p, settings) for p in prompts]
@@ -49,7 +47,8 @@ def complete_batch(
     padded = torch.full((B, int(lengths.max())), tokenizer.eos_token_id, dtype=torch.long, device=model.device)
     for b, (ids, *_) in enumerate(rows):
         padded[b, :len(ids)] = torch.tensor(ids)
-    cache = model.new_cache(batch=B, capacity=min(model.dims.n_positions, int(lengths.max()) + settings.max_new_tokens + getattr(policy, "max_draft", 0) + 1))
+    capacity = int(lengths.max()) + settings.max_new_tokens + policy.max_draft + 1
+    cache = model.new_cache(batch=B, capacity=min(model.dims.n_positions, capacity))
     transcripts = [Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria, healed, truncated)
                    for ids, healed, truncated in rows]
     finish: list[str | None] = [None] * B
@@ -89,6 +88,7 @@ def complete_batch(
             write(b, step.logits[i:i + 1], step.layers[i], step.stop[i], ms)
     return [
         Completion(text=t.final_text(), token_ids=t.new, prompt_tokens=len(ids), finish_reason=finish[b], exit_layers=t.layers,
-                   prefill_ms=prefill_ms, token_ms=per_kept_token(token_ms[b], len(t.new)), prompt_truncated_tokens=len(truncated), speculation=stats[b], healed_prefix=healed)
+                   prefill_ms=prefill_ms, token_ms=per_kept_token(token_ms[b], len(t.new)), prompt_truncated_tokens=len(truncated),
+                   speculation=stats[b], healed_prefix=healed)
         for b, (t, (ids, healed, truncated)) in enumerate(zip(transcripts, rows))
     ]

@@ -23,7 +23,7 @@ import torch
 from ..errors import EarlyExitError
 from .model import GPT2, KVCache
 from .ngram_cache import SKIP_RECENT, cached_scores, check_skip_recent, check_weight
-from .policies import FullDepth
+from .policies import FullDepth, SpeculativePolicy, check_policy
 from .repetition import loop_tail
 
 # "stop": the controller halted; "repetition": the tail repeated a line, block or phrase (earlyexit.runtime.repetition), cut to one copy
@@ -318,7 +318,8 @@ def per_kept_token(token_ms: list[float], kept: int) -> list[float]:
 
 def check_reproducible(policy, logits_processor) -> None:
     """A speculative policy writes full mode's greedy tokens (the n-gram cache's included): no other processor may change them."""
-    if getattr(policy, "speculative", False) and logits_processor is not None:
+    check_policy(policy)
+    if isinstance(policy, SpeculativePolicy) and logits_processor is not None:
         raise EarlyExitError(f"logits processors change greedy tokens, which {policy.name} mode must reproduce: use full or early-exit")
 
 
@@ -345,7 +346,7 @@ def complete(
     policy = policy or FullDepth()
     ids, healed, truncated = prepare_prompt(tokenizer, model, prompt, settings)
     check_reproducible(policy, logits_processor)
-    cache = model.new_cache(batch=1, capacity=min(model.dims.n_positions, len(ids) + settings.max_new_tokens + getattr(policy, "max_draft", 0)))
+    cache = model.new_cache(batch=1, capacity=min(model.dims.n_positions, len(ids) + settings.max_new_tokens + policy.max_draft))
     transcript = Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria, healed, truncated)
 
     t0 = time.perf_counter()
@@ -355,7 +356,7 @@ def complete(
     stats: dict = {}
     if result.stop:
         finish = "stop"
-    elif getattr(policy, "speculative", False):
+    elif isinstance(policy, SpeculativePolicy):
         finish, token_ms, stats = policy.run(model, cache, transcript, transcript.constrain(result.logits))
     else:
         finish = None

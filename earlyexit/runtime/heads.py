@@ -207,7 +207,8 @@ def load_heads(directory: str | Path, model: GPT2) -> ExitHeads:
     except TypeError as e:
         raise EarlyExitError(f"{config_file} has unexpected fields: {e}") from None
     dims = model.dims
-    for name, theirs, ours in (("layers", cfg.n_layer, dims.n_layer), ("width", cfg.n_embd, dims.n_embd), ("vocabulary", cfg.vocab_size, dims.vocab_size)):
+    for name, theirs, ours in (("layers", cfg.n_layer, dims.n_layer), ("width", cfg.n_embd, dims.n_embd),
+                               ("vocabulary", cfg.vocab_size, dims.vocab_size)):
         if theirs != ours:
             raise EarlyExitError(f"exit heads in {directory} were trained for a backbone with {name} {theirs}, this model has {ours}")
     for field_name, what in (("backbone_sha256", "its backbone's weights"), ("heads_sha256", "its own weights")):

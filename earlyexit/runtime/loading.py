@@ -51,7 +51,8 @@ def load_hf_model(model_dir: str | Path | None = None):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise in a completion tool  # missing/unexpected-key chatter is turned into our own errors below
+    # a per-tensor loading bar is noise in a completion tool  # missing/unexpected-key chatter is turned into our own errors below
+    hf_logging.disable_progress_bar()
     try:
         hf, info = GPT2LMHeadModel.from_pretrained(str(path), dtype=torch.float32, output_loading_info=True)
     except Exception as e:  # torch, transformers and safetensors raise many types for a foreign or truncated file

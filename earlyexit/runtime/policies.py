@@ -1,4 +1,5 @@
-"""Decoding policies behind one interface: how deep each token goes, and whether to stop.
+"""Decoding policies behind one interface (`Policy`; `SpeculativePolicy` for drafting ones): how deep each
+token goes, and whether to stop.
 
 - `FullDepth`: every token runs every block (the reference, equal to transformers' greedy).
 - `EarlyExit`: after each block the controller (earlyexit.runtime.heads) decides continue, exit
@@ -22,6 +23,7 @@ on its own, and a layer runs only on the rows still in it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,62 @@ import torch.nn.functional as F
 from ..errors import EarlyExitError
 from .heads import EXIT, STOP, ExitHeads, Thresholds
 from .model import GPT2, KVCache
+
+
+class Policy(ABC):
+    """How deep each token goes, one token at a time: `complete` calls `prefill` once and `step` per token,
+    `complete_batch` calls `prefill_batch` and `step_batch`. Full depth and early exit are policies."""
+
+    name: str
+    max_draft = 0  # tokens beyond the completion's own that the KV cache must hold (a speculative policy's drafts)
+
+    @abstractmethod
+    def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> "StepResult":
+        """The prompt ids (1, T) through the model: the next token's logits, or a stop."""
+
+    @abstractmethod
+    def step(self, model: GPT2, token: torch.Tensor, cache: KVCache, pos: int, prev_layers: int) -> "StepResult":
+        """The newest token (1, 1) at `pos`; `prev_layers` is how many blocks the token before it ran."""
+
+    @abstractmethod
+    def prefill_batch(self, model: GPT2, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> "BatchStep":
+        """Right-padded prompts (B, T) of `lengths`."""
+
+    @abstractmethod
+    def step_batch(self, model: GPT2, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor, prev_layers: torch.Tensor,
+                   rows: torch.Tensor) -> "BatchStep":
+        """One token per row (B, 1), at per-row positions, into cache rows `rows`."""
+
+
+class SpeculativePolicy(ABC):
+    """Several tokens a round, drafted and verified (LayerSkip's self-speculation; ours: `Lossless`): after the
+    prefill, `run` (`run_batch`) writes the whole completion into the transcript(s) and returns per-token times
+    and its drafting statistics. Its tokens are full mode's, so no logits processor may change them."""
+
+    name: str
+    max_draft: int
+
+    @abstractmethod
+    def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> "StepResult":
+        """As `Policy.prefill`."""
+
+    @abstractmethod
+    def prefill_batch(self, model: GPT2, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> "BatchStep":
+        """As `Policy.prefill_batch`."""
+
+    @abstractmethod
+    def run(self, model: GPT2, cache: KVCache, transcript, first_logits: torch.Tensor) -> tuple[str, list[float], dict]:
+        """Decode to the end from the prefill's logits: (finish reason, per-token ms, statistics)."""
+
+    @abstractmethod
+    def run_batch(self, model: GPT2, cache: KVCache, transcripts, first_logits: torch.Tensor, stopped: list[bool]) -> list:
+        """`run` for B rows: per row (finish reason, per-token ms, statistics)."""
+
+
+def check_policy(policy) -> None:
+    if not isinstance(policy, (Policy, SpeculativePolicy)):
+        raise EarlyExitError(f"policy must be an earlyexit Policy or SpeculativePolicy (FullDepth, EarlyExit, Lossless), "
+                             f"got {type(policy).__name__}")
 
 
 @dataclass
@@ -61,7 +119,7 @@ def check_exit_layers(exit_layers, n_layer: int) -> frozenset[int] | None:
     return frozenset(layers)
 
 
-class FullDepth:
+class FullDepth(Policy):
     """Every block, every token."""
 
     name = "full"
@@ -93,7 +151,7 @@ class FullDepth:
         return StepResult(model.logits(model.hidden(token, cache, pos)[:, -1]), model.dims.n_layer)
 
 
-class EarlyExit:
+class EarlyExit(Policy):
     """The stop/exit/continue controller of the study, over our exit heads, with state copying."""
 
     name = "early-exit"

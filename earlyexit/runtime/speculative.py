@@ -43,7 +43,7 @@ from .decoding import per_kept_token
 from ..errors import EarlyExitError
 from .heads import ExitHeads, Thresholds
 from .model import GPT2, KVCache
-from .policies import EarlyExit, FullDepth, StepResult
+from .policies import EarlyExit, FullDepth, SpeculativePolicy, StepResult
 
 
 @torch.inference_mode()
@@ -77,7 +77,7 @@ def draft_model(model: GPT2, draft: str) -> GPT2:
     return model if draft == "same" else quantize_int8(model)  # which refuses a non-fp32 model
 
 
-class Lossless:
+class Lossless(SpeculativePolicy):
     """Draft cheaply (int8 weights and/or exits), verify with the full model: `full` mode's tokens, faster.
 
     `exit_threshold` applies to the drafts; None: 1.0 (no exits) for an int8 draft, the
@@ -87,7 +87,6 @@ class Lossless:
     """
 
     name = "lossless"
-    speculative = True
 
     def __init__(self, model: GPT2, heads: ExitHeads, exit_threshold: float | None = None, max_draft: int = 12,
                  adaptive: bool = True, kernel_backend: str = "auto", draft: str = "auto", stop_threshold: float = 1.0):

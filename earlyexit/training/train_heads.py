@@ -315,7 +315,8 @@ def train(model_dir: str, cfg: HeadsTrainConfig, resume: bool = False) -> Path:
             log.write(json.dumps(record) + "\n")
             log.flush()
             if step % cfg.checkpoint_interval == 0 or step == total:
-                torch.save({"heads": heads.state_dict(), "opt_heads": opt_heads.state_dict(), "opt_cls": opt_cls.state_dict(), "step": step}, ckpt.with_suffix(".tmp"))
+                torch.save({"heads": heads.state_dict(), "opt_heads": opt_heads.state_dict(), "opt_cls": opt_cls.state_dict(), "step": step},
+                           ckpt.with_suffix(".tmp"))
                 os.replace(ckpt.with_suffix(".tmp"), ckpt)
     bar.close()
     out = Path(cfg.out_dir or model_dir)
