@@ -99,3 +99,31 @@ def test_lossless_with_a_stop_threshold_stops_where_early_exit_without_exits_doe
     stopped = [n for r, n in zip(reasons, lengths) if r == "stop"]
     assert any(n > 1 for n in stopped), (reasons, lengths)  # stops that came mid-way, after several rounds' tokens
     assert len(stopped) < len(reasons), (reasons, lengths)  # and completions the controller let run
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("draft", ["int8", "same"])
+def test_drafts_end_where_they_complete_a_stop_string_and_the_output_is_full_modes(tiny_tokenizer, seed, draft):
+    model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=3, n_embd=64, seed=seed)).eval()
+    prompt, n = "def add(a, b):\n    return a", 40
+    free = complete(model, tiny_tokenizer, prompt, GenerationSettings(max_new_tokens=n))
+    text = free.text
+    # a stop string the free completion only completes half-way through: the drafts reach it in a later round
+    stop = text[:len(text) // 2]
+    if len(free.token_ids) < 12 or not stop:
+        pytest.skip("the tiny model wrote too little to stop in")
+    settings = GenerationSettings(max_new_tokens=n, stop_strings=[stop])
+    full = complete(model, tiny_tokenizer, prompt, settings)
+    policy = Lossless(model, random_heads(model, seed), max_draft=8, draft=draft, adaptive=False)
+    calls = []
+    original = policy.draft
+
+    def spy(model_, cache, transcript, pos, k, eos):
+        drafts, layers = original(model_, cache, transcript, pos, k, eos)
+        calls.append([transcript.stops_after(drafts[:i]) for i in range(1, len(drafts))])
+        return drafts, layers
+
+    policy.draft = spy
+    got = complete(model, tiny_tokenizer, prompt, settings, policy=policy)
+    assert got.token_ids == full.token_ids and got.text == full.text and got.finish_reason == full.finish_reason == "stop_string"
+    assert calls and not any(any(prefix_stops) for prefix_stops in calls)  # no draft went on past a completed stop string

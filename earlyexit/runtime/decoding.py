@@ -288,9 +288,14 @@ class Transcript:
             return "max_tokens"
         return None
 
-    def decoded(self) -> str:
-        """The text written after the caller's prompt (a healed prefix is part of the prompt)."""
-        text = self.tokenizer.decode(self.new, skip_special_tokens=True)
+    def stops_after(self, ahead: Sequence[int]) -> bool:
+        """Whether writing `ahead` (drafts, not written yet) would end the completion at a stop string: a speculative
+        policy drafts no further, since the tokens after one would be thrown away."""
+        return bool(self.settings.stop_strings) and _stop_string_cut(self.decoded(ahead), self.settings.stop_strings) is not None
+
+    def decoded(self, ahead: Sequence[int] = ()) -> str:
+        """The text written after the caller's prompt (a healed prefix is part of the prompt), then `ahead`'s."""
+        text = self.tokenizer.decode([*self.new, *ahead], skip_special_tokens=True)
         if text.startswith(self.healed):
             return text[len(self.healed):]
         return "" if self.healed.startswith(text) else text  # still rewriting the backed-off text

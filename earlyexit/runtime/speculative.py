@@ -18,6 +18,9 @@ output is then `EarlyExit(Thresholds(exit=1.0, stop=s))`'s exactly: the full mod
 tokens, cut where the controller predicts wrong code (tested). Off by default, so
 `Lossless(model, heads)` is `full` mode's output.
 
+A round drafts no further than the completion can go: the token budget, an EOS, or a stop
+string the drafts complete (`Transcript.stops_after`), since whatever follows would be thrown away.
+
 With `adaptive`, k grows by one after a round whose drafts were all accepted and falls to
 one more than the accepted count after a rejection, within [1, max_draft].
 
@@ -123,13 +126,15 @@ class Lossless(SpeculativePolicy):
             stops = stops.tolist()
         return [t.greedy_ahead(row, d) for t, row, d in zip(transcripts, logits, drafts)], stops
 
-    def draft(self, model: GPT2, cache: KVCache, last: int, pos: int, prev_layers: int, n: int, eos: int) -> tuple[list[int], list[int]]:
-        """Up to n draft tokens after `last` (at `pos`), with the layers each one used."""
+    def draft(self, model: GPT2, cache: KVCache, transcript, pos: int, n: int, eos: int) -> tuple[list[int], list[int]]:
+        """Up to n draft tokens after the transcript's last (at `pos`), with the layers each one used; drafting ends at
+        an EOS or where the drafts complete a stop string (what comes after either would be thrown away)."""
         tokens, layers = [], []
+        last, prev_layers = transcript.new[-1], transcript.layers[-1]
         if self.lean is not None:
             for i in range(n):
                 tokens.append(self.lean.greedy(tokens[-1] if tokens else last, cache, pos + i))
-                if tokens[-1] == eos:
+                if tokens[-1] == eos or transcript.stops_after(tokens):
                     break
             return tokens, [model.dims.n_layer] * len(tokens)
         token = torch.tensor([[last]], device=model.device)
@@ -138,7 +143,7 @@ class Lossless(SpeculativePolicy):
             tokens.append(int(r.logits.argmax(-1)))
             layers.append(r.layers)
             prev_layers = r.layers
-            if tokens[-1] == eos:
+            if tokens[-1] == eos or transcript.stops_after(tokens):
                 break
             token = token.new_tensor([[tokens[-1]]])
         return tokens, layers
@@ -204,7 +209,7 @@ class Lossless(SpeculativePolicy):
             t0 = time.perf_counter()
             pos = transcript.position
             budget = transcript.settings.max_new_tokens - len(transcript.new)
-            drafts, layers = self.draft(model, cache, transcript.new[-1], pos, transcript.layers[-1], min(k, budget), eos)
+            drafts, layers = self.draft(model, cache, transcript, pos, min(k, budget), eos)
             window = torch.tensor([[transcript.new[-1], *drafts]], device=model.device)  # (1, n + 1)
             truth, stops = self.verify_window(model, window, cache, pos, [transcript], [drafts])  # the full model's token after each
             m, written, finish = self.accept(transcript, drafts, layers, truth[0], L, stops and stops[0])
@@ -259,7 +264,8 @@ class Lossless(SpeculativePolicy):
                     drafts[b].append(token)
                     layers[b].append(step.layers[i])
                     last[b], prev[b] = token, step.layers[i]
-                drafting = [b for b in drafting if len(drafts[b]) < want[b] and drafts[b][-1] != eos]
+                drafting = [b for b in drafting if len(drafts[b]) < want[b] and drafts[b][-1] != eos
+                            and not transcripts[b].stops_after(drafts[b])]
             width = 1 + max(len(drafts[b]) for b in live)
             window = torch.full((len(live), width), eos, dtype=torch.long, device=device)  # padding past a row's window is overwritten later
             for i, b in enumerate(live):
