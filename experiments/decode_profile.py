@@ -5,10 +5,11 @@
 On one test-split prompt, after prefill: the median ms per full-depth decode step for our
 eager step, the same step under `torch.compile(dynamic=True)` (compile time reported
 apart), the same step over the weight-only int8 copy, generic and lean (earlyexit.runtime.lean_step:
-lossless mode's draft), and the
-early-exit step at the heads' thresholds with stopping off (the controller's per-layer
-cost); each in alternation, after warm-up. Then a torch.profiler
-trace of 20 eager full-depth steps, summarised by operator (self CPU time per token).
+full mode's path with `--weights int8`, and lossless mode's greedy draft), and the
+early-exit step, fp32 and int8, at the heads' exit threshold and asked layers with stopping
+off; each in alternation, after warm-up. Then a torch.profiler trace of 20 steps of each
+of eager, lean full depth and early exit (fp32 and int8), side by side by operator (self CPU
+time per token): where an early-exit token saves and where its checks and copies cost.
 Writes experiments/results/decode_profile/.
 """
 
@@ -45,66 +46,69 @@ def step_timer(model, prompt_ids: torch.Tensor, step, tokens: int, around=None) 
     return times
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="GPT-2 checkpoint directory (default: the embedded model)")
     p.add_argument("--tokens", type=int, default=60)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (it takes a minute to compile)")
-    args = p.parse_args(argv)
-    from earlyexit.data.corpus import token_cut_examples
-    from earlyexit.runtime.heads import Thresholds, heads_available, load_heads
-    from earlyexit.runtime.loading import load_runtime_model, resolve_model_dir
-    from earlyexit.runtime.policies import EarlyExit
-    from earlyexit.runtime.quantize import quantize_int8
+    return p.parse_args(argv)
 
-    set_threads(args.threads)
-    model_dir = resolve_model_dir(args.model)
-    model, tok = load_runtime_model(model_dir)
-    room = min(200, model.dims.n_positions - max(args.tokens, 20) - 1)  # prompt + decoded tokens fit the context
-    example = token_cut_examples(test_split_files(model_dir), tok, 1, target_tokens=8, max_prompt_tokens=room, seed=0)[0]
-    ids = torch.tensor([tok.encode(example.prompt)[-room:]])
+
+def full_depth_variants(model, int8) -> dict:
+    """The full-depth decode steps: eager, fp32 lean, int8 generic and int8 lean; each step(token, cache, pos, prev)
+    -> (logits, layers)."""
+    L = model.dims.n_layer
 
     @torch.no_grad()
     def eager(token, cache, pos, prev):
-        return model.logits(model.hidden(token, cache, pos)[:, -1]), model.dims.n_layer
-
-    int8 = quantize_int8(model)
+        return model.logits(model.hidden(token, cache, pos)[:, -1]), L
 
     @torch.no_grad()
     def int8_step(token, cache, pos, prev):  # GPT2.hidden: the generic path, not the lean one FullDepth takes
-        return int8.logits(int8.hidden(token, cache, pos)[:, -1]), model.dims.n_layer
+        return int8.logits(int8.hidden(token, cache, pos)[:, -1]), L
 
     variants = {"eager full-depth step": eager}
     if model.lean is not None:
         @torch.no_grad()
         def fp32_lean(token, cache, pos, prev):  # FullDepth's single-token path for an fp32 model: eager's logits bit for bit
-            return model.lean.logits(int(token), cache, pos), model.dims.n_layer
+            return model.lean.logits(int(token), cache, pos), L
 
         variants["fp32 lean full-depth step (full mode's path)"] = fp32_lean
     variants["int8-weight full-depth step (generic path)"] = int8_step
     if int8.lean is not None:
-        def lean_step(token, cache, pos, prev):  # returns the greedy token's one-hot "logits": step_timer takes their argmax
-            return torch.nn.functional.one_hot(torch.tensor([int8.lean.greedy(int(token), cache, pos)]), model.dims.vocab_size), model.dims.n_layer
+        def int8_lean(token, cache, pos, prev):  # full mode's path for --weights int8
+            return int8.lean.logits(int(token), cache, pos), L
 
-        variants["int8-weight lean greedy step (lossless mode's draft)"] = lean_step
-    compile_seconds = None
-    if not args.no_compile:
-        compiled_fn = torch.compile(eager, dynamic=True)
-        t0 = time.perf_counter()
-        step_timer(model, ids, compiled_fn, 3)  # compiles
-        compile_seconds = time.perf_counter() - t0
-        variants["torch.compile full-depth step"] = compiled_fn
-    if heads_available(model_dir):
-        heads = load_heads(model_dir, model)
-        policy = EarlyExit(model, heads, Thresholds(exit=heads.cfg.thresholds.exit, stop=1.0))
+        def lean_greedy(token, cache, pos, prev):  # returns the greedy token's one-hot "logits": step_timer takes their argmax
+            return torch.nn.functional.one_hot(torch.tensor([int8.lean.greedy(int(token), cache, pos)]), model.dims.vocab_size), L
 
-        def early(token, cache, pos, prev):
-            r = policy.step(model, token, cache, pos, prev)
+        variants["int8-weight lean full-depth step (full mode's path, --weights int8)"] = int8_lean
+        variants["int8-weight lean greedy step (lossless mode's draft)"] = lean_greedy
+    return variants
+
+
+def early_exit_variants(model, int8, heads) -> dict:
+    """Early-exit steps at the heads' exit threshold and asked layers, stopping off, fp32 and int8 (the lean path)."""
+    from earlyexit.runtime.heads import Thresholds
+    from earlyexit.runtime.policies import EarlyExit
+
+    threshold = heads.cfg.thresholds.exit
+    asked = "every layer" if heads.cfg.exit_layers is None else "blocks " + ",".join(str(x + 1) for x in heads.cfg.exit_layers)
+    variants = {}
+    for label, m in (("fp32", model), ("int8-weight", int8)):
+        policy = EarlyExit(m, heads, Thresholds(exit=threshold, stop=1.0))
+
+        def early(token, cache, pos, prev, policy=policy, m=m):
+            r = policy.step(m, token, cache, pos, prev)
             return r.logits, r.layers
 
-        variants[f"early-exit step (exit {heads.cfg.thresholds.exit:g}, stop off)"] = early
+        variants[f"{label} early-exit step (exit {threshold:g}, asked after {asked}, stop off)"] = early
+    return variants
+
+
+def time_variants(model, ids, variants: dict, args) -> list[dict]:
     for fn in variants.values():  # warm-up
         step_timer(model, ids, fn, 5)
     medians = {name: [] for name in variants}
@@ -115,25 +119,77 @@ def main(argv=None) -> int:
     base = rows[0]["median_ms"]
     for r in rows:
         r["vs_eager"] = base / r["median_ms"]
+    return rows
 
+
+def profile_ops(model, ids, step, tokens: int = 20) -> dict[str, dict]:
+    """torch.profiler over `tokens` decode steps: per operator, self CPU ms per token and calls per token."""
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU])
-    step_timer(model, ids, eager, 20, around=prof)
-    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in ops)
-    top = [{"op": e.key, "self_ms_per_token": e.self_cpu_time_total / 20 / 1e3, "share": e.self_cpu_time_total / total,
-            "calls_per_token": e.count / 20}
-           for e in ops[:12]]
+    step_timer(model, ids, step, tokens, around=prof)
+    return {e.key: {"self_ms_per_token": e.self_cpu_time_total / tokens / 1e3, "calls_per_token": e.count / tokens}
+            for e in prof.key_averages()}
+
+
+def op_table(profiles: dict[str, dict], top: int = 14) -> list[str]:
+    """Operators side by side: the largest `top` by time in any profile, ms per token (calls) in each."""
+    names = list(profiles)
+    ops = sorted({op for p in profiles.values() for op in p}, key=lambda op: -max(p.get(op, {}).get("self_ms_per_token", 0)
+                                                                                 for p in profiles.values()))[:top]
+    lines = ["| operator | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for op in ops:
+        cells = [f"{p[op]['self_ms_per_token']:.3f} ({p[op]['calls_per_token']:.0f})" if op in p else "-" for p in profiles.values()]
+        lines.append(f"| `{op}` | " + " | ".join(cells) + " |")
+    totals = [f"**{sum(v['self_ms_per_token'] for v in p.values()):.2f}**" for p in profiles.values()]
+    lines.append("| all operators | " + " | ".join(totals) + " |")
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from earlyexit.data.corpus import token_cut_examples
+    from earlyexit.runtime.heads import heads_available, load_heads
+    from earlyexit.runtime.loading import load_runtime_model, resolve_model_dir
+    from earlyexit.runtime.quantize import quantize_int8
+
+    set_threads(args.threads)
+    model_dir = resolve_model_dir(args.model)
+    model, tok = load_runtime_model(model_dir)
+    room = min(200, model.dims.n_positions - max(args.tokens, 20) - 1)  # prompt + decoded tokens fit the context
+    example = token_cut_examples(test_split_files(model_dir), tok, 1, target_tokens=8, max_prompt_tokens=room, seed=0)[0]
+    ids = torch.tensor([tok.encode(example.prompt)[-room:]])
+    int8 = quantize_int8(model)
+    variants = full_depth_variants(model, int8)
+    compile_seconds = None
+    if not args.no_compile:
+        compiled_fn = torch.compile(variants["eager full-depth step"], dynamic=True)
+        t0 = time.perf_counter()
+        step_timer(model, ids, compiled_fn, 3)  # compiles
+        compile_seconds = time.perf_counter() - t0
+        variants["torch.compile full-depth step"] = compiled_fn
+    early = early_exit_variants(model, int8, load_heads(model_dir, model)) if heads_available(model_dir) else {}
+    rows = time_variants(model, ids, {**variants, **early}, args)
+    # one token's ops: eager full depth, and each early-exit step beside the full-depth step on the same weights
+    profiled = {"eager full depth": variants["eager full-depth step"]}
+    pairs = [("fp32 lean full depth", "fp32 lean full-depth step (full mode's path)"),
+             ("int8 lean full depth", "int8-weight lean full-depth step (full mode's path, --weights int8)")]
+    profiled |= {short: variants[name] for short, name in pairs if name in variants}
+    for name, fn in early.items():
+        profiled[name.split(" step")[0]] = fn
+    profiles = {name: profile_ops(model, ids, fn) for name, fn in profiled.items()}
+    eager_ops = profiles["eager full depth"]
+    total = sum(v["self_ms_per_token"] for v in eager_ops.values())
+    top = [{"op": op, **v, "share": v["self_ms_per_token"] / total}
+           for op, v in sorted(eager_ops.items(), key=lambda kv: -kv[1]["self_ms_per_token"])[:12]]
     result = {"stamp": stamp(str(model_dir), vars(args)), "prompt_tokens": int(ids.shape[1]), "compile_seconds": compile_seconds,
-              "rows": rows, "profile_top_ops": top, "profile_total_ms_per_token": total / 20 / 1e3}
+              "rows": rows, "profile_top_ops": top, "profile_total_ms_per_token": total, "profiles": profiles}
     lines = [f"One test-split prompt ({ids.shape[1]} tokens), {args.tokens} greedy decode steps per round, median of {args.rounds} "
              f"alternating rounds, {args.threads} threads." + (f" torch.compile took {compile_seconds:.0f} s to compile." if compile_seconds else ""),
              "", "| decode step | median ms/token | speed vs eager |", "|---|---|---|",
              *[f"| {r['variant']} | {r['median_ms']:.2f} | {r['vs_eager']:.2f}× |" for r in rows],
-             "", f"Where an eager full-depth token's time goes (torch.profiler, self CPU time, {result['profile_total_ms_per_token']:.2f} ms/token "
-             "under the profiler):", "", "| operator | ms/token | share | calls/token |", "|---|---|---|---|",
-             *[f"| `{t['op']}` | {t['self_ms_per_token']:.3f} | {t['share']:.1%} | {t['calls_per_token']:.0f} |" for t in top]]
+             "", "Where a token's time goes, op by op (torch.profiler over 20 decode steps each, self CPU ms per token and calls "
+             "per token; the profiler's own cost inflates small ops):", "", *op_table(profiles)]
     write_results("decode_profile", result, "\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -229,9 +229,12 @@ def test_decode_profile_limit_run(model_with_heads, tmp_path):
 
     assert decode_profile.main(["--model", str(model_with_heads), "--no-compile", "--tokens", "3", "--rounds", "1", "--threads", "1"]) == 0
     result = json.loads((tmp_path / "results/decode_profile/results.json").read_text())
-    assert [r["variant"].split(" (")[0] for r in result["rows"]] == ["eager full-depth step", "fp32 lean full-depth step",
-                                                                         "int8-weight full-depth step", "int8-weight lean greedy step",
-                                                                         "early-exit step"]
+    assert [r["variant"].split(" (")[0] for r in result["rows"]] == [
+        "eager full-depth step", "fp32 lean full-depth step", "int8-weight full-depth step", "int8-weight lean full-depth step",
+        "int8-weight lean greedy step", "fp32 early-exit step", "int8-weight early-exit step"]
+    assert set(result["profiles"]) == {"eager full depth", "fp32 lean full depth", "int8 lean full depth",
+                                       *(r["variant"].split(" step")[0] for r in result["rows"][-2:])}
+    assert all(p and all(v["calls_per_token"] > 0 for v in p.values()) for p in result["profiles"].values())
     assert result["rows"][0]["vs_eager"] == 1.0 and all(r["median_ms"] > 0 for r in result["rows"])
     assert result["profile_top_ops"] and abs(sum(t["share"] for t in result["profile_top_ops"])) <= 1.0 + 1e-9
 
