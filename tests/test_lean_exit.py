@@ -66,7 +66,7 @@ def test_the_lean_path_is_the_one_taken_and_its_state_copy_fills_the_cache_as_th
     state_copy(h, policy.state_copy_weights, ref_cache.k, ref_cache.v, 1, 3, 3, backend="torch")
     assert torch.allclose(lean_cache.k[:, :, :, 3], ref_cache.k[:, :, :, 3], atol=1e-6)
     assert torch.allclose(lean_cache.v[:, :, :, 3], ref_cache.v[:, :, :, 3], atol=1e-6)
-    assert torch.allclose(result.logits, heads.head_logits(0, h, model))
+    assert torch.equal(result.logits, policy.exit_logits(0, h, model))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -126,3 +126,25 @@ def test_exit_layers_outside_the_model_are_refused(tiny_tokenizer, bad):
     model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=4))
     with pytest.raises(EarlyExitError, match="exit_layers"):
         EarlyExit(model, ExitHeads.for_backbone(model, rank=0), exit_layers=bad)
+
+
+def test_exits_take_an_int8_head_whose_argmax_is_the_fp32_heads_and_full_depth_tokens_keep_the_models_head(tiny_tokenizer):
+    model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=4, n_embd=64)).eval()
+    heads = decisive_heads(model, 0)
+    fast, exact = EarlyExit(model, heads), EarlyExit(model, heads, exit_head="fp32")
+    assert fast.exit_head is not None and exact.exit_head is None
+    h = torch.randn(64, 64)
+    for layer in (0, 2):
+        assert torch.equal(fast.exit_logits(layer, h, model).argmax(-1), exact.exit_logits(layer, h, model).argmax(-1))
+        assert torch.equal(exact.exit_logits(layer, h, model), heads.head_logits(layer, h, model))
+    # exits off: every token runs every block and takes the model's own head, so the tokens are full mode's
+    settings = GenerationSettings(max_new_tokens=16)
+    no_exits = EarlyExit(attach_lean_step(model), heads, Thresholds(exit=1.0, stop=1.0))
+    prompt = "def add(a, b):\n    return a"
+    assert complete(model, tiny_tokenizer, prompt, settings, policy=no_exits).token_ids == complete(model, tiny_tokenizer, prompt, settings).token_ids
+    with pytest.raises(EarlyExitError, match="exit_head"):
+        EarlyExit(model, heads, exit_head="int4")
+    odd = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2, n_embd=40))  # 40 % 16 != 0: the int8 op cannot take it
+    assert EarlyExit(odd, ExitHeads.for_backbone(odd, rank=0)).exit_head is None
+    with pytest.raises(EarlyExitError, match="exit_head='int8'"):
+        EarlyExit(odd, ExitHeads.for_backbone(odd, rank=0), exit_head="int8")

@@ -157,8 +157,9 @@ class EarlyExit(Policy):
     name = "early-exit"
 
     def __init__(self, model: GPT2, heads: ExitHeads, thresholds: Thresholds | None = None, kernel_backend: str = "auto",
-                 exit_layers=None):
+                 exit_layers=None, exit_head: str = "auto"):
         from ..kernels.dispatch import stack_state_copy_weights
+        from .quantize import RerankedHead
 
         if not isinstance(heads, ExitHeads):
             raise EarlyExitError(f"EarlyExit needs ExitHeads (earlyexit.runtime.heads.load_heads), got {type(heads).__name__}")
@@ -178,7 +179,22 @@ class EarlyExit(Policy):
         self._no_bias = torch.zeros_like(self.bias_table[0, 0])
         # None: the heads' own choice (exit_heads.json, earlyexit.training.exit_layers), which is every layer by default
         self.exit_layers = check_exit_layers(heads.cfg.exit_layers if exit_layers is None else exit_layers, L)
+        # A token that exits takes its logits from an int8 copy of the vocabulary projection, the top 8 recomputed in
+        # fp32 (the fp32 head's argmax whenever its winner is among them): on a CPU the head is most of what an exit
+        # still reads. Tokens that run every block keep the model's own head, so with exits off the tokens are full's.
+        if exit_head not in ("auto", "int8", "fp32"):
+            raise EarlyExitError(f"exit_head must be auto, int8 or fp32, got {exit_head!r}")
+        if exit_head == "int8" and not RerankedHead.supports(model):
+            raise EarlyExitError("exit_head='int8' needs an fp32 GPT2 whose width the int8 op takes (a multiple of 16)")
+        fast = exit_head == "int8" or (exit_head == "auto" and RerankedHead.supports(model) and model.device.type == "cpu")
+        self.exit_head = RerankedHead(model.head_weight) if fast else None
         self._cls_t = heads.cls.weight.detach().float().t()  # (d, 3): layer_check_reference's operand, as a view
+
+    def exit_logits(self, layer: int, h: torch.Tensor, model: GPT2) -> torch.Tensor:
+        """Logits (..., V) of a token leaving after block `layer` (below the last) from its hidden state h (..., d)."""
+        if self.exit_head is None:
+            return self.heads.head_logits(layer, h, model)
+        return self.exit_head(self.heads.head_hidden(layer, h))
 
     def asks(self, layer: int, n_layer: int) -> bool:
         """Whether the controller is asked after block `layer`: where it may exit (an exit layer below the last)
@@ -262,7 +278,7 @@ class EarlyExit(Policy):
                 return StepResult(None, layer + 1, stop=True)
             if action == EXIT:
                 state_copy(h, self.state_copy_weights, cache.k, cache.v, layer + 1, L - layer - 1, pos, backend=self.kernel_backend)
-                return StepResult(self.heads.head_logits(layer, h, model), layer + 1)
+                return StepResult(self.exit_logits(layer, h, model), layer + 1)
         return StepResult(model.logits(x[:, -1]), L)
 
     def lean_step(self, model: GPT2, token: int, cache: KVCache, pos: int, prev_layers: int) -> StepResult:
@@ -279,7 +295,7 @@ class EarlyExit(Policy):
             if action == EXIT:
                 for skipped in range(layer + 1, L):
                     lean.fill_kv(skipped, x, cache, pos)
-                return StepResult(self.heads.head_logits(layer, x, model), layer + 1)
+                return StepResult(self.exit_logits(layer, x, model), layer + 1)
         return StepResult(model.logits(x), L)
 
     def lean_probs(self, layer: int, h: torch.Tensor, prev_layers: int) -> list[float]:
@@ -336,7 +352,7 @@ class EarlyExit(Policy):
                 e = torch.tensor(exits, device=h.device)
                 out = live[e]
                 state_copy(h[e], self.state_copy_weights, cache.k, cache.v, layer + 1, L - layer - 1, pos[out], rows=rows[out])
-                logits[out] = self.heads.head_logits(layer, h[e], model)
+                logits[out] = self.exit_logits(layer, h[e], model)
             keep = torch.tensor(stay, dtype=torch.long, device=h.device)
             live, x = live[keep], h[keep][:, None]
             if not len(live):

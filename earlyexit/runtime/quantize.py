@@ -117,12 +117,7 @@ class Int8GPT2(GPT2):
     def project(self, z: torch.Tensor) -> torch.Tensor:
         if self.int8_head is None:
             return super().project(z)
-        y = self.int8_head(z)
-        if self.rerank:
-            top = y.topk(min(self.rerank, y.shape[-1]), dim=-1).indices  # (..., r)
-            exact = (super().head_weight[top] @ z.unsqueeze(-1)).squeeze(-1)  # (..., r, d) @ (..., d, 1)
-            y = y.scatter(-1, top, exact)
-        return y
+        return reranked_projection(self.int8_head, super().head_weight, z, self.rerank)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -139,6 +134,32 @@ class Int8GPT2(GPT2):
         _refuse_dtype_change(fn, torch.float32, "an int8 copy's embeddings, norms and residual stream")
         self._dequantized_head = None  # a device move would leave the cached copy behind
         return super()._apply(fn, recurse)
+
+
+def reranked_projection(int8_head: Int8Linear, rows: torch.Tensor, z: torch.Tensor, rerank: int) -> torch.Tensor:
+    """Vocabulary logits (..., V) through the int8 head, its `rerank` largest recomputed exactly with the fp32 `rows`
+    (V, d): the fp32 head's argmax whenever that winner is among the int8 head's top `rerank`."""
+    y = int8_head(z)
+    if rerank:
+        top = y.topk(min(rerank, y.shape[-1]), dim=-1).indices  # (..., r)
+        exact = (rows[top] @ z.unsqueeze(-1)).squeeze(-1)  # (..., r, d) @ (..., d, 1)
+        y = y.scatter(-1, top, exact)
+    return y
+
+
+class RerankedHead:
+    """An fp32 model's vocabulary projection for early-exit mode: int8 rows (a quarter of the bytes a token reads
+    there, which on a CPU is most of the head's time) with the top `rerank` logits recomputed in fp32."""
+
+    def __init__(self, rows: torch.Tensor, rerank: int = 8):
+        self.int8, self.rows, self.rerank = Int8Linear(rows, None), rows, rerank
+
+    @staticmethod
+    def supports(model: GPT2) -> bool:
+        return type(model) is GPT2 and model.dtype == torch.float32 and _fused_ok(model.dims.n_embd, model.head_weight)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return reranked_projection(self.int8, self.rows, z, self.rerank)
 
 
 def quantize_int8(model: GPT2, head: bool = True, rerank: int = 8) -> Int8GPT2:

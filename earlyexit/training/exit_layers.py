@@ -177,7 +177,7 @@ def measure_costs(model: GPT2, policy, rounds: int) -> PieceCosts:
     for _ in range(3):  # interleaved rounds: a drift in the machine's speed touches every piece alike
         for name, step in (("blocks", blocks), ("checked", lambda pos: blocks(pos, check=True)),
                            ("full", lambda pos: model.logits(blocks(pos))),
-                           ("exit", lambda pos: policy.heads.head_logits(L // 2, blocks(pos), model)), ("filled", filled)):
+                           ("exit", lambda pos: policy.exit_logits(L // 2, blocks(pos), model)), ("filled", filled)):
             timed.setdefault(name, []).append(median_ms(step, rounds, first))
     t = {name: statistics.median(values) for name, values in timed.items()}
     block = t["blocks"] / L
