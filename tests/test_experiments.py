@@ -76,6 +76,11 @@ def test_benchmark_line_task_on_a_prompts_file_stops_every_engine_at_the_end_of_
     assert rows["earlyexit lossless"]["identical_to_full"] == 1.0 and rows["transformers generate"]["identical_to_full"] == 1.0
     assert rows["earlyexit full"]["speedup_vs_full"] == 1.0 and rows["earlyexit full"]["speedup_vs_llama_cpp"] is None
     assert set(result["unavailable"]) == {"llama.cpp fp32", "llama.cpp Q8_0", "onnxruntime", "ggml (ctransformers)"}
+    import summarize
+
+    full = rows["earlyexit full"]
+    assert (f"earlyexit full {full['median_ms_per_token']:.2f} ms (1.00× full, - llama.cpp), 100% identical, "
+            f"EM {full['line_exact_match']:.1%}") in summarize.section(tmp_path / "results")
 
 
 @pytest.mark.parametrize("content, message", [("not json\n", "is not JSON"), ('{"target": "x"}\n', "prompt"), ("\n", "holds no prompts")])
