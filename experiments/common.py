@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from earlyexit.provenance import git_commit, machine
+# Run as `python experiments/<script>.py`, sys.path[0] is experiments/, and an `earlyexit` installed in site-packages
+# (a non-editable `pip install .`, as the README's main-job command does) would be the one measured, not this tree's:
+# the checkout goes first. (Its kernels/ folder has no __init__.py, so it never shadows the PyPI `kernels`.)
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path[:1]:
+    sys.path.insert(0, str(ROOT))
+
+from earlyexit.provenance import git_commit, machine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 STARTED = time.time()  # the wall time a results file reports is counted from here (this module's import)

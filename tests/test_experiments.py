@@ -1,6 +1,7 @@
 """Experiment scripts run end to end on a tiny model (--limit), write their schema, and compute their numbers."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -435,3 +436,18 @@ def test_exit_training_compares_two_models_on_the_same_tokens(model_with_heads, 
     assert before["right_by_layer"] == sorted(before["right_by_layer"])  # cumulative
     assert before["controller_mean_layers"] is None  # the tiny heads were never calibrated
     assert (out / "by_layer.png").stat().st_size > 0 and "oracle mean depth" in (out / "results.md").read_text()
+
+
+def test_experiment_scripts_measure_this_checkouts_earlyexit_not_an_installed_copy(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    code = (f"import sys; sys.path.insert(0, {str(root / 'experiments')!r}); import common, earlyexit, transformers; "
+            "print(earlyexit.__file__)")
+    fake = tmp_path / "installed" / "earlyexit"  # an older copy ahead of the checkout on sys.path, as site-packages' would be
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('the installed copy was imported')\n")
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).resolve() == (root / "earlyexit" / "__init__.py").resolve()
