@@ -98,13 +98,19 @@ def llama_cpp_engine(model, tokenizer, work: Path, threads: int, tensor_type: st
     llm = Llama(model_path=str(path), n_ctx=model.dims.n_positions, n_batch=model.dims.n_positions, n_threads=threads,
                 n_threads_batch=threads, logits_all=False, verbose=False)
 
+    vocab = model.dims.vocab_size
+
+    def last_logits():  # the newest position's logits, read in place (what llama.cpp's own sampler reads): without
+        # logits_all, llama-cpp-python >= 0.3 no longer copies them into `scores`
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,))
+
     def run(ids: list[int], max_new: int, stop_ids: frozenset[int] = frozenset()):
         llm.reset()
         tokens, stamps = [], []
         t0 = time.perf_counter()
         llm.eval(ids)
         for _ in range(max_new):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
             tokens.append(token)
             stamps.append(time.perf_counter())
             if token == eos or token in stop_ids or llm.n_tokens >= model.dims.n_positions:
