@@ -176,27 +176,26 @@ class EngineParts:
         def peer(make):  # a peer decoding one token at a time ends a line completion after its line break
             return skipped if a.no_peers else lambda: partial(make(), stop_ids=stop_ids)
 
-        def ours(model, policy):
-            return lambda: our_engine(model, tok, policy, stops)
+        def ours(weights: str, policy):  # built on first use: a memory probe of one engine loads only its parts
+            return lambda: our_engine(getattr(self, weights), tok, policy(), stops)
 
         f = {"transformers generate": lambda: hf_engine(self.hf, tok.eos_token_id, stop_ids),
              "llama.cpp fp32": peer(lambda: llama_cpp_engine(self.ours, tok, self.work, a.threads, "f32")),
              "llama.cpp Q8_0": peer(lambda: llama_cpp_engine(self.ours, tok, self.work, a.threads, "q8_0")),
              "onnxruntime": peer(lambda: ort_engine(self.ours, tok.eos_token_id, self.work, a.threads)),
              "ggml (ctransformers)": peer(lambda: ggml_engine(self.ours, tok, self.work, a.threads)),
-             "earlyexit full": ours(self.ours, FullDepth())}
+             "earlyexit full": ours("ours", FullDepth)}
         if self.has_heads:
             f |= {
-                "earlyexit early-exit": lambda: ours(self.ours, EarlyExit(self.ours, self.heads))(),
-                "earlyexit lossless": lambda: ours(self.ours, Lossless(self.ours, self.heads, max_draft=a.max_draft))(),  # int8 drafts
-                "earlyexit lossless (fp32 exit drafts)": lambda: ours(
-                    self.ours, Lossless(self.ours, self.heads, max_draft=a.max_draft, draft="same"))(),
+                "earlyexit early-exit": ours("ours", lambda: EarlyExit(self.ours, self.heads)),
+                "earlyexit lossless": ours("ours", lambda: Lossless(self.ours, self.heads, max_draft=a.max_draft)),  # int8 drafts
+                "earlyexit lossless (fp32 exit drafts)": ours("ours", lambda: Lossless(self.ours, self.heads, max_draft=a.max_draft, draft="same")),
                 # with the heads' stop threshold, as early-exit mode has it: full's tokens up to where the controller stops
-                "earlyexit lossless (stopping)": lambda: ours(
-                    self.ours, Lossless(self.ours, self.heads, max_draft=a.max_draft, stop_threshold=self.heads.cfg.thresholds.stop))(),
+                "earlyexit lossless (stopping)": ours(
+                    "ours", lambda: Lossless(self.ours, self.heads, max_draft=a.max_draft, stop_threshold=self.heads.cfg.thresholds.stop)),
                 # --weights int8 on the command line: faster, not fp32's tokens
-                "earlyexit full (int8 weights)": lambda: ours(self.int8, FullDepth())(),
-                "earlyexit early-exit (int8 weights)": lambda: ours(self.int8, EarlyExit(self.int8, self.heads))(),
+                "earlyexit full (int8 weights)": ours("int8", FullDepth),
+                "earlyexit early-exit (int8 weights)": ours("int8", lambda: EarlyExit(self.int8, self.heads)),
             }
         return f
 

@@ -451,3 +451,14 @@ def test_experiment_scripts_measure_this_checkouts_earlyexit_not_an_installed_co
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()).resolve() == (root / "earlyexit" / "__init__.py").resolve()
+
+
+def test_listing_the_benchmarks_engines_builds_none_of_them(model_with_heads):
+    """A memory probe builds one engine in a fresh process: naming the others must not load their weights."""
+    import benchmark_generate
+
+    from earlyexit.runtime.loading import load_tokenizer
+
+    parts = benchmark_generate.EngineParts(model_with_heads, load_tokenizer(model_with_heads), benchmark_generate.parse_args([]))
+    assert "earlyexit full" in parts.factories()
+    assert not {"ours", "hf", "heads", "int8"} & set(vars(parts))  # cached_property values live in the instance dict
