@@ -12,16 +12,13 @@ from earlyexit.runtime.policies import EarlyExit
 from earlyexit.runtime.quantize import quantize_int8
 
 from conftest import make_tiny_hf
+from test_speculative import random_heads
 
 
 def decisive_heads(model, seed):
     """Random heads whose controller exits and stops often, at every layer: the lean path's every branch runs."""
-    heads = ExitHeads.for_backbone(model, rank=4)
-    g = torch.Generator().manual_seed(seed)
+    heads = random_heads(model, seed)  # test_speculative's: random but decisive, exits favoured
     with torch.no_grad():
-        for p in heads.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
-        heads.layer_bias[:, EXIT] += 1.0
         heads.layer_bias[:, 2] -= 2.0  # stops rarer than exits, so completions run a while
     return heads.eval()
 

@@ -33,7 +33,39 @@ def _fusable(linear) -> bool:
     return isinstance(linear, Int8Linear) and linear.bias is not None and _fused_ok(linear.in_features, linear.qweight)
 
 
-class LeanInt8Step:
+class _LeanStep:
+    """What both lean steps share: the dimensions, the per-layer tensors gathered once (and again whenever the
+    model's embedding is no longer the one seen: `model.to(...)` replaces its tensors), the embedding of one token
+    and the walk through every block. Each subclass gathers its layers and runs one `block` and one `fill_kv`."""
+
+    def __init__(self, model: GPT2):
+        self.model, self._seen = model, None
+        d = model.dims
+        self.d, self.n_head, self.hs, self.eps = d.n_embd, d.n_head, d.head_size, d.layer_norm_epsilon
+        self.act = _ACTIVATIONS[d.activation]
+
+    def _gather(self) -> None:
+        raise NotImplementedError
+
+    def block(self, i: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed(self, token: int, pos: int) -> torch.Tensor:
+        """The fp32 residual stream (1, d) entering the first block (the per-layer tensors gathered if stale)."""
+        if self.model.wte.weight is not self._seen:
+            self._gather()
+            m = self.model
+        return (m.wte.weight[token] + m.wpe.weight[pos]).view(1, self.d)
+
+    def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
+        """The residual stream (1, d) after the last block, for `token` at `pos` (its K/V written into `cache`)."""
+        x = self.embed(token, pos)
+        for i in range(len(self.layers)):
+            x = self.block(i, x, cache, pos)
+        return x
+
+
+class LeanInt8Step(_LeanStep):
     """One token at batch 1 through every block of an `Int8GPT2`: its logits, or just its greedy token.
 
     The per-layer tensors are gathered once; `model.to(...)` replaces them, so they are
@@ -41,10 +73,7 @@ class LeanInt8Step:
     """
 
     def __init__(self, model: Int8GPT2):
-        self.model, self._seen = model, None
-        d = model.dims
-        self.d, self.n_head, self.hs, self.eps = d.n_embd, d.n_head, d.head_size, d.layer_norm_epsilon
-        self.act = _ACTIVATIONS[d.activation]
+        super().__init__(model)
         self.rerank = max(1, model.rerank)
         self._at: tuple[int, torch.Tensor | None] = (-1, None)
 
@@ -64,7 +93,6 @@ class LeanInt8Step:
         self.kv_rows = [(layer[2][d:], layer[3][d:], layer[4][d:]) for layer in self.layers]
         self.head = model.int8_head
         self.head_rows = GPT2.head_weight.fget(model)  # the fp32 rows the rerank reads (Int8GPT2 overrides the property)
-        self._seen = model.wte.weight
 
     @staticmethod
     def supports(model) -> bool:
@@ -73,13 +101,6 @@ class LeanInt8Step:
             return False
         linears = [lin for b in model.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
         return all(_fusable(lin) for lin in linears) and _fused_ok(model.int8_head.in_features, model.int8_head.qweight)
-
-    def embed(self, token: int, pos: int) -> torch.Tensor:
-        """The fp32 residual stream (1, d) entering the first block (the per-layer tensors gathered if stale)."""
-        if self.model.wte.weight is not self._seen:
-            self._gather()
-        m = self.model
-        return (m.wte.weight[token] + m.wpe.weight[pos]).view(1, self.d)
 
     def block(self, i: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
         """Block `i` on the residual stream x (1, d) of the token at `pos`: its K/V into `cache`, the new stream back."""
@@ -109,13 +130,6 @@ class LeanInt8Step:
         cache.k[i, :, :, pos] = kv[:, :d].view(1, nh, hs)
         cache.v[i, :, :, pos] = kv[:, d:].view(1, nh, hs)
 
-    def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
-        """The residual stream (1, d) after the last block, for `token` at `pos` (its K/V written into `cache`)."""
-        x = self.embed(token, pos)
-        for i in range(len(self.layers)):
-            x = self.block(i, x, cache, pos)
-        return x
-
     @torch.inference_mode()
     def logits(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
         """Next-token logits (1, V): the generic int8 path's, from fewer ops."""
@@ -132,7 +146,7 @@ class LeanInt8Step:
 
 
 
-class LeanFp32Step:
+class LeanFp32Step(_LeanStep):
     """One token at batch 1 through every block of an fp32 `GPT2`, with the generic path's own ops and nothing else.
 
     The generic path (`GPT2.hidden`) is written for batches, ragged positions and T new tokens: each projection
@@ -141,12 +155,6 @@ class LeanFp32Step:
     for bit (tested), so full mode's tokens stay `transformers`' greedy tokens.
     """
 
-    def __init__(self, model: GPT2):
-        self.model, self._seen = model, None
-        d = model.dims
-        self.d, self.n_head, self.hs, self.eps = d.n_embd, d.n_head, d.head_size, d.layer_norm_epsilon
-        self.act = _ACTIVATIONS[d.activation]
-
     def _gather(self) -> None:
         self.layers = []
         for block in self.model.h:
@@ -154,7 +162,6 @@ class LeanFp32Step:
             self.layers.append((block.ln_1.weight, block.ln_1.bias, a.c_attn.weight, a.c_attn.bias, a.scale,
                                 a.c_proj.weight, a.c_proj.bias, block.ln_2.weight, block.ln_2.bias,
                                 m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias))
-        self._seen = self.model.wte.weight
 
     @staticmethod
     def supports(model) -> bool:
@@ -163,13 +170,6 @@ class LeanFp32Step:
 
         return type(model) is GPT2 and all(isinstance(lin, Conv1D) for b in model.h
                                            for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
-
-    def embed(self, token: int, pos: int) -> torch.Tensor:
-        """The residual stream (1, d) entering the first block (the per-layer tensors gathered if stale)."""
-        if self.model.wte.weight is not self._seen:
-            self._gather()
-        m = self.model
-        return (m.wte.weight[token] + m.wpe.weight[pos]).view(1, self.d)
 
     def block(self, i: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
         """Block `i` on the residual stream x (1, d) of the token at `pos`: its K/V into `cache`, the new stream back."""
@@ -190,13 +190,6 @@ class LeanFp32Step:
         kv = torch.addmm(ba[d:], F.layer_norm(h, (d,), w1, b1, self.eps), wa[:, d:])  # (1, 2d)
         cache.k[i, :, :, pos] = kv[:, :d].view(1, nh, hs)
         cache.v[i, :, :, pos] = kv[:, d:].view(1, nh, hs)
-
-    def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
-        """The residual stream (1, d) after the last block, for `token` at `pos` (its K/V written into `cache`)."""
-        x = self.embed(token, pos)
-        for i in range(len(self.layers)):
-            x = self.block(i, x, cache, pos)
-        return x
 
     @torch.inference_mode()
     def logits(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
