@@ -13,7 +13,6 @@ head survives. Everything is float32: the runner computes what our runtime compu
 
 from __future__ import annotations
 
-import argparse
 import struct
 import sys
 from pathlib import Path
@@ -97,19 +96,9 @@ def write_ggml(model, tokenizer, path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import exit_code
-    from ..runtime.loading import load_runtime_model, resolve_model_dir
+    from . import export_main
 
-    p = argparse.ArgumentParser(prog="python -m earlyexit.export.ggml", description=__doc__.split("\n\n")[0])
-    p.add_argument("out", help="the .bin file to write")
-    p.add_argument("--model", help="a local GPT-2 checkpoint directory (default: the embedded model)")
-    args = p.parse_args(argv)
-
-    def run():
-        model, tok = load_runtime_model(resolve_model_dir(args.model))
-        print(f"wrote {write_ggml(model, tok, args.out)}")
-
-    return exit_code(run)
+    return export_main(argv, "ggml", __doc__, ".bin", lambda model, tok, out, args: write_ggml(model, tok, out), ())
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ and the position table stay float32, the token table too (a row is read per toke
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -112,20 +111,10 @@ def write_gguf(model, tokenizer, path: str | Path, tensor_type: str = "f32") -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import exit_code
-    from ..runtime.loading import load_runtime_model, resolve_model_dir
+    from . import export_main
 
-    p = argparse.ArgumentParser(prog="python -m earlyexit.export.gguf", description=__doc__.split("\n\n")[0])
-    p.add_argument("out", help="the .gguf file to write")
-    p.add_argument("--model", help="a local GPT-2 checkpoint directory (default: the embedded model)")
-    p.add_argument("--type", choices=TYPES, default="f32", help="tensor type of the projections and the head (default %(default)s)")
-    args = p.parse_args(argv)
-
-    def run():
-        model, tok = load_runtime_model(resolve_model_dir(args.model))
-        print(f"wrote {write_gguf(model, tok, args.out, args.type)}")
-
-    return exit_code(run)
+    kind = ("--type", {"choices": TYPES, "default": "f32", "help": "tensor type of the projections and the head (default %(default)s)"})
+    return export_main(argv, "gguf", __doc__, ".gguf", lambda model, tok, out, args: write_gguf(model, tok, out, args.type), [kind])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ graph computes what our runtime computes, in float32, from the same weights.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from pathlib import Path
@@ -77,19 +76,9 @@ def export_onnx(model, path: str | Path, opset: int = 17) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import exit_code
-    from ..runtime.loading import load_runtime_model, resolve_model_dir
+    from . import export_main
 
-    p = argparse.ArgumentParser(prog="python -m earlyexit.export.onnx", description=__doc__.split("\n\n")[0])
-    p.add_argument("out", help="the .onnx file to write")
-    p.add_argument("--model", help="a local GPT-2 checkpoint directory (default: the embedded model)")
-    args = p.parse_args(argv)
-
-    def run():
-        model, _ = load_runtime_model(resolve_model_dir(args.model))
-        print(f"wrote {export_onnx(model, args.out)}")
-
-    return exit_code(run)
+    return export_main(argv, "onnx", __doc__, ".onnx", lambda model, tok, out, args: export_onnx(model, out), ())
 
 
 if __name__ == "__main__":
