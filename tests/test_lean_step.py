@@ -114,3 +114,21 @@ def test_lossless_drafting_full_depth_with_the_model_itself_takes_the_fp32_lean_
     settings = GenerationSettings(max_new_tokens=10)
     full = complete(model, tok, "def add(a, b):", settings, policy=FullDepth())
     assert complete(model, tok, "def add(a, b):", settings, policy=policy).token_ids == full.token_ids
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp32"])
+def test_the_per_layer_tensors_are_gathered_once_not_per_token(tiny_tokenizer, kind):
+    from earlyexit.runtime.lean_step import attach_lean_step
+
+    model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2, n_embd=64))
+    m = quantize_int8(model) if kind == "int8" else attach_lean_step(model)
+    gathered = []
+    original = m.lean._gather
+    m.lean._gather = lambda: gathered.append(1) or original()
+    cache = m.new_cache(1, 16)
+    for pos in range(6):
+        m.lean.logits(3, cache, pos)
+    assert len(gathered) == 1
+    m.wte.weight = torch.nn.Parameter(m.wte.weight.detach().clone(), requires_grad=False)  # new tensors: gathered again
+    m.lean.logits(3, cache, 6)
+    assert len(gathered) == 2

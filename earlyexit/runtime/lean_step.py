@@ -54,7 +54,8 @@ class _LeanStep:
         """The fp32 residual stream (1, d) entering the first block (the per-layer tensors gathered if stale)."""
         if self.model.wte.weight is not self._seen:
             self._gather()
-            m = self.model
+            self._seen = self.model.wte.weight
+        m = self.model
         return (m.wte.weight[token] + m.wpe.weight[pos]).view(1, self.d)
 
     def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
