@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blend weight in [0, 1] of the n-gram cache, which copies what followed the same tokens earlier in the prompt "
                         "(all of it, the part --truncate-prompt drops included) into the next-token distribution; 0 turns it off "
                         "(default: %(default)s; lossless mode writes full mode's tokens with the same cache)")
+    p.add_argument("--temperature", type=float, default=defaults.temperature,
+                   help="0 writes the greedy tokens; above 0 each token is drawn from the model's distribution at this temperature "
+                        "(full and early-exit modes) (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, help="sampling: draw from the smallest set of tokens holding this "
+                   "much probability (default %(default)s: all)")
+    p.add_argument("--seed", type=int, help="sampling: the seed of the draws, for a completion that can be drawn again")
     p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt too long for the context instead of refusing it")
     p.add_argument("--mode", choices=("full", "early-exit", "lossless"),
                    help="early-exit (the default when the model has exit heads), full depth, "
@@ -185,7 +191,10 @@ def run(args: argparse.Namespace) -> dict:
     stops = tuple(s if args.no_escape else unescape(s) for s in args.stop)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, stop_strings=stops, truncate_prompt=args.truncate_prompt,
                                   token_healing=not args.no_token_healing, stop_on_repetition=not args.no_repetition_stop,
-                                  cache_weight=args.ngram_cache)
+                                  cache_weight=args.ngram_cache, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.mode == "lossless" and settings.temperature > 0:
+        raise EarlyExitError(f"--mode lossless writes full mode's greedy tokens and does not sample (--temperature {settings.temperature:g}): "
+                             "use --temperature 0, or --mode full or early-exit to sample")
     Thresholds(exit=1.0 if args.exit_threshold is None else args.exit_threshold,
                stop=1.0 if args.stop_threshold is None else args.stop_threshold)  # validate before loading anything
     if args.target_agreement is not None:

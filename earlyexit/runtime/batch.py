@@ -37,7 +37,7 @@ def complete_batch(
 ) -> list[Completion]:
     settings = settings or GenerationSettings()
     policy = policy or FullDepth()
-    check_reproducible(policy, logits_processor)
+    check_reproducible(policy, logits_processor, settings)
     speculative = isinstance(policy, SpeculativePolicy)
     if isinstance(prompts, str) or not len(prompts):
         raise EarlyExitError("complete_batch takes a non-empty list of prompts (use complete for one)")
@@ -55,7 +55,7 @@ def complete_batch(
     token_ms: list[list[float]] = [[] for _ in range(B)]
 
     def write(b: int, logits: torch.Tensor, layers: int, stopped: bool, ms: float | None) -> None:
-        finish[b] = transcripts[b].write_greedy(logits, layers, stopped, logits_processor)
+        finish[b] = transcripts[b].write_next(logits, layers, stopped, logits_processor)
         if ms is not None and not stopped:
             token_ms[b].append(ms)
 

@@ -25,6 +25,7 @@ from .model import GPT2, KVCache
 from .ngram_cache import SKIP_RECENT, cached_scores, check_skip_recent, check_weight
 from .policies import FullDepth, SpeculativePolicy, check_policy
 from .repetition import loop_tail
+from .sampling import Sampler, check_sampling
 
 # "stop": the controller halted; "repetition": the tail repeated a line, block or phrase (earlyexit.runtime.repetition), cut to one copy
 FINISH_REASONS = ("eos", "max_tokens", "stop", "stop_string", "repetition", "stopping_criteria")
@@ -42,6 +43,9 @@ class GenerationSettings:
     stop_on_repetition: bool = False  # end a completion that loops, keeping one copy of the loop (earlyexit.runtime.repetition)
     cache_weight: float = 0.0  # blend weight of the n-gram cache over the prompt, truncated part included; 0: off (earlyexit.runtime.ngram_cache)
     cache_skip_recent: int = SKIP_RECENT  # the cache does not search the last this many tokens (earlyexit.runtime.ngram_cache)
+    temperature: float = 0.0  # 0: greedy; above 0 each token is drawn (earlyexit.runtime.sampling)
+    top_p: float = 1.0  # nucleus sampling's probability mass; 1: off
+    seed: int | None = None  # the draws' seed, for a reproducible sampled completion; None: a fresh one each completion
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -60,6 +64,7 @@ class GenerationSettings:
             raise EarlyExitError(f"healing_mode must be one of {HEALING_MODES}, got {self.healing_mode!r}")
         check_weight(self.cache_weight)
         check_skip_recent(self.cache_skip_recent)
+        check_sampling(self.temperature, self.top_p, self.seed)
 
 
 @dataclass
@@ -212,6 +217,7 @@ class Transcript:
         self.new: list[int] = []
         self.layers: list[int] = []
         self.text: str | None = None  # set when a stop string cut it
+        self.choose = Sampler(settings.temperature, settings.top_p, settings.seed)  # argmax unless the settings sample
 
     @property
     def position(self) -> int:
@@ -248,16 +254,17 @@ class Transcript:
             return logits[:n].argmax(-1).tolist()
         return [int(self.cached(logits[i:i + 1], ahead[:i]).argmax(-1)) for i in range(n)]
 
-    def write_greedy(self, logits: torch.Tensor, layers: int, stopped: bool = False, logits_processor=None) -> str | None:
-        """Write the greedy token of next-token `logits` (1, V), after token healing's constraint and then
-        `logits_processor`: the finish reason as `write` gives it, or "stop", writing nothing, where the policy
-        `stopped` before this token. Every non-speculative step of every engine writes through here."""
+    def write_next(self, logits: torch.Tensor, layers: int, stopped: bool = False, logits_processor=None) -> str | None:
+        """Write the next token from `logits` (1, V), after token healing's constraint and then `logits_processor`:
+        the greedy one, or a draw where the settings sample. The finish reason as `write` gives it, or "stop", writing
+        nothing, where the policy `stopped` before this token. Every non-speculative step of every engine writes
+        through here."""
         if stopped:
             return "stop"
         logits = self.cached(self.constrain(logits))
         if logits_processor is not None:
             logits = logits_processor(self.input_ids, logits)
-        return self.write(int(logits.argmax(-1)), layers, logits)
+        return self.write(self.choose(logits), layers, logits)
 
     def write(self, token: int, layers: int, scores: torch.Tensor | None = None) -> str | None:
         """Append one token; the finish reason if it ends the completion, else None."""
@@ -321,11 +328,15 @@ def per_kept_token(token_ms: list[float], kept: int) -> list[float]:
     return out
 
 
-def check_reproducible(policy, logits_processor) -> None:
-    """A speculative policy writes full mode's greedy tokens (the n-gram cache's included): no other processor may change them."""
+def check_reproducible(policy, logits_processor, settings: GenerationSettings | None = None) -> None:
+    """A speculative policy writes full mode's greedy tokens (the n-gram cache's included): no other processor may change
+    them, and it does not sample."""
     check_policy(policy)
     if isinstance(policy, SpeculativePolicy) and logits_processor is not None:
         raise EarlyExitError(f"logits processors change greedy tokens, which {policy.name} mode must reproduce: use full or early-exit")
+    if isinstance(policy, SpeculativePolicy) and settings is not None and settings.temperature > 0:
+        raise EarlyExitError(f"{policy.name} mode reproduces full mode's greedy tokens and does not sample "
+                             f"(temperature {settings.temperature:g}): use temperature 0, or full or early-exit mode to sample")
 
 
 @torch.inference_mode()
@@ -338,7 +349,7 @@ def complete(
     stopping_criteria=None,
     policy=None,
 ) -> Completion:
-    """Greedy completion of one prompt under `policy` (default: `FullDepth`).
+    """Greedy (or, where `settings` say, sampled) completion of one prompt under `policy` (default: `FullDepth`).
 
     With the full-depth policy and no processors this equals
     `GPT2LMHeadModel.generate(do_sample=False)` token for token (tested). The returned
@@ -350,7 +361,7 @@ def complete(
     settings = settings or GenerationSettings()
     policy = policy or FullDepth()
     ids, healed, truncated = prepare_prompt(tokenizer, model, prompt, settings)
-    check_reproducible(policy, logits_processor)
+    check_reproducible(policy, logits_processor, settings)
     cache = model.new_cache(batch=1, capacity=min(model.dims.n_positions, len(ids) + settings.max_new_tokens + policy.max_draft))
     transcript = Transcript(tokenizer, settings, torch.tensor([ids], device=model.device), stopping_criteria, healed, truncated)
 
@@ -369,7 +380,7 @@ def complete(
             t0 = time.perf_counter()
             if transcript.new:
                 result = policy.step(model, transcript.input_ids[:, -1:], cache, transcript.position, transcript.layers[-1])
-            finish = transcript.write_greedy(result.logits, result.layers, result.stop, logits_processor)
+            finish = transcript.write_next(result.logits, result.layers, result.stop, logits_processor)
             if finish != "stop" and len(transcript.new) > 1:
                 token_ms.append((time.perf_counter() - t0) * 1e3)
     return Completion(

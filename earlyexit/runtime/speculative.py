@@ -171,7 +171,7 @@ class Lossless(SpeculativePolicy):
         while finish is None and transcript.pending:
             t0 = time.perf_counter()
             r = policy.step(model, transcript.input_ids[:, -1:], cache, transcript.position, transcript.layers[-1])
-            finish = transcript.write_greedy(r.logits, r.layers, r.stop)
+            finish = transcript.write_next(r.logits, r.layers, r.stop)
             if finish != "stop":
                 token_ms.append((time.perf_counter() - t0) * 1e3)
         return finish, token_ms
@@ -188,7 +188,7 @@ class Lossless(SpeculativePolicy):
             ms = (time.perf_counter() - t0) * 1e3
             for i, b in enumerate(rows):
                 t = transcripts[b]
-                finish[b] = t.write_greedy(step.logits[i:i + 1], step.layers[i], bool(step.stop[i]))
+                finish[b] = t.write_next(step.logits[i:i + 1], step.layers[i], bool(step.stop[i]))
                 token_ms[b] += [] if step.stop[i] else [ms]
         return token_ms
 
