@@ -79,6 +79,13 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
 
+    def row(self, b: int) -> "KVCache":
+        """Row `b` as a cache of batch 1 over the same storage (a view: what it writes, this cache holds). A server
+        keeps one cache for all its rows: a request is prefilled into its own row, and later rows step together."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.capacity = self.k[:, b:b + 1], self.v[:, b:b + 1], self.capacity
+        return view
+
 
 class Conv1D(nn.Module):
     """y = x @ W + b with W stored (in, out): Hugging Face GPT-2's projection, same layout, same one `addmm`.
