@@ -69,7 +69,8 @@ def section(results: Path) -> str:
             ("benchmark_generate", "Speed against other engines"), ("benchmark_generate_line", "Speed on line completions"),
             ("decode_profile", "Decode-step profile, torch.compile"),
             ("head_loss_ablation", "Head-loss ablation"), ("ngram_cache_sweep", "N-gram cache weight"),
-            ("exit_training", "A backbone trained to exit, beside the shipped one")]
+            ("exit_training", "A backbone trained to exit, beside the shipped one"),
+            ("serve_load", "The completion server under 1, 4 and 16 clients")]
     out += ["| experiment | results | how it ran |", "|---|---|---|"]
     for name, title in runs:
         r = load(results, name)

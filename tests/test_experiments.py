@@ -462,3 +462,19 @@ def test_listing_the_benchmarks_engines_builds_none_of_them(model_with_heads):
     parts = benchmark_generate.EngineParts(model_with_heads, load_tokenizer(model_with_heads), benchmark_generate.parse_args([]))
     assert "earlyexit full" in parts.factories()
     assert not {"ours", "hf", "heads", "int8"} & set(vars(parts))  # cached_property values live in the instance dict
+
+
+def test_serve_load_limit_run(model_with_heads, tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    import serve_load
+
+    assert serve_load.main(["--model", str(model_with_heads), "--prompts", "3", "--clients", "1,2", "--max-tokens", "4",
+                            "--max-prompt-tokens", "24", "--threads", "1", "--no-peer"]) == 0
+    out = tmp_path / "results/serve_load"
+    result = json.loads((out / "results.json").read_text())
+    assert [(r["server"], r["clients"]) for r in result["rows"]] == [
+        ("ours, batched", 1), ("ours, batched", 2), ("ours, one at a time", 1), ("ours, one at a time", 2)]
+    assert all(r["requests"] == 3 and not r["errors"] and r["requests_per_s"] > 0 for r in result["rows"])
+    assert result["identical_batched_vs_alone"] == 1.0 and result["peer_skipped"] == "--no-peer"
+    assert (out / "load.png").stat().st_size > 0 and "skipped (--no-peer)" in (out / "results.md").read_text()
