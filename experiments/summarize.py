@@ -70,6 +70,7 @@ def section(results: Path) -> str:
             ("decode_profile", "Decode-step profile, torch.compile"),
             ("head_loss_ablation", "Head-loss ablation"), ("ngram_cache_sweep", "N-gram cache weight"),
             ("exit_training", "A backbone trained to exit, beside the shipped one"),
+            ("exit_signals", "Which signal should decide an exit"),
             ("serve_load", "The completion server under 1, 4 and 16 clients")]
     out += ["| experiment | results | how it ran |", "|---|---|---|"]
     for name, title in runs:

@@ -478,3 +478,27 @@ def test_serve_load_limit_run(model_with_heads, tmp_path):
     assert all(r["requests"] == 3 and not r["errors"] and r["requests_per_s"] > 0 for r in result["rows"])
     assert result["identical_batched_vs_alone"] == 1.0 and result["peer_skipped"] == "--no-peer"
     assert (out / "load.png").stat().st_size > 0 and "skipped (--no-peer)" in (out / "results.md").read_text()
+
+
+def test_exit_signals_limit_run(model_with_heads, tmp_path):
+    import exit_signals
+
+    assert exit_signals.main(["--model", str(model_with_heads), "--windows", "4", "--window-tokens", "16", "--threads", "1",
+                              "--targets", "0.9"]) == 0
+    out = tmp_path / "results/exit_signals"
+    r = json.loads((out / "results.json").read_text())["models"][0]
+    L = r["n_layer"]
+    assert set(r["exitable"]["0.9"]) == {"controller", "max_prob", "margin", "probe"}
+    assert all(len(v) == L - 1 and all(0 <= x <= 1 for x in v) for v in r["exitable"]["0.9"].values())
+    assert r["rules"][0]["rule"].startswith("controller") and all(1 <= x["mean_layers"] <= L for x in r["rules"])
+    assert (out / "exitable.png").stat().st_size > 0
+
+
+def test_best_threshold_takes_the_largest_share_at_the_precision():
+    import exit_signals
+
+    score = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    hits = torch.tensor([True, True, False, True, False])
+    assert exit_signals.best_threshold(score, hits, 1.0) == pytest.approx((0.8, 0.4))
+    assert exit_signals.best_threshold(score, hits, 0.75) == pytest.approx((0.6, 0.8))
+    assert exit_signals.best_threshold(score, torch.zeros(5, dtype=torch.bool), 0.5) == (float("inf"), 0.0)
