@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-threshold", type=float,
                    help="stop when p(stop) is the largest and above this, in [0, 1]; 1 disables stopping "
                         "(default: the heads' calibrated value; lossless: 1)")
+    p.add_argument("--exit-rule", choices=("auto", "controller", "confidence"), default="auto",
+                   help="early-exit mode: who decides an exit: the controller's p(exit) (the study's rule), or the exit head's own "
+                        "confidence (its max probability, against per-layer thresholds from earlyexit.training.confidence_rule; "
+                        "--exit-threshold then sets one for every layer); auto: confidence where the heads carry its thresholds "
+                        "(default %(default)s)")
     p.add_argument("--exit-layers", metavar="LIST",
                    help="early-exit mode: ask the controller only after these blocks, 1-based and comma-separated (e.g. 3,6,9), "
                         "or 'all' (default: the heads' choice, earlyexit.training.exit_layers, else all)")
@@ -139,6 +144,9 @@ def build_policy(args: argparse.Namespace, model, model_dir, backbone=None):
     from .runtime.speculative import Lossless
 
     mode = args.mode or ("early-exit" if heads_available(model_dir) else "full")
+    rule = getattr(args, "exit_rule", "auto")
+    if mode != "early-exit" and rule != "auto":
+        raise EarlyExitError("--exit-rule applies to --mode early-exit only")
     if mode == "full":
         if args.exit_threshold is not None or args.stop_threshold is not None or args.target_agreement is not None:
             raise EarlyExitError("--exit-threshold, --target-agreement and --stop-threshold apply to --mode early-exit only")
@@ -158,7 +166,14 @@ def build_policy(args: argparse.Namespace, model, model_dir, backbone=None):
         exit=defaults.exit if args.exit_threshold is None else args.exit_threshold,
         stop=defaults.stop if args.stop_threshold is None else args.stop_threshold,
     )
-    return EarlyExit(model, heads, thresholds, exit_layers=parse_exit_layers(args.exit_layers))
+    confident = rule == "confidence" or (rule == "auto" and bool(heads.cfg.exit_confidence))
+    if confident and args.exit_layers is not None:
+        raise EarlyExitError("--exit-layers applies to the controller's exits; the confidence rule exits where its thresholds "
+                             "were calibrated (earlyexit.training.confidence_rule): add --exit-rule controller")
+    if confident and args.target_agreement is not None:
+        raise EarlyExitError("--target-agreement chooses the controller's threshold: add --exit-rule controller")
+    return EarlyExit(model, heads, thresholds, exit_layers=parse_exit_layers(args.exit_layers), exit_rule=rule,
+                     confidence=args.exit_threshold if confident else None)
 
 
 def parse_exit_layers(text: str | None):

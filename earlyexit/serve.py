@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-threshold", type=float, help="as the CLI's; a request may set its own under earlyexit.exit_threshold")
     p.add_argument("--stop-threshold", type=float, help="as the CLI's; a request may set its own under earlyexit.stop_threshold")
     p.add_argument("--exit-layers", metavar="LIST", help="as the CLI's")
+    p.add_argument("--exit-rule", choices=("auto", "controller", "confidence"), default="auto", help="as the CLI's")
     p.add_argument("--max-draft", type=int, help=f"lossless mode: most tokens drafted per verification (default {DEFAULT_MAX_DRAFT})")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="the temperature of a request that names none (default %(default)s: greedy; OpenAI's is 1)")

@@ -13,7 +13,8 @@ second half.
    agree with the full model at the target rate (the best threshold, chosen on the scored half itself: a ceiling).
 2. *What a rule would cost per token* on this machine's lean path (piece costs measured by
    `earlyexit.training.exit_layers`, stored in the heads' config, else measured now): the confidence rule at each set
-   of asked layers, thresholds per layer chosen on the first half for the target precision and applied to the second;
+   of asked layers, thresholds chosen on the first half in cascade order for the target precision
+   (`earlyexit.training.confidence_rule`, which calibrates the runtime's) and applied to the second;
    beside it the controller at its calibrated threshold on its asked layers, simulated as `exit_layers` does.
    A confidence check runs the exit head (int8, top 8 re-scored in fp32); its logits are the exit's, so a token that
    leaves pays nothing more, and one that goes on has paid the head for nothing.
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import stamp, write_results  # noqa: E402
+
+from earlyexit.training.confidence_rule import best_threshold, cascade_thresholds, simulate  # noqa: E402
 
 SIGNALS = ("controller", "max_prob", "margin", "probe")
 ASKED_SETS = ([11], [10], [9], [10, 11], [9, 10], [9, 10, 11], [8, 9, 10, 11], [6, 9, 11])
@@ -104,36 +107,14 @@ def probe_scores(sig: dict, half: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def best_threshold(score: torch.Tensor, y: torch.Tensor, target: float) -> tuple[float, float]:
-    """(threshold, share of tokens at or above it) for the largest share whose agreement is >= target."""
-    order = torch.argsort(score, descending=True)
-    hits = y[order].double()
-    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
-    ok = (precision >= target).nonzero()
-    if not len(ok):
-        return float("inf"), 0.0
-    k = int(ok.max())
-    return float(score[order][k]), (k + 1) / len(hits)
-
-
 def confidence_rule(sig: dict, half: int, asked: list[int], target: float, costs) -> dict:
-    """The max-prob rule at 0-based `asked` layers: thresholds from windows [:half] for `target`, applied to [half:]."""
-    L = sig["agree"].shape[0]
-    thresholds = {layer: best_threshold(sig["max_prob"][layer, :half].flatten(), sig["agree"][layer, :half].flatten(), target)[0]
-                  for layer in asked}
-    n = sig["agree"][0, half:].numel()
-    alive, depth, agreed = torch.ones(n, dtype=torch.bool), torch.full((n,), float(L)), torch.ones(n, dtype=torch.bool)
-    paid = torch.zeros(n)
-    for layer in sorted(asked):
-        paid += alive * costs.exit_head
-        leave = alive & (sig["max_prob"][layer, half:].flatten() >= thresholds[layer])
-        depth[leave], agreed[leave] = layer + 1, sig["agree"][layer, half:].flatten()[leave]
-        alive &= ~leave
-    ms = paid + depth * costs.block + (L - depth) * costs.fill + alive * costs.final_head
-    full = L * costs.block + costs.final_head
-    return {"rule": "max_prob", "asked": [a + 1 for a in sorted(asked)], "target": target, "ms_per_token": float(ms.mean()),
-            "speedup_vs_full": full / float(ms.mean()), "mean_layers": float(depth.mean()), "agreement": float(agreed.float().mean()),
-            "thresholds": [thresholds[a] for a in sorted(asked)]}
+    """The max-prob rule at 0-based `asked` layers: thresholds set on windows [:half] in cascade order for `target`
+    (earlyexit.training.confidence_rule, fp32 heads here), applied to [half:]."""
+    flat = {k: sig[k].flatten(1, 2) for k in ("max_prob", "agree")}
+    n = half * sig["agree"].shape[2]
+    thresholds = cascade_thresholds(flat["max_prob"][:, :n], flat["agree"][:, :n], asked, target)
+    r = simulate(flat["max_prob"][:, n:], flat["agree"][:, n:], thresholds, costs, sig["agree"].shape[0])
+    return {"rule": "max_prob", "target": target, **r}
 
 
 def controller_rule(model, heads, windows: torch.Tensor, costs) -> dict:

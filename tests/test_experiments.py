@@ -494,11 +494,27 @@ def test_exit_signals_limit_run(model_with_heads, tmp_path):
     assert (out / "exitable.png").stat().st_size > 0
 
 
+def test_confidence_rule_calibration_writes_thresholds_the_runtime_takes(model_with_heads):
+    from earlyexit.runtime.heads import load_heads
+    from earlyexit.runtime.loading import load_runtime_model
+    from earlyexit.runtime.policies import EarlyExit
+    from earlyexit.training.confidence_rule import main
+
+    assert main(["--model", str(model_with_heads), "windows=4", "window_tokens=16", "threads=1", "target=0.5"]) == 0
+    model, _ = load_runtime_model(model_with_heads)
+    heads = load_heads(model_with_heads, model)
+    result = heads.cfg.calibration["confidence_rule"]
+    assert result["chosen"] == (heads.cfg.exit_confidence or {}) and result["split"] == "validation"
+    assert result["selection"][0]["asked"] == [] and 1 <= result["scored"]["mean_layers"] <= model.dims.n_layer
+    expected = "confidence" if heads.cfg.exit_confidence else "controller"
+    assert EarlyExit(model, heads).exit_rule == expected
+
+
 def test_best_threshold_takes_the_largest_share_at_the_precision():
-    import exit_signals
+    from earlyexit.training.confidence_rule import best_threshold
 
     score = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
     hits = torch.tensor([True, True, False, True, False])
-    assert exit_signals.best_threshold(score, hits, 1.0) == pytest.approx((0.8, 0.4))
-    assert exit_signals.best_threshold(score, hits, 0.75) == pytest.approx((0.6, 0.8))
-    assert exit_signals.best_threshold(score, torch.zeros(5, dtype=torch.bool), 0.5) == (float("inf"), 0.0)
+    assert best_threshold(score, hits, 1.0) == pytest.approx((0.8, 0.4))
+    assert best_threshold(score, hits, 0.75) == pytest.approx((0.6, 0.8))
+    assert best_threshold(score, torch.zeros(5, dtype=torch.bool), 0.5) == (float("inf"), 0.0)

@@ -61,6 +61,9 @@ class HeadsConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     # the blocks (0-based) after which the controller is asked, as earlyexit.training.exit_layers chose them; None: all
     exit_layers: list[int] | None = None
+    # the confidence rule (earlyexit.training.confidence_rule): {"layer" (0-based): threshold} on the exit head's max
+    # probability, where an exit is decided by the head itself instead of the controller's p(exit); None: not calibrated
+    exit_confidence: dict[str, float] | None = None
     training: dict = field(default_factory=dict)  # what train_heads measured; informational
     calibration: dict = field(default_factory=dict)  # what earlyexit.training.calibrate measured and chose; empty until it runs
 

@@ -70,7 +70,10 @@ class Service:
             if len(self._policies) >= MAX_POLICIES:
                 self._policies.pop(next(iter(self._policies)))  # the oldest: a request's policy lives on in its job
             layers = "all" if self.policy.exit_layers is None else sorted(self.policy.exit_layers)
-            self._policies[key] = EarlyExit(self.model, self.policy.heads, thresholds, exit_layers=layers)
+            rule = self.policy.exit_rule  # under the confidence rule a request's exit threshold is the head's, every layer
+            confidence = (self.policy.confidence if ext.exit_threshold is None else ext.exit_threshold) if rule == "confidence" else None
+            self._policies[key] = EarlyExit(self.model, self.policy.heads, thresholds, exit_layers=layers, exit_rule=rule,
+                                            confidence=confidence)
         return self._policies[key]
 
 
