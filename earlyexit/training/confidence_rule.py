@@ -93,22 +93,14 @@ def simulate(max_prob: torch.Tensor, agree: torch.Tensor, thresholds: dict[int, 
 
 
 def choose(max_prob: torch.Tensor, agree: torch.Tensor, costs, n_layer: int, target: float) -> tuple[dict[int, float], list[dict]]:
-    """Greedy forward selection of asked layers by expected ms per token; the thresholds and every step's estimate."""
-    asked: list[int] = []
-    steps = [simulate(max_prob, agree, {}, costs, n_layer)]
-    while True:
-        trials = []
-        for layer in range(n_layer - 1):
-            if layer not in asked:
-                tried = cascade_thresholds(max_prob, agree, asked + [layer], target)
-                trials.append((simulate(max_prob, agree, tried, costs, n_layer), layer))
-        if not trials:
-            break
-        best, layer = min(trials, key=lambda t: t[0]["ms_per_token"])
-        if best["ms_per_token"] >= steps[-1]["ms_per_token"]:
-            break
-        asked.append(layer)
-        steps.append(best)
+    """Asked layers by expected ms per token (greedy forward selection, as the controller's); their thresholds and
+    every step's estimate."""
+    from .exit_layers import greedy_layers
+
+    def estimate(asked: list[int]) -> dict:
+        return simulate(max_prob, agree, cascade_thresholds(max_prob, agree, asked, target), costs, n_layer)
+
+    asked, steps = greedy_layers(n_layer, estimate)
     return cascade_thresholds(max_prob, agree, asked, target), steps
 
 

@@ -120,13 +120,13 @@ def simulate(exits: list, agrees: list, asked: list[int], costs: PieceCosts, n_l
     return {"asked": [layer + 1 for layer in asked], "ms_per_token": total / n, "mean_layers": depth / n, "agreement": agreed / n}
 
 
-def choose(exits: list, agrees: list, costs: PieceCosts, n_layer: int, windows: int) -> tuple[list[int], list[dict]]:
-    """Greedy forward selection of asked layers by expected cost; returns the choice and every step's estimate."""
+def greedy_layers(n_layer: int, estimate) -> tuple[list[int], list[dict]]:
+    """Greedy forward selection of asked layers (0-based, below the last): from none, add the layer whose
+    `estimate(asked)` (a dict with "ms_per_token") is lowest, while that lowers it. The choice and each step's estimate."""
     asked: list[int] = []
-    steps = [simulate(exits, agrees, asked, costs, n_layer, windows)]
+    steps = [estimate(asked)]
     while True:
-        trials = [(simulate(exits, agrees, asked + [layer], costs, n_layer, windows), layer)
-                  for layer in range(n_layer - 1) if layer not in asked]
+        trials = [(estimate(asked + [layer]), layer) for layer in range(n_layer - 1) if layer not in asked]
         if not trials:
             break
         best, layer = min(trials, key=lambda trial: trial[0]["ms_per_token"])
@@ -135,6 +135,11 @@ def choose(exits: list, agrees: list, costs: PieceCosts, n_layer: int, windows: 
         asked.append(layer)
         steps.append(best)
     return sorted(asked), steps
+
+
+def choose(exits: list, agrees: list, costs: PieceCosts, n_layer: int, windows: int) -> tuple[list[int], list[dict]]:
+    """The controller's asked layers by expected cost; returns the choice and every step's estimate."""
+    return greedy_layers(n_layer, lambda asked: simulate(exits, agrees, asked, costs, n_layer, windows))
 
 
 def median_ms(step, rounds: int, first_pos: int) -> float:
@@ -253,4 +258,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["ExitLayersConfig", "PieceCosts", "choose", "choose_exit_layers", "decision_table", "simulate"]
+__all__ = ["ExitLayersConfig", "PieceCosts", "choose", "greedy_layers", "choose_exit_layers", "decision_table", "simulate"]
