@@ -95,16 +95,20 @@ def early_exit_variants(model, int8, heads) -> dict:
     from earlyexit.runtime.policies import EarlyExit
 
     threshold = heads.cfg.thresholds.exit
-    asked = "every layer" if heads.cfg.exit_layers is None else "blocks " + ",".join(str(x + 1) for x in heads.cfg.exit_layers)
     variants = {}
     for label, m in (("fp32", model), ("int8-weight", int8)):
         policy = EarlyExit(m, heads, Thresholds(exit=threshold, stop=1.0))
+        if policy.confidence is not None:  # the heads' calibrated rule, as decoding runs it by default
+            rule = "exit head's confidence " + ", ".join(f">= {t:.3f} after block {k + 1}" for k, t in sorted(policy.confidence.items()))
+        else:
+            rule = f"controller exit {threshold:g}, asked after " + (
+                "every layer" if policy.exit_layers is None else "blocks " + ",".join(str(x + 1) for x in sorted(policy.exit_layers)))
 
         def early(token, cache, pos, prev, policy=policy, m=m):
             r = policy.step(m, token, cache, pos, prev)
             return r.logits, r.layers
 
-        variants[f"{label} early-exit step (exit {threshold:g}, asked after {asked}, stop off)"] = early
+        variants[f"{label} early-exit step ({rule}, stop off)"] = early
     return variants
 
 
