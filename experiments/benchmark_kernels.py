@@ -48,7 +48,7 @@ def end_to_end(device: str, prompts: int, max_new_tokens: int) -> dict:
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     out = {}
     for backend in ("torch", "triton"):
-        policy = EarlyExit(model, heads, kernel_backend=backend)
+        policy = EarlyExit(model, heads, kernel_backend=backend, exit_rule="controller")  # the layer-check kernel decides
         runs = [complete(model, tok, t, settings, policy=policy) for t in texts]
         out[backend] = runs
     ms = {b: float(np.median([m for c in runs for m in c.token_ms] or [float("nan")])) for b, runs in out.items()}

@@ -137,7 +137,7 @@ def piece_costs(model, heads, directory):
     stored = heads.cfg.calibration.get("exit_layers", {}).get("costs_ms")
     if stored:
         return PieceCosts(**stored), "stored by earlyexit.training.exit_layers"
-    return measure_costs(model, EarlyExit(model, heads, exit_layers="all"), 200), "measured now"
+    return measure_costs(model, EarlyExit(model, heads, exit_layers="all", exit_rule="controller"), 200), "measured now"
 
 
 def study(directory, args, targets: list[float]) -> dict:

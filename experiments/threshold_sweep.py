@@ -140,7 +140,7 @@ def run(args, cfg: SweepConfig) -> None:
     points = sweep_points(cfg, heads.cfg.thresholds)
     engines = {"full": our_engine(model, tok, FullDepth())}
     for label, e, s in points:
-        engines[label] = our_engine(model, tok, EarlyExit(model, heads, Thresholds(e, s)))
+        engines[label] = our_engine(model, tok, EarlyExit(model, heads, Thresholds(e, s), exit_rule="controller"))  # the study's rule
     examples = token_cut_examples(test_split_files(model_dir, args.data), tok, cfg.prompts, target_tokens=cfg.max_new_tokens,
                                   max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed)
     prompts = [tok.encode(ex.prompt) for ex in examples]

@@ -91,7 +91,7 @@ def agreement_row(model, heads, tok, prompts: list[list[int]], threshold: float,
     from ..runtime.heads import Thresholds
     from ..runtime.policies import EarlyExit
 
-    policy = EarlyExit(model, heads, Thresholds(exit=threshold, stop=1.0))
+    policy = EarlyExit(model, heads, Thresholds(exit=threshold, stop=1.0), exit_rule="controller")  # its threshold is calibrated
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     tokens = disagreements = layers = 0
     completions = []

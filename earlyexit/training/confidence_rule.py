@@ -138,7 +138,10 @@ def calibrate_confidence(model_dir: str | None, cfg: ConfidenceRuleConfig) -> di
     heads = load_heads(directory, model)
     policy = EarlyExit(model, heads, exit_rule="controller")  # its exit path; the rule does not matter here
     stored = heads.cfg.calibration.get("exit_layers", {}).get("costs_ms")
-    costs = PieceCosts(**stored) if stored else measure_costs(model, EarlyExit(model, heads, exit_layers="all"), cfg.timing_rounds)
+    if stored:
+        costs = PieceCosts(**stored)
+    else:
+        costs = measure_costs(model, EarlyExit(model, heads, exit_layers="all", exit_rule="controller"), cfg.timing_rounds)
     files = model_corpus(directory)[0]["validation"]
     width = min(cfg.window_tokens, model.dims.n_positions)
     tokens = torch.as_tensor(tokenize_until(files, tok, cfg.windows * width, cfg.seed)[: cfg.windows * width])

@@ -214,7 +214,7 @@ def choose_exit_layers(model_dir: str | None, cfg: ExitLayersConfig) -> dict:
         from ..runtime.quantize import quantize_int8
 
         timed = quantize_int8(model)
-    costs = measure_costs(timed, EarlyExit(timed, heads, exit_layers="all"), cfg.timing_rounds)
+    costs = measure_costs(timed, EarlyExit(timed, heads, exit_layers="all", exit_rule="controller"), cfg.timing_rounds)
     L = model.dims.n_layer
     chosen, steps = choose(exits, agrees, costs, L, len(windows))
     every = simulate(exits, agrees, list(range(L - 1)), costs, L, len(windows))
