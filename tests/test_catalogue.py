@@ -227,7 +227,26 @@ def api_cases():
         ("a server engine of no rows", lambda m, t, h: Engine(m, t, max_rows=0), "max_rows must be an integer"),
         ("a server engine with a float queue", lambda m, t, h: Engine(m, t, max_queue=2.5), "max_queue must be an integer"),
         ("heads from a folder without them", lambda m, t, h: load_heads("/nonexistent-heads", m), "no exit heads"),
+        ("heads whose rank is a float (found by experiments/fuzz.py)", lambda m, t, h: load_heads(saved_heads(m, h, rank=2.5), m),
+         "rank must be a non-negative integer"),
+        ("heads whose width is text", lambda m, t, h: load_heads(saved_heads(m, h, n_embd="48"), m), "n_embd must be a non-negative integer"),
+        ("heads whose calibration is a list", lambda m, t, h: load_heads(saved_heads(m, h, calibration=[1]), m), "calibration must be an object"),
     ]
+
+
+def saved_heads(model, heads, **fields):
+    """`heads` saved in a fresh folder with `fields` of its JSON replaced."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from earlyexit.runtime.heads import HEADS_CONFIG
+
+    d = Path(tempfile.mkdtemp())
+    heads.save(d)
+    raw = json.loads((d / HEADS_CONFIG).read_text())
+    (d / HEADS_CONFIG).write_text(json.dumps({**raw, **fields}))
+    return d
 
 
 @pytest.mark.parametrize("case,call,fragment", api_cases(), ids=[c[0] for c in api_cases()])

@@ -518,3 +518,28 @@ def test_best_threshold_takes_the_largest_share_at_the_precision():
     assert best_threshold(score, hits, 1.0) == pytest.approx((0.8, 0.4))
     assert best_threshold(score, hits, 0.75) == pytest.approx((0.6, 0.8))
     assert best_threshold(score, torch.zeros(5, dtype=torch.bool), 0.5) == (float("inf"), 0.0)
+
+
+def test_fuzz_limit_run_covers_every_target_and_records_what_it_found(tmp_path, monkeypatch):
+    monkeypatch.setenv("EARLYEXIT_RESULTS", str(tmp_path / "results"))
+    import fuzz
+
+    assert fuzz.main(["--minutes", "0.25", "--round-examples", "10"]) == 0
+    result = json.loads((tmp_path / "results/fuzz/results.json").read_text())
+    assert [r["target"] for r in result["rows"]] == list(fuzz.TARGETS)
+    assert all(r["examples"] > 0 for r in result["rows"]) and result["findings"] == 0
+
+
+def test_fuzz_records_a_finding_once_with_where_it_was_raised(monkeypatch):
+    import fuzz
+    from hypothesis import strategies as st
+
+    def broken(ctx):
+        def check(x):
+            if x > 5:
+                fuzz.expect_refusal_or_result(lambda: 1 / 0)
+        return check, (st.integers(0, 10),)
+
+    monkeypatch.setattr(fuzz, "prompt_target", broken, raising=True)
+    row = fuzz.run_target("prompt", {}, 1.0, 0, 20)
+    assert [f["error"] for f in row["findings"]] == ["ZeroDivisionError: division by zero"] and row["examples"] > 0

@@ -209,6 +209,17 @@ def load_heads(directory: str | Path, model: GPT2) -> ExitHeads:
         cfg = HeadsConfig(**{**raw, "thresholds": Thresholds(**raw.get("thresholds", {}))})
     except TypeError as e:
         raise EarlyExitError(f"{config_file} has unexpected fields: {e}") from None
+    for name in ("rank", "n_layer", "n_embd", "vocab_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise EarlyExitError(f"{config_file}: {name} must be a non-negative integer, got {value!r}")
+    if cfg.rank > cfg.n_embd:
+        raise EarlyExitError(f"{config_file}: rank {cfg.rank} is larger than the width {cfg.n_embd}: corrupt or mixed files")
+    for name in ("training", "calibration"):
+        if not isinstance(getattr(cfg, name), dict):
+            raise EarlyExitError(f"{config_file}: {name} must be an object, got {type(getattr(cfg, name)).__name__}")
+    if cfg.exit_confidence is not None and not isinstance(cfg.exit_confidence, dict):
+        raise EarlyExitError(f"{config_file}: exit_confidence must be an object of thresholds, got {type(cfg.exit_confidence).__name__}")
     dims = model.dims
     for name, theirs, ours in (("layers", cfg.n_layer, dims.n_layer), ("width", cfg.n_embd, dims.n_embd),
                                ("vocabulary", cfg.vocab_size, dims.vocab_size)):
