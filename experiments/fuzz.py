@@ -22,6 +22,7 @@ Writes experiments/results/fuzz/ (results.json, results.md): minutes and example
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import shutil
 import sys
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import stamp, write_results  # noqa: E402
 
 TARGETS = ("prompt", "settings", "request", "heads", "weights")
+GROUP = getattr(builtins, "ExceptionGroup", ())  # several distinct failures in one round (Python 3.11+)
 
 
 def parse_args(argv):
@@ -222,8 +224,8 @@ def run_target(name: str, ctx: dict, seconds: float, seed: int, per_round: int) 
         test._hypothesis_internal_use_seed = seed * 100_003 + rounds
         try:
             test()
-        except (Finding, ExceptionGroup) as e:  # anything else is the harness's own failure, and stops the run
-            group = e.exceptions if isinstance(e, ExceptionGroup) else (e,)
+        except (Finding, GROUP) as e:  # anything else is the harness's own failure, and stops the run
+            group = e.exceptions if GROUP and isinstance(e, GROUP) else (e,)
             if not all(isinstance(x, Finding) for x in group):
                 raise
             for x in group:
