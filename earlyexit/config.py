@@ -3,7 +3,8 @@
 One source of defaults: the dataclass. A YAML file sets some fields; `key=value`
 overrides from the command line set others (values parsed as YAML, so `lr=3e-4`,
 `sources=[stdlib,torch]` and `compile=false` all do what they look like). Unknown keys
-are refused, so a typo never silently falls back to a default.
+are refused, so a typo never silently falls back to a default. A file may name a `parent:` file whose values
+it starts from, so a phase of a recipe holds only what it changes.
 """
 
 from __future__ import annotations
@@ -39,20 +40,38 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+MAX_PARENTS = 32  # a chain of phases deeper than this is a cycle, or a mistake
+
+
+def read_yaml(path: str | os.PathLike, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The mapping a config file holds, its `parent:` chain resolved: the parent's values (a path relative to this
+    file), then this file's over them. A phase of a recipe holds only what differs from the phase it continues."""
+    if not os.path.isfile(path):
+        raise EarlyExitError(f"config file not found: {path}" + (f" (the parent of {seen[-1]})" if seen else ""))
+    real = os.path.realpath(path)
+    if real in seen or len(seen) >= MAX_PARENTS:
+        raise EarlyExitError(f"config file {path}: its parent chain loops or is deeper than {MAX_PARENTS} ({' -> '.join(seen)})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise EarlyExitError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise EarlyExitError(f"config file {path} must hold a mapping of field: value")
+    parent = loaded.pop("parent", None)
+    if parent is None:
+        return loaded
+    if not isinstance(parent, str) or not parent:
+        raise EarlyExitError(f"config file {path}: parent must be the path of another config file, got {parent!r}")
+    base = read_yaml(os.path.join(os.path.dirname(path), parent), (*seen, real))
+    return {**base, **loaded}
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build `cls` from its defaults, then the YAML file at `path`, then `overrides`."""
+    """Build `cls` from its defaults, then the YAML file at `path` (its `parent:` chain first), then `overrides`."""
     values: dict[str, Any] = {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise EarlyExitError(f"config file not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise EarlyExitError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise EarlyExitError(f"config file {path} must hold a mapping of field: value")
-        values.update(loaded)
+        values.update(read_yaml(path))
     values.update(parse_overrides(overrides))
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - names)

@@ -12,12 +12,13 @@ def recipe_phases(tc: dict, config_dir: Path = CONFIG_DIR) -> list[tuple[str, di
     """The training phases that led to this model, oldest first: (config path, config). Each
     continued phase re-warms at `rewarm_at` = the previous phase's `max_steps`: a resumed phase
     continues a config training into the same work_dir, an `init_from` phase the config whose
-    export (`out_dir`) it started from. The chain is rebuilt from the `configs/*.yaml` files."""
-    import yaml
+    export (`out_dir`) it started from. The chain is rebuilt from the `configs/*.yaml` files (each read with its
+    `parent:` chain: a phase's file holds only what differs from the phase it names)."""
+    from ..config import read_yaml
 
     configs = []
     for path in sorted(config_dir.glob("*.yaml")):
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = read_yaml(path)  # a phase's whole config, its parent chain resolved
         if isinstance(cfg, dict) and "work_dir" in cfg and "max_steps" in cfg:
             configs.append((f"configs/{path.name}", cfg))
 
