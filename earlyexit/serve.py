@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=8, help="requests decoded at once, one batch row each (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting for a row before the server answers 429 (default %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default %(default)s)")
+    p.add_argument("--prompt-cache", type=int, default=32, metavar="TOKENS",
+                   help="a request whose prompt begins with at least this many tokens of a row's last prompt takes that row and "
+                        "prefills only the rest (an editor resends the file above the cursor); 0: off (default %(default)s)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     return p
 
@@ -87,7 +90,7 @@ def build_service(args: argparse.Namespace):
     args.target_agreement, args.draft = None, None  # the CLI's flags build_policy reads that the server does not offer
     policy = build_policy(args, model, model_dir, backbone)
     model_id = args.model_id or ("earlyexit-default" if args.model is None else resolve_model_dir(args.model).name)
-    engine = Engine(model, tokenizer, max_rows=args.max_rows, max_queue=args.max_queue)
+    engine = Engine(model, tokenizer, max_rows=args.max_rows, max_queue=args.max_queue, prompt_cache_min=args.prompt_cache)
     return Service(model=model, tokenizer=tokenizer, engine=engine, policy=policy, model_id=model_id, defaults=defaults,
                    api_key=args.api_key, max_body_bytes=args.max_body_bytes)
 

@@ -13,6 +13,11 @@ and measured one after another (nothing else running):
   - llama.cpp: `python -m llama_cpp.server` over the model written as an fp32 GGUF (earlyexit.export.gguf), where
     `llama-cpp-python[server]` is installed (skipped, and said so, where not).
 Our two servers' completions are compared text for text (batched rows must write what one row writes alone).
+
+Then an editor's typing (`--sessions`): from a held-out line, the file above it is sent again and again as the cursor
+moves on through the next --keystrokes pieces of --step characters (the same start, a longer end each time), one
+client, one request after another; the p50 latency with our prompt cache (`--prompt-cache`, the default) against
+without it (`--prompt-cache 0`), and llama.cpp's server (which reuses its last prompt's prefix too).
 Writes experiments/results/serve_load/ (results.json, results.md, load.png).
 """
 
@@ -45,6 +50,9 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-peer", action="store_true", help="skip llama.cpp's server")
+    p.add_argument("--sessions", type=int, default=8, help="typing scenario: editor sessions (0: skip the scenario)")
+    p.add_argument("--keystrokes", type=int, default=6, help="typing scenario: requests per session")
+    p.add_argument("--step", type=int, default=12, help="typing scenario: characters typed between requests")
     return p.parse_args(argv)
 
 
@@ -124,11 +132,48 @@ def load(base: str, model: str, prompts: list[str], clients: int, max_tokens: in
             "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95), "texts": [texts.get(i) for i in range(len(prompts))]}
 
 
+def typing_sessions(files, args) -> list[list[str]]:
+    """Per session, the growing prompts an editor sends: a fixed start, the end moving on by `step` characters."""
+    import random
+
+    rng = random.Random(args.seed + 1)
+    budget = 4 * args.max_prompt_tokens  # characters, as the line prompts: the context holds the longest one
+    long_files = [f["text"] for f in files if len(f["text"]) > budget + args.step * args.keystrokes]
+    if not long_files:
+        return []
+    sessions = []
+    for _ in range(args.sessions):
+        text = rng.choice(long_files)
+        end = rng.randrange(budget // 2, len(text) - args.step * args.keystrokes)
+        start = text.rfind("\n", 0, end - budget // 2) + 1
+        sessions.append([text[start:end + k * args.step] for k in range(args.keystrokes)])
+    return sessions
+
+
+def typing(base: str, model: str, sessions: list[list[str]], max_tokens: int) -> dict:
+    """Each session's prompts in order from one client: the latency of each request after the session's first."""
+    import httpx
+
+    latency, texts = [], []
+    with httpx.Client(timeout=600) as http:
+        for prompts in sessions:
+            for k, prompt in enumerate(prompts):
+                t0 = time.perf_counter()
+                r = http.post(base + "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                                               "stop": ["\n"], "temperature": 0})
+                if k:
+                    latency.append((time.perf_counter() - t0) * 1e3)
+                texts.append(r.json()["choices"][0]["text"] if r.status_code == 200 else None)
+    return {"requests": len(latency), "p50_ms": percentile(latency, 50), "p95_ms": percentile(latency, 95), "texts": texts}
+
+
 def servers(args, gguf: Path | None) -> list[Server]:
     ours = [sys.executable, "-m", "earlyexit.serve", "--port", "{port}", "--model-id", MODEL_ID, "--mode", args.mode,
             "--threads", str(args.threads), "--max-queue", "256"] + (["--model", args.model] if args.model else [])
     out = [Server("ours, batched", ours + ["--max-rows", "16"], "/health"),
            Server("ours, one at a time", ours + ["--max-rows", "1"], "/health")]
+    if args.sessions:
+        out.append(Server("ours, no prompt cache", ours + ["--max-rows", "16", "--prompt-cache", "0"], "/health"))
     if gguf is not None:
         out.append(Server("llama.cpp server (fp32 GGUF)",
                           [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL_ID,
@@ -174,6 +219,21 @@ def render(rows: list[dict], skipped: str | None, args, same: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_typing(typed: list[dict], same: float | None, args) -> str:
+    if not typed:
+        return ""
+    base = next((t for t in typed if t["server"] == "ours, no prompt cache"), None)
+    lines = ["", f"An editor's typing: {args.sessions} sessions of {args.keystrokes} requests each, the file above the cursor "
+             f"resent after every {args.step} characters typed, one client; latency of each request after a session's first:", "",
+             "| server | requests | p50 ms | p95 ms | p50 vs ours without the prompt cache |", "|---|---|---|---|---|"]
+    for t in typed:
+        ratio = f"{base['p50_ms'] / t['p50_ms']:.2f}×" if base and t["p50_ms"] else "-"
+        lines.append(f"| {t['server']} | {t['requests']} | {t['p50_ms']:.0f} | {t['p95_ms']:.0f} | {ratio} |")
+    if same is not None:
+        lines += ["", f"Completions with the prompt cache identical to those without it: {same:.1%}."]
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -203,23 +263,33 @@ def main(argv=None) -> int:
     clients = [int(c) for c in args.clients.split(",")]
     files = test_split_files(resolve_model_dir(args.model))
     prompts = [e.prompt for e in line_cut_examples(files, args.prompts, max_prompt_chars=4 * args.max_prompt_tokens, seed=args.seed)]
-    rows, texts = [], {}
+    sessions = typing_sessions(files, args) if args.sessions else []
+    rows, texts, typed = [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
         gguf, skipped = peer_gguf(args, Path(tmp))
         for server in servers(args, gguf):
             with server:
                 load(server.base, MODEL_ID, prompts[:2], 1, args.max_tokens)  # warm-up
-                for c in clients:
+                for c in (clients if server.name != "ours, no prompt cache" else []):
                     r = load(server.base, MODEL_ID, prompts, c, args.max_tokens)
                     texts[(server.name, c)] = r.pop("texts")
                     rows.append({"server": server.name, **r})
                     print(f"{server.name}, {c} clients: {r['tokens_per_s']:.1f} tokens/s, p95 {r['p95_ms']:.0f} ms", file=sys.stderr)
+                if sessions and server.name != "ours, one at a time":
+                    t = typing(server.base, MODEL_ID, sessions, args.max_tokens)
+                    typed.append({"server": server.name, **t})
+                    print(f"{server.name}, typing: p50 {t['p50_ms']:.0f} ms", file=sys.stderr)
     pairs = [(a, b) for c in clients for a, b in zip(texts[("ours, batched", c)], texts[("ours, one at a time", c)])]
     same = sum(a == b for a, b in pairs) / max(1, len(pairs))
     config = {k: v for k, v in vars(args).items()}
+    ours_typed = {t["server"]: t for t in typed}
+    cached, uncached = ours_typed.get("ours, batched"), ours_typed.get("ours, no prompt cache")
+    typing_same = (sum(a == b for a, b in zip(cached["texts"], uncached["texts"])) / max(1, len(cached["texts"]))
+                   if cached and uncached else None)
     result = {"stamp": stamp(str(resolve_model_dir(args.model)), config), "rows": rows, "identical_batched_vs_alone": same,
+              "typing": [{k: v for k, v in t.items() if k != "texts"} for t in typed], "typing_identical_cached_vs_not": typing_same,
               "peer_skipped": skipped}
-    out = write_results("serve_load", result, render(rows, skipped, args, same))
+    out = write_results("serve_load", result, render(rows, skipped, args, same) + render_typing(result["typing"], typing_same, args))
     plot(rows, out / "load.png")
     print(f"wrote {out}", file=sys.stderr)
     return 0

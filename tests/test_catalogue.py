@@ -125,6 +125,7 @@ def serve_cases():
         ("negative default temperature", ["--temperature", "-1"], "temperature must be in [0, 100]"),
         ("missing model folder", ["--model", "{files}/no_such_model"], "no_such_model"),
         ("unknown mode", ["--mode", "fast"], "invalid choice"),
+        ("negative prompt cache", ["--model", "{tiny}", "--prompt-cache", "-1"], "prompt_cache_min must be an integer in [0, 4096]"),
     ]
 
 

@@ -470,13 +470,16 @@ def test_serve_load_limit_run(model_with_heads, tmp_path):
     import serve_load
 
     assert serve_load.main(["--model", str(model_with_heads), "--prompts", "3", "--clients", "1,2", "--max-tokens", "4",
-                            "--max-prompt-tokens", "24", "--threads", "1", "--no-peer"]) == 0
+                            "--max-prompt-tokens", "24", "--threads", "1", "--no-peer", "--sessions", "2", "--keystrokes", "3",
+                            "--step", "4"]) == 0
     out = tmp_path / "results/serve_load"
     result = json.loads((out / "results.json").read_text())
     assert [(r["server"], r["clients"]) for r in result["rows"]] == [
         ("ours, batched", 1), ("ours, batched", 2), ("ours, one at a time", 1), ("ours, one at a time", 2)]
     assert all(r["requests"] == 3 and not r["errors"] and r["requests_per_s"] > 0 for r in result["rows"])
     assert result["identical_batched_vs_alone"] == 1.0 and result["peer_skipped"] == "--no-peer"
+    assert [t["server"] for t in result["typing"]] == ["ours, batched", "ours, no prompt cache"]
+    assert all(t["requests"] == 2 * 2 for t in result["typing"]) and result["typing_identical_cached_vs_not"] is not None
     assert (out / "load.png").stat().st_size > 0 and "skipped (--no-peer)" in (out / "results.md").read_text()
 
 

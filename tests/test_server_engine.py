@@ -101,7 +101,7 @@ def test_a_cancelled_row_is_freed_and_a_full_queue_refuses(tiny, tiny_tokenizer)
 
 def test_a_failing_request_ends_with_an_error_and_the_engine_goes_on(tiny, tiny_tokenizer):
     class Broken(FullDepth):
-        def prefill(self, model, ids, cache):
+        def prefill(self, model, ids, cache, start=0):
             raise RuntimeError("boom")
 
     engine = Engine(tiny, tiny_tokenizer, max_rows=2)
@@ -134,3 +134,35 @@ def test_settled_text_holds_back_only_what_a_later_token_could_change(text, stop
         for k in range(1, len(s)):
             if (text.rstrip("\ufffd")).endswith(s[:k]):
                 assert len(held.rstrip("\ufffd")) >= k or held.endswith("\ufffd")
+
+
+@pytest.mark.parametrize("mode", ["full", "early-exit"])
+def test_a_prompt_that_extends_an_earlier_one_reuses_its_rows_prefill_and_writes_the_same(tiny, tiny_tokenizer, mode):
+    policy = FullDepth() if mode == "full" else EarlyExit(tiny, random_heads(tiny, 1), Thresholds(exit=0.6, stop=0.9))
+    settings = GenerationSettings(max_new_tokens=12)
+    base = PROMPTS[1]  # a class with a method: the editor's file above the cursor
+    typed = [base, base + "    def push(self, item):\n", base + "    def push(self, item):\n        self.items.append("]
+    engine = Engine(tiny, tiny_tokenizer, max_rows=2, prompt_cache_min=4)
+    try:
+        for prompt in typed:  # one after another, as an editor sends them
+            _, out = submit(engine, tiny, tiny_tokenizer, prompt, settings, policy)
+            assert out.finished.wait(60) and out.error is None
+            alone = complete(tiny, tiny_tokenizer, prompt, settings, policy=policy)
+            got = out.done["completion"]
+            assert (got.token_ids, got.exit_layers) == (alone.token_ids, alone.exit_layers)
+        reused = engine.load()["reused_tokens"]
+    finally:
+        engine.close()
+    shared = [len(prepare_prompt(tiny_tokenizer, tiny, p, settings)[0]) for p in typed[:2]]
+    assert reused >= sum(shared) - 2  # the second and third prompts took (nearly all of) the earlier prompt's positions
+
+
+def test_the_prompt_cache_off_reuses_nothing(tiny, tiny_tokenizer):
+    engine = Engine(tiny, tiny_tokenizer, max_rows=1, prompt_cache_min=0)
+    try:
+        for prompt in (PROMPTS[1], PROMPTS[1] + "    pass\n"):
+            _, out = submit(engine, tiny, tiny_tokenizer, prompt, GenerationSettings(max_new_tokens=4), FullDepth())
+            assert out.finished.wait(60)
+        assert engine.load()["reused_tokens"] == 0
+    finally:
+        engine.close()

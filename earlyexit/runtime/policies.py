@@ -42,8 +42,9 @@ class Policy(ABC):
     max_draft = 0  # tokens beyond the completion's own that the KV cache must hold (a speculative policy's drafts)
 
     @abstractmethod
-    def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> "StepResult":
-        """The prompt ids (1, T) through the model: the next token's logits, or a stop."""
+    def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache, start: int = 0) -> "StepResult":
+        """The prompt ids (1, T) through the model at positions start..start+T-1: the next token's logits, or a stop.
+        `start` > 0: the cache already holds the K/V of the prompt's first `start` tokens (a server's prompt cache)."""
 
     @abstractmethod
     def step(self, model: GPT2, token: torch.Tensor, cache: KVCache, pos: int, prev_layers: int) -> "StepResult":
@@ -68,7 +69,7 @@ class SpeculativePolicy(ABC):
     max_draft: int
 
     @abstractmethod
-    def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> "StepResult":
+    def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache, start: int = 0) -> "StepResult":
         """As `Policy.prefill`."""
 
     @abstractmethod
@@ -162,8 +163,8 @@ class FullDepth(Policy):
         return BatchStep(model.logits(model.hidden(tokens, cache, pos, rows)[:, -1]), [model.dims.n_layer] * B, [False] * B)
 
     @torch.inference_mode()
-    def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> StepResult:
-        return self.step(model, ids, cache, 0, model.dims.n_layer)
+    def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache, start: int = 0) -> StepResult:
+        return self.step(model, ids, cache, start, model.dims.n_layer)
 
     @torch.inference_mode()
     def step(self, model: GPT2, token: torch.Tensor, cache: KVCache, pos: int, prev_layers: int) -> StepResult:
@@ -306,14 +307,14 @@ class EarlyExit(Policy):
         return (probs.argmax(-1) == STOP) & (probs[:, STOP].double() > self.thresholds.stop)
 
     @torch.inference_mode()
-    def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> StepResult:
+    def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache, start: int = 0) -> StepResult:
         """The prompt runs every block (its K/V are needed anyway); the controller may still stop."""
-        x = model.embed(ids, 0)
+        x = model.embed(ids, start)
         for layer in range(model.dims.n_layer):
             if not self.asks(layer, model.dims.n_layer):
-                x = model.block(layer, x, cache, 0)
+                x = model.block(layer, x, cache, start)
                 continue
-            x_mid, mlp_out = model.block_branches(layer, x, cache, 0)
+            x_mid, mlp_out = model.block_branches(layer, x, cache, start)
             _, probs = self.check(layer, x_mid[:, -1], mlp_out[:, -1], 0)
             x = x_mid + mlp_out
             if self.decide(probs, allow_exit=False) == STOP:

@@ -111,8 +111,8 @@ class Lossless(SpeculativePolicy):
         self.lean = self.draft_model.lean if isinstance(self.drafter, FullDepth) else None
         self.max_draft, self.adaptive = max_draft, adaptive
 
-    def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache) -> StepResult:
-        return (self.stopper or FullDepth()).prefill(model, ids, cache)
+    def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache, start: int = 0) -> StepResult:
+        return (self.stopper or FullDepth()).prefill(model, ids, cache, start)
 
     def verify_window(self, model: GPT2, window: torch.Tensor, cache: KVCache, pos, transcripts: list, drafts: list[list[int]],
                       rows=None) -> tuple[list, list | None]:

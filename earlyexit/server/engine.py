@@ -15,6 +15,14 @@ request's own seeded generator), and batched steps equal to single ones (tested)
 A speculative request (lossless mode) drafts and verifies in rounds that are not yet a batch
 step: it runs to its end when admitted, and the other rows wait for it.
 
+The prompt cache (`prompt_cache_min` > 0): a row remembers the prompt it prefilled, and a new
+request whose prompt begins with at least that many of the same tokens takes that row and
+prefills only the rest (an editor sends the file above the cursor again and again, a little
+longer each time). Only prefilled positions are reused, never a completion's own (which early
+exit fills by state copying). The reused K/V are the ones a whole prefill computes, to float
+rounding: attention over a cached prefix sums in another order, so a near-tie can, rarely, go the
+other way than in `complete` (llama.cpp's server has the same property); 0 turns it off.
+
 Text reaches the client as it is written (`StreamingTranscript`), minus what a later token
 could still take back: a trailing partial character, or a tail that may be the beginning of
 a stop string. A repetition stop removes a loop's second copy after it was written; a stream
@@ -36,6 +44,15 @@ from ..errors import EarlyExitError
 from ..runtime.decoding import Completion, GenerationSettings, Transcript, per_kept_token
 from ..runtime.model import GPT2
 from ..runtime.policies import SpeculativePolicy
+
+
+def _shared_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class Busy(EarlyExitError):
@@ -124,10 +141,13 @@ class _Row:
 class Engine:
     """The worker thread and its rows. `submit` from any thread; `close` to stop."""
 
-    def __init__(self, model: GPT2, tokenizer, max_rows: int = 8, max_queue: int = 32):
-        for name, value, low in (("max_rows", max_rows, 1), ("max_queue", max_queue, 0)):
+    def __init__(self, model: GPT2, tokenizer, max_rows: int = 8, max_queue: int = 32, prompt_cache_min: int = 0):
+        for name, value, low in (("max_rows", max_rows, 1), ("max_queue", max_queue, 0), ("prompt_cache_min", prompt_cache_min, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 4096:
                 raise EarlyExitError(f"{name} must be an integer in [{low}, 4096], got {value!r}")
+        self.prompt_cache_min = prompt_cache_min
+        self.prefilled: dict[int, list[int]] = {}  # per row, the prompt ids whose K/V a prefill left there
+        self.reused_tokens = 0  # prompt tokens not prefilled again thanks to the prompt cache
         self.model, self.tokenizer = model, tokenizer
         self.max_rows, self.max_queue = max_rows, max_queue
         self.cache = model.new_cache(batch=max_rows, capacity=model.dims.n_positions)
@@ -158,7 +178,7 @@ class Engine:
     def load(self) -> dict:
         with self.cond:
             return {"running": len(self.rows), "waiting": len(self.waiting), "max_rows": self.max_rows, "max_queue": self.max_queue,
-                    "cancelled": self.cancelled, "steps": self.steps, "mean_batch": self.row_steps / self.steps if self.steps else 0.0}
+                    "cancelled": self.cancelled, "reused_tokens": self.reused_tokens, "steps": self.steps, "mean_batch": self.row_steps / self.steps if self.steps else 0.0}
 
     def close(self) -> None:
         with self.cond:
@@ -181,7 +201,10 @@ class Engine:
                         return
                     admitted = []
                     while self.waiting and self.free:
-                        admitted.append((self.waiting.popleft(), self.free.pop()))
+                        job = self.waiting.popleft()
+                        slot = self._best_row(job.ids)
+                        self.free.remove(slot)
+                        admitted.append((job, slot))
                 for job, slot in admitted:
                     self._guarded(job, slot, self._start, job, slot)
                 if self.rows:
@@ -199,6 +222,17 @@ class Engine:
                 traceback.print_exc()
             job.emit("error", {"message": message})
 
+    def _best_row(self, ids: list[int]) -> int:
+        """The free row whose prefilled prompt shares the longest prefix with `ids` (the next free row when none
+        shares `prompt_cache_min` tokens, or the cache is off). Called with the lock held."""
+        best, best_len = self.free[-1], 0
+        if self.prompt_cache_min:
+            for slot in self.free:
+                shared = _shared_prefix(self.prefilled.get(slot, ()), ids)
+                if shared > best_len:
+                    best, best_len = slot, shared
+        return best
+
     def _release(self, slot: int) -> None:
         with self.cond:
             if slot not in self.free:
@@ -210,8 +244,15 @@ class Engine:
         view = self.cache.row(slot)
         transcript = StreamingTranscript(self.tokenizer, job.settings, torch.tensor([job.ids], device=model.device),
                                          _Cancelled(job.cancelled), job.healed, job.truncated, emit=job.emit)
+        reuse = 0
+        if self.prompt_cache_min:  # positions below `reuse` hold this prompt's K/V from an earlier prefill
+            reuse = min(_shared_prefix(self.prefilled.get(slot, ()), job.ids), len(job.ids) - 1)
+            reuse = reuse if reuse >= self.prompt_cache_min else 0
+        self.prefilled.pop(slot, None)  # overwritten from here on, whatever happens
         t0 = time.perf_counter()
-        result = job.policy.prefill(model, transcript.input_ids, view)
+        result = job.policy.prefill(model, transcript.input_ids[:, reuse:], view, start=reuse)
+        self.prefilled[slot] = list(job.ids)
+        self.reused_tokens += reuse
         row = _Row(job, slot, transcript, prefill_ms=(time.perf_counter() - t0) * 1e3)
         if job.cancelled.is_set():
             return self._finish(row, "stopping_criteria")
