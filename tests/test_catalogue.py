@@ -261,3 +261,22 @@ def test_library_refuses_with_one_clear_error(case, call, fragment, api):
 
 def test_the_catalogue_holds_over_sixty_cases():
     assert len(cli_cases()) + len(serve_cases()) + len(api_cases()) >= 60
+
+
+def test_the_heaviest_refusals_stay_under_a_gigabyte_and_ten_seconds(tmp_path):
+    """Endless standard input, a million-token draft and a prompt past the context, each its own CLI process over the
+    embedded model: each refused in one line, with the peak memory of the largest under 1 GB."""
+    import resource
+    import subprocess
+
+    cases = [(["--mode", "lossless", "--max-draft", "1000000", "x"], None, "at most the model's context"),
+             (["x " * 3000], None, "leaves room for"),
+             ([], b"y" * BIG, "more than 4,194,304 bytes")]
+    for argv, stdin, fragment in cases:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "earlyexit.generate", *argv], input=stdin, capture_output=True, timeout=60)
+        assert proc.returncode == 2 and fragment in proc.stderr.decode(), proc.stderr[-500:]
+        assert time.perf_counter() - t0 < 10
+    # ru_maxrss of children: the largest resident set any finished child reached (KiB on Linux); the test process's
+    # other children (none heavier run before this in this file) are included, which can only make the bound stricter
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1024 * 1024

@@ -93,3 +93,46 @@ def test_early_exit_completions_are_bounded_and_only_leave_where_asked(tiny, tin
     assert len(c.token_ids) <= n and len(c.exit_layers) == len(c.token_ids)
     assert all(1 <= layer <= 2 for layer in c.exit_layers)
     assert c.finish_reason in ("eos", "max_tokens", "stop")
+
+
+PIECES = ["def add(a, b):\n", "    return a + b\n", "import os\n", "class Stack:\n", "for i in range(", "x = [1, 2", "if x:\n    "]
+
+
+@pytest.fixture(scope="module")
+def peaked(tiny_tokenizer):
+    """A 4-layer tiny model with peaked logits (batch float orders rarely tie) and decisive random heads."""
+    from test_batch import random_heads, tiny
+
+    model = tiny(tiny_tokenizer, seed=7)
+    return model, random_heads(model, 7)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(rows=st.lists(st.lists(st.sampled_from(PIECES), min_size=1, max_size=3).map("".join), min_size=1, max_size=5),
+       n=st.integers(1, 10), mode=st.sampled_from(["full", "early-exit", "lossless"]), stop=st.sampled_from([(), ("\n",)]))
+def test_any_batch_writes_what_each_prompt_writes_alone(peaked, tiny_tokenizer, rows, n, mode, stop):
+    from earlyexit.runtime.batch import complete_batch
+    from earlyexit.runtime.policies import FullDepth
+    from earlyexit.runtime.speculative import Lossless
+
+    model, heads = peaked
+    policy = {"full": FullDepth(), "early-exit": EarlyExit(model, heads, Thresholds(exit=0.6, stop=0.95)),
+              "lossless": Lossless(model, heads, draft="same", max_draft=3)}[mode]
+    s = GenerationSettings(max_new_tokens=n, stop_strings=stop)
+    together = complete_batch(model, tiny_tokenizer, rows, s, policy=policy)
+    for prompt, row in zip(rows, together):
+        alone = complete(model, tiny_tokenizer, prompt, s, policy=policy)
+        assert (row.token_ids, row.exit_layers, row.finish_reason) == (alone.token_ids, alone.exit_layers, alone.finish_reason)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(text=st.lists(st.sampled_from(PIECES), min_size=1, max_size=4).map("".join), n=st.integers(1, 16), draft=st.integers(1, 6),
+       exit_t=st.sampled_from([0.3, 0.6, 1.0]))
+def test_lossless_writes_full_modes_tokens_for_any_prompt_and_draft(peaked, tiny_tokenizer, text, n, draft, exit_t):
+    from earlyexit.runtime.speculative import Lossless
+
+    model, heads = peaked
+    s = GenerationSettings(max_new_tokens=n)
+    full = complete(model, tiny_tokenizer, text, s)
+    lossless = complete(model, tiny_tokenizer, text, s, policy=Lossless(model, heads, exit_threshold=exit_t, draft="same", max_draft=draft))
+    assert lossless.token_ids == full.token_ids
