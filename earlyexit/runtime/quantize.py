@@ -16,8 +16,6 @@ and verifies every draft with the fp32 model, so its output stays exactly fp32 g
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -167,8 +165,10 @@ def quantize_int8(model: GPT2, head: bool = True, rerank: int = 8) -> Int8GPT2:
     keeps the vocabulary projection in fp32, `rerank` (int8 head) recomputes that many top logits in fp32."""
     if model.dtype != torch.float32:
         raise EarlyExitError(f"int8 quantization starts from an fp32 model, got {model.dtype}")
-    q = copy.deepcopy(model)
-    q.__class__ = Int8GPT2
+    q = Int8GPT2(model.dims)  # built as what it is; the fp32 weights copied in, then the projections replaced
+    if hasattr(model, "lm_head_weight"):  # an untied head is a parameter of its own
+        q.lm_head_weight = nn.Parameter(torch.empty_like(model.lm_head_weight))
+    q.load_state_dict(model.state_dict())
     for block in q.h:
         for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
             setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))

@@ -178,7 +178,8 @@ class Engine:
     def load(self) -> dict:
         with self.cond:
             return {"running": len(self.rows), "waiting": len(self.waiting), "max_rows": self.max_rows, "max_queue": self.max_queue,
-                    "cancelled": self.cancelled, "reused_tokens": self.reused_tokens, "steps": self.steps, "mean_batch": self.row_steps / self.steps if self.steps else 0.0}
+                    "cancelled": self.cancelled, "reused_tokens": self.reused_tokens, "steps": self.steps,
+                    "mean_batch": self.row_steps / self.steps if self.steps else 0.0}
 
     def close(self) -> None:
         with self.cond:
