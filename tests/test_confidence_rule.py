@@ -129,3 +129,19 @@ def test_choose_asks_nowhere_when_no_exit_pays_and_somewhere_when_one_does():
     assert thresholds == pytest.approx({0: 0.95}) and steps[-1]["ms_per_token"] < steps[0]["ms_per_token"]
     dear = PieceCosts(block=1.0, check=0.0, fill=0.1, exit_head=50.0, final_head=2.0)
     assert choose(sure, right, dear, 3, 0.99)[0] == {}
+
+
+def test_an_int8_copy_takes_its_own_calibration_and_an_empty_one_means_no_exits(tiny_tokenizer):
+    from earlyexit.runtime.quantize import quantize_int8
+
+    model = tiny(tiny_tokenizer, 0)
+    int8 = quantize_int8(model)
+    heads = decisive_heads(model, 0)
+    heads.cfg.exit_confidence = {"1": 0.0}  # fp32: every token leaves after block 2
+    assert EarlyExit(int8, heads).confidence == {1: 0.0}  # no int8 calibration: the fp32 one
+    heads.cfg.exit_confidence_int8 = {}  # calibrated over int8: no exit pays
+    policy = EarlyExit(int8, heads, Thresholds(exit=0.9, stop=1.0))
+    assert policy.exit_rule == "confidence" and policy.confidence == {}
+    c = complete(int8, tiny_tokenizer, "def add(a, b):", SETTINGS, policy=policy)
+    assert set(c.exit_layers) == {4} and c.token_ids == complete(int8, tiny_tokenizer, "def add(a, b):", SETTINGS).token_ids
+    assert EarlyExit(model, heads).confidence == {1: 0.0}  # the fp32 model keeps its own

@@ -509,8 +509,11 @@ def test_confidence_rule_calibration_writes_thresholds_the_runtime_takes(model_w
     result = heads.cfg.calibration["confidence_rule"]
     assert result["chosen"] == (heads.cfg.exit_confidence or {}) and result["split"] == "validation"
     assert result["selection"][0]["asked"] == [] and 1 <= result["scored"]["mean_layers"] <= model.dims.n_layer
-    expected = "confidence" if heads.cfg.exit_confidence else "controller"
+    expected = "confidence" if heads.cfg.exit_confidence is not None else "controller"
     assert EarlyExit(model, heads).exit_rule == expected
+    assert main(["--model", str(model_with_heads), "windows=4", "window_tokens=16", "threads=1", "weights=int8", "timing_rounds=5"]) == 0
+    heads = load_heads(model_with_heads, model)
+    assert isinstance(heads.cfg.exit_confidence_int8, dict) and "confidence_rule_int8" in heads.cfg.calibration
 
 
 def test_best_threshold_takes_the_largest_share_at_the_precision():

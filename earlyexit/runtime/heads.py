@@ -64,6 +64,8 @@ class HeadsConfig:
     # the confidence rule (earlyexit.training.confidence_rule): {"layer" (0-based): threshold} on the exit head's max
     # probability, where an exit is decided by the head itself instead of the controller's p(exit); None: not calibrated
     exit_confidence: dict[str, float] | None = None
+    # the same, calibrated over the int8 copy `--weights int8` runs (its costs and its own tokens); {}: no exit pays there
+    exit_confidence_int8: dict[str, float] | None = None
     training: dict = field(default_factory=dict)  # what train_heads measured; informational
     calibration: dict = field(default_factory=dict)  # what earlyexit.training.calibrate measured and chose; empty until it runs
 
@@ -218,8 +220,9 @@ def load_heads(directory: str | Path, model: GPT2) -> ExitHeads:
     for name in ("training", "calibration"):
         if not isinstance(getattr(cfg, name), dict):
             raise EarlyExitError(f"{config_file}: {name} must be an object, got {type(getattr(cfg, name)).__name__}")
-    if cfg.exit_confidence is not None and not isinstance(cfg.exit_confidence, dict):
-        raise EarlyExitError(f"{config_file}: exit_confidence must be an object of thresholds, got {type(cfg.exit_confidence).__name__}")
+    for name in ("exit_confidence", "exit_confidence_int8"):
+        if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), dict):
+            raise EarlyExitError(f"{config_file}: {name} must be an object of thresholds, got {type(getattr(cfg, name)).__name__}")
     dims = model.dims
     for name, theirs, ours in (("layers", cfg.n_layer, dims.n_layer), ("width", cfg.n_embd, dims.n_embd),
                                ("vocabulary", cfg.vocab_size, dims.vocab_size)):

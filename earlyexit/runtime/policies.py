@@ -220,13 +220,19 @@ class EarlyExit(Policy):
         # the switch that turns exits on. "auto": confidence where the heads carry calibrated thresholds.
         if exit_rule not in EXIT_RULES:
             raise EarlyExitError(f"exit_rule must be one of {EXIT_RULES}, got {exit_rule!r}")
+        from .quantize import Int8GPT2
+
+        # an int8 copy has its own calibration (its blocks cost a quarter as much, its head about the same); {} is one
+        # that found no exit paying; without one it takes the fp32 model's
         calibrated = heads.cfg.exit_confidence
+        if isinstance(model, Int8GPT2) and heads.cfg.exit_confidence_int8 is not None:
+            calibrated = heads.cfg.exit_confidence_int8
         if exit_rule == "controller":
             if confidence is not None:
                 raise EarlyExitError("confidence thresholds apply to exit_rule='confidence' (or 'auto'), not 'controller'")
             self.confidence = None
         else:
-            if exit_rule == "confidence" and confidence is None and not calibrated:
+            if exit_rule == "confidence" and confidence is None and calibrated is None:
                 raise EarlyExitError("these exit heads carry no confidence thresholds: run python -m earlyexit.training.confidence_rule, "
                                      "or give confidence=")
             default_layers = ([int(k) for k in calibrated] if calibrated else

@@ -18,7 +18,8 @@ predicts agreement with the full model far better than the controller's p(exit) 
    in the heads' config; measured now where missing); greedy forward selection on the fitting half, the layer that
    lowers the expected ms per token most first, while one does; the choice is then scored on the other half.
 
-Written into the heads' config (`exit_confidence`, and the tables under `calibration.confidence_rule`), so decoding
+Written into the heads' config (`exit_confidence`, and the tables under `calibration.confidence_rule`; with
+`weights=int8`, over the int8 copy `--weights int8` runs: `exit_confidence_int8`, `{}` where no exit pays), so decoding
 uses it by default (`--exit-rule auto`). Teacher forcing gives every earlier token full-depth K/V; the benchmark
 measures real decoding.
 """
@@ -44,8 +45,11 @@ class ConfidenceRuleConfig:
     threads: int = 0  # 0: all cores
     seed: int = 0
     write: bool = True  # write the thresholds into the heads' config
+    weights: str = "fp32"  # whose exits: the fp32 model's (exit_confidence) or the int8 copy's (exit_confidence_int8)
 
     def __post_init__(self):
+        if self.weights not in ("fp32", "int8"):
+            raise EarlyExitError(f"weights must be fp32 or int8, got {self.weights!r}")
         if self.windows < 2 or self.window_tokens < 2 or self.timing_rounds < 1:
             raise EarlyExitError("windows and window_tokens must be >= 2, timing_rounds >= 1")
         if not 0 < self.target <= 1:
@@ -136,8 +140,12 @@ def calibrate_confidence(model_dir: str | None, cfg: ConfidenceRuleConfig) -> di
     directory = resolve_model_dir(model_dir)
     model, tok = load_runtime_model(directory)
     heads = load_heads(directory, model)
+    if cfg.weights == "int8":  # the int8 copy's own exits: its blocks, its heads, its costs, agreement with its own tokens
+        from ..runtime.quantize import quantize_int8
+
+        model = quantize_int8(model)
     policy = EarlyExit(model, heads, exit_rule="controller")  # its exit path; the rule does not matter here
-    stored = heads.cfg.calibration.get("exit_layers", {}).get("costs_ms")
+    stored = heads.cfg.calibration.get("exit_layers", {}).get("costs_ms") if cfg.weights == "fp32" else None
     if stored:
         costs = PieceCosts(**stored)
     else:
@@ -154,9 +162,11 @@ def calibrate_confidence(model_dir: str | None, cfg: ConfidenceRuleConfig) -> di
     result = {"chosen": {str(k): v for k, v in thresholds.items()}, "scored": scored, "selection": steps, "target": cfg.target,
               "costs_ms": asdict(costs), "costs_origin": "exit_layers" if stored else "measured", "tokens": int(max_prob.shape[1]),
               "split": "validation", "config": asdict(cfg)}
-    if cfg.write:
-        heads.cfg.exit_confidence = result["chosen"] or None
-        heads.cfg.calibration = {**heads.cfg.calibration, "confidence_rule": result}
+    if cfg.write:  # {}: calibrated, and no exit pays
+        field = "exit_confidence" if cfg.weights == "fp32" else "exit_confidence_int8"
+        setattr(heads.cfg, field, result["chosen"])
+        key = "confidence_rule" if cfg.weights == "fp32" else "confidence_rule_int8"
+        heads.cfg.calibration = {**heads.cfg.calibration, key: result}
         heads.save_config(directory)
     return result
 
