@@ -182,7 +182,6 @@ class EarlyExit(Policy):
 
     def __init__(self, model: GPT2, heads: ExitHeads, thresholds: Thresholds | None = None, kernel_backend: str = "auto",
                  exit_layers=None, exit_head: str = "auto", exit_rule: str = "auto", confidence=None):
-        from ..kernels.dispatch import stack_state_copy_weights
         from .quantize import RerankedHead
 
         if not isinstance(heads, ExitHeads):
@@ -191,7 +190,7 @@ class EarlyExit(Policy):
             raise EarlyExitError(f"thresholds must be a Thresholds(exit=..., stop=...), got {type(thresholds).__name__} {thresholds!r}")
         self.heads = heads
         self.thresholds = thresholds or heads.cfg.thresholds
-        self.state_copy_weights = stack_state_copy_weights(model.h)
+        self._blocks, self._state_copy_weights = model.h, None  # stacked on first use: the lean path never needs them
         self.kernel_backend = kernel_backend
         # The classifier's whole bias for every (layer, previous exit) pair, computed once from the heads as they
         # are now: bias_table[l, p] = cls.bias + E_layer[l] + E_prev for p (0: no previous token).
@@ -239,6 +238,16 @@ class EarlyExit(Policy):
                               sorted(self.exit_layers) if self.exit_layers is not None else range(L - 1))
             self.confidence = check_confidence(confidence if confidence is not None else calibrated, L, default_layers)
         self.exit_rule = "confidence" if self.confidence is not None else "controller"
+
+    @property
+    def state_copy_weights(self):
+        """Every block's ln_1 and K/V projection stacked (~6 MB for the default model), for the state-copy kernel of the
+        generic and batched paths; built the first time one of them copies state."""
+        if self._state_copy_weights is None:
+            from ..kernels.dispatch import stack_state_copy_weights
+
+            self._state_copy_weights = stack_state_copy_weights(self._blocks)
+        return self._state_copy_weights
 
     def exit_logits(self, layer: int, h: torch.Tensor, model: GPT2) -> torch.Tensor:
         """Logits (..., V) of a token leaving after block `layer` (below the last) from its hidden state h (..., d)."""
