@@ -34,7 +34,7 @@ def test_lossless_equals_full_greedy(tiny_tokenizer, seed, k, draft):
     prompt = torch.randint(1, len(tiny_tokenizer), (1 + 7 * seed % 23,), generator=g).tolist()  # odd lengths
     settings = GenerationSettings(max_new_tokens=25 + seed)
     full = complete(model, tiny_tokenizer, prompt, settings)
-    # seeds 0-2 draft with exits, 3-5 at full depth (an int8 draft of width 48 then takes earlyexit.draft_step's lean path)
+    # seeds 0-2 draft with exits, 3-5 at full depth (an int8 draft of width 48 then takes earlyexit.runtime.lean_step's lean path)
     lossless = Lossless(model, random_heads(model, seed), exit_threshold=0.3 if seed < 3 else 1.0, max_draft=k,
                         adaptive=seed % 2 == 0, draft=draft)
     assert (lossless.lean is not None) == (draft == "int8" and n_embd == 48 and seed >= 3)
