@@ -71,7 +71,8 @@ def section(results: Path) -> str:
             ("head_loss_ablation", "Head-loss ablation"), ("ngram_cache_sweep", "N-gram cache weight"),
             ("exit_training", "A backbone trained to exit, beside the shipped one"),
             ("exit_signals", "Which signal should decide an exit"),
-            ("serve_load", "The completion server under 1, 4 and 16 clients")]
+            ("serve_load", "The completion server under 1, 4 and 16 clients"),
+            ("fuzz", "Fuzzing the front door")]
     out += ["| experiment | results | how it ran |", "|---|---|---|"]
     for name, title in runs:
         r = load(results, name)
