@@ -16,6 +16,7 @@ def test_lean_step_matches_the_generic_int8_path(tiny_tokenizer, seed):
     model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=3, n_embd=48, seed=seed))
     q = quantize_int8(model)
     assert isinstance(q.lean, LeanInt8Step)
+    q.lean = LeanInt8Step(q)  # the torch step, exactly the generic path's ops (the native one: tests/test_native_step.py)
     prompt = torch.randint(0, len(tiny_tokenizer), (1, 7 + seed), generator=torch.Generator().manual_seed(seed))
     caches = {name: model.new_cache(1, 40) for name in ("generic", "logits", "greedy")}
     with torch.inference_mode():

@@ -174,7 +174,7 @@ def quantize_int8(model: GPT2, head: bool = True, rerank: int = 8) -> Int8GPT2:
             setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))
     q.int8_head = Int8Linear(model.head_weight, None) if head else None
     q.rerank = rerank if head else 0
-    from .lean_step import LeanInt8Step  # which imports this module
+    from .native import lean_int8_step  # which imports this module
 
-    q.lean = LeanInt8Step(q) if LeanInt8Step.supports(q) else None
+    q.lean = lean_int8_step(q)  # the C++ step where it builds, else the torch one
     return q.eval().requires_grad_(False)

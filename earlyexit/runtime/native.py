@@ -1,0 +1,156 @@
+"""The native int8 single-token step: `LeanInt8Step`'s arithmetic in one C++ call per run of blocks.
+
+At the default model's size (d = 256) a token through `LeanInt8Step` is ~600 aten calls, and their dispatch costs
+more than their arithmetic. `NativeInt8Step` runs the same ops (csrc/int8_step.cpp: bf16-rounded inputs, int8 rows,
+fp32 accumulation, bf16-rounded outputs plus the fp32 bias) with none of that, on torch's own thread pool, and is
+what `quantize_int8` attaches as `model.lean` wherever it builds. The sums run in another order, so logits can
+differ from the torch path in their last bits (tested within that); lossless mode verifies every draft in fp32
+anyway, and full-depth int8 is already an approximation of fp32.
+
+The extension is compiled on first use, once per machine (torch.utils.cpp_extension: gcc, ninja, -O3
+-march=native; ~30 s on 2 cores, cached under ~/.cache/torch_extensions, rebuilt when the source changes). Where it
+cannot be built (no compiler, no ninja), the torch path runs and one line on stderr says why.
+`EARLYEXIT_NATIVE=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from .lean_step import LeanInt8Step
+from .model import KVCache
+
+SOURCE = Path(__file__).with_name("csrc") / "int8_step.cpp"
+ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu_fast": 0, "relu": 1}  # csrc's enum Activation
+_lock = threading.Lock()
+_built: dict[str, object] = {}  # "module" or "failure"
+
+
+def enabled() -> bool:
+    """Whether the native step may be used (EARLYEXIT_NATIVE=0 turns it off)."""
+    return os.environ.get("EARLYEXIT_NATIVE", "1") != "0"
+
+
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def build_directory() -> Path:
+    """Where this source, torch, Python, flags and CPU build to (torch's extension cache; TORCH_EXTENSIONS_DIR moves
+    it): a new directory whenever any of them changes, so a build for another CPU or torch is never loaded."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), " ".join(FLAGS).encode(),
+                 _cpu_flags().encode()):
+        key.update(part)
+    base = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return base / f"earlyexit_int8_step_{key.hexdigest()[:16]}"
+
+
+def _ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; the pip package's binary is not on it when the venv is not activated."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def extension():
+    """The compiled module, built on first call; None where it cannot be built (the reason printed once)."""
+    with _lock:
+        if not _built:
+            try:
+                from torch.utils.cpp_extension import load
+
+                where = build_directory()
+                name = where.name
+                if not (where / f"{name}.so").exists():
+                    print("earlyexit: building the native int8 step (once per machine, ~30 s)", file=sys.stderr, flush=True)
+                where.mkdir(parents=True, exist_ok=True)
+                _ninja_on_path()
+                _built["module"] = load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                                        build_directory=str(where), verbose=False)
+            except Exception as e:  # no compiler, no ninja, a failed build: the torch path still runs
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                _built["failure"] = reason
+                print(f"earlyexit: native int8 step unavailable ({reason}); using the torch path", file=sys.stderr)
+        return _built.get("module")
+
+
+class NativeInt8Step(LeanInt8Step):
+    """`LeanInt8Step` with its blocks, state copy, logits and greedy head in csrc/int8_step.cpp (same interface)."""
+
+    @staticmethod
+    def supports(model) -> bool:
+        """An int8 copy the torch lean path takes, on the CPU in fp32, with an activation the C++ knows, and the
+        extension built."""
+        if not (enabled() and LeanInt8Step.supports(model)):
+            return False
+        if model.wte.weight.device.type != "cpu" or model.wte.weight.dtype != torch.float32:
+            return False
+        if model.dims.activation not in ACTIVATIONS:
+            return False
+        return extension() is not None
+
+    def _gather(self) -> None:
+        super()._gather()
+        m, f32 = self.model, (lambda t: t.detach().float().contiguous())
+        layers, scales = [], []
+        for block in m.h:
+            a, mlp = block.attn, block.mlp
+            tensors = [block.ln_1.weight, block.ln_1.bias]
+            for lin in (a.c_attn, a.c_proj):
+                tensors += [lin.qweight.contiguous(), f32(lin.scale), f32(lin.bias)]
+            tensors += [block.ln_2.weight, block.ln_2.bias]
+            for lin in (mlp.c_fc, mlp.c_proj):
+                tensors += [lin.qweight.contiguous(), f32(lin.scale), f32(lin.bias)]
+            layers.append([t if t.dtype == torch.int8 else f32(t) for t in tensors])
+            scales.append(float(a.scale))
+        self.native = extension().Int8Step(
+            layers, scales, f32(m.ln_f.weight), f32(m.ln_f.bias), self.head.qweight.contiguous(), f32(self.head.scale),
+            f32(self.head_rows), self.n_head, float(self.eps), ACTIVATIONS[m.dims.activation], self.rerank)
+
+    def block(self, i: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        x = x.clone()  # callers may hold the stream they passed: the C++ writes in place
+        self.native.blocks(x, cache.k, cache.v, pos, i, i + 1)
+        return x
+
+    def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
+        x = self.embed(token, pos)  # a fresh tensor: in place is safe
+        self.native.blocks(x, cache.k, cache.v, pos, 0, len(self.layers))
+        return x
+
+    def fill_kv(self, i: int, h: torch.Tensor, cache: KVCache, pos: int) -> None:
+        self.native.fill_kv(i, h.contiguous(), cache.k, cache.v, pos)
+
+    @torch.inference_mode()
+    def logits(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
+        x = self.residual(token, cache, pos)
+        return self.native.logits(x)
+
+    @torch.inference_mode()
+    def greedy(self, token: int, cache: KVCache, pos: int) -> int:
+        x = self.residual(token, cache, pos)  # first: its embed gathers the layers (and builds self.native) if stale
+        return int(self.native.greedy(x))
+
+
+def lean_int8_step(model) -> LeanInt8Step | None:
+    """The fastest lean step an int8 copy can take: native, else torch, else None."""
+    if NativeInt8Step.supports(model):
+        return NativeInt8Step(model)
+    return LeanInt8Step(model) if LeanInt8Step.supports(model) else None
