@@ -34,6 +34,15 @@ for i in range(10):
 '''
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_step_built():
+    """The native step (earlyexit.runtime.native) built, or found built, before any test: a first build takes ~40 s
+    and ~1 GB in a compiler, which no test's time or memory bound should count."""
+    from earlyexit.runtime import native
+
+    native.extension()
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     from earlyexit.data.tokenizer import train_tokenizer

@@ -1,14 +1,14 @@
-"""The native int8 step (earlyexit.runtime.native, csrc/int8_step.cpp): the torch lean step's logits, cache, state copy
-and greedy tokens, on odd shapes; built here (CI's machine has gcc), off with EARLYEXIT_NATIVE=0, and the torch path
-with one stderr line where it cannot be built."""
+"""The native steps (earlyexit.runtime.native, csrc/step.cpp), int8 and fp32: the torch lean steps' logits, cache,
+state copy and greedy tokens, on odd shapes; built here (CI's machine has gcc), off with EARLYEXIT_NATIVE=0, and the
+torch path with one stderr line where it cannot be built."""
 
 import pytest
 import torch
 
 from earlyexit.runtime import native
-from earlyexit.runtime.lean_step import LeanInt8Step
+from earlyexit.runtime.lean_step import LeanFp32Step, LeanInt8Step, attach_lean_step
 from earlyexit.runtime.model import GPT2
-from earlyexit.runtime.native import NativeInt8Step
+from earlyexit.runtime.native import NativeFp32Step, NativeInt8Step
 from earlyexit.runtime.quantize import quantize_int8
 
 from conftest import make_tiny_hf
@@ -17,45 +17,54 @@ hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the [dev
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-# bf16-rounded projection outputs: a sum in another order can land on the other side of a rounding boundary, one
-# bf16 step (2^-8 relative) at that output, carried through the rest of the token. Measured: at most 0.002 on
-# logits up to 1.2; the wrong activation (relu for gelu) differs by 0.04-0.45, far outside.
-CLOSE = dict(rtol=1e-2, atol=5e-3)
+# int8: bf16-rounded projection outputs; a sum in another order can land on the other side of a rounding boundary,
+# one bf16 step (2^-8 relative) at that output, carried through the rest of the token. Measured: at most 0.002 on
+# logits up to 1.2; the wrong activation (relu for gelu) differs by 0.04-0.45, far outside. fp32: the order of the
+# sums alone (measured at most 2.4e-5 on the default model's logits of ~10).
+CLOSE = {"int8": dict(rtol=1e-2, atol=5e-3), "fp32": dict(rtol=1e-5, atol=1e-5)}
+STEPS = {"int8": (LeanInt8Step, NativeInt8Step), "fp32": (LeanFp32Step, NativeFp32Step)}
 
 
-def tiny_int8(vocab: int, seed=0, n_layer=2, n_embd=48, n_head=4, activation="gelu_new"):
+def tiny(kind: str, vocab: int, seed=0, n_layer=2, n_embd=48, n_head=4, activation="gelu_new"):
     hf = make_tiny_hf(vocab, seed=seed, n_layer=n_layer, n_embd=n_embd, n_head=n_head)
     hf.config.activation_function = activation
-    return quantize_int8(GPT2.from_hf(hf))
+    model = GPT2.from_hf(hf)
+    return quantize_int8(model) if kind == "int8" else attach_lean_step(model)
 
 
-def both(q):
-    """(torch lean step, native step) over the same int8 copy."""
-    return LeanInt8Step(q), NativeInt8Step(q)
+def tiny_int8(vocab: int, *args, **kwargs):
+    return tiny("int8", vocab, *args, **kwargs)
 
 
-def test_the_extension_builds_here_and_int8_copies_take_it(tiny_tokenizer):
+def both(q, kind="int8"):
+    """(torch lean step, native step) over the same model."""
+    torch_step, native_step = STEPS[kind]
+    return torch_step(q), native_step(q)
+
+
+def test_the_extension_builds_here_and_models_take_it(tiny_tokenizer):
     assert native.extension() is not None, native._built.get("failure")
-    assert type(tiny_int8(len(tiny_tokenizer)).lean) is NativeInt8Step
+    assert type(tiny("int8", len(tiny_tokenizer)).lean) is NativeInt8Step
+    assert type(tiny("fp32", len(tiny_tokenizer)).lean) is NativeFp32Step
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=st.sampled_from([(16, 1), (32, 2), (48, 4), (64, 4), (80, 5), (96, 3)]), n_layer=st.integers(1, 3),
        prompt=st.integers(1, 12), steps=st.integers(1, 6), activation=st.sampled_from(["gelu_new", "relu"]),
-       seed=st.integers(0, 3))
-def test_native_logits_and_cache_match_the_torch_lean_step(tiny_tokenizer, shape, n_layer, prompt, steps, activation, seed):
+       seed=st.integers(0, 3), kind=st.sampled_from(["int8", "fp32"]))
+def test_native_logits_and_cache_match_the_torch_lean_step(tiny_tokenizer, shape, n_layer, prompt, steps, activation, seed, kind):
     n_embd, n_head = shape
-    q = tiny_int8(len(tiny_tokenizer), seed, n_layer, n_embd, n_head, activation)
-    ref, nat = both(q)
+    q = tiny(kind, len(tiny_tokenizer), seed, n_layer, n_embd, n_head, activation)
+    ref, nat = both(q, kind)
     caches = [q.new_cache(1, prompt + steps), q.new_cache(1, prompt + steps)]
     tokens = torch.randint(0, len(tiny_tokenizer), (prompt + steps,), generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
         for pos, token in enumerate(tokens.tolist()):  # teacher-forced: both read the same tokens
             a, b = ref.logits(token, caches[0], pos), nat.logits(token, caches[1], pos)
             assert a.shape == b.shape == (1, q.dims.vocab_size)
-            torch.testing.assert_close(b, a, **CLOSE)
-    torch.testing.assert_close(caches[1].k, caches[0].k, **CLOSE)
-    torch.testing.assert_close(caches[1].v, caches[0].v, **CLOSE)
+            torch.testing.assert_close(b, a, **CLOSE[kind])
+    torch.testing.assert_close(caches[1].k, caches[0].k, **CLOSE[kind])
+    torch.testing.assert_close(caches[1].v, caches[0].v, **CLOSE[kind])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -76,30 +85,46 @@ def test_native_greedy_is_the_argmax_of_its_reranked_candidates_and_follows_torc
     assert agree >= 27  # the same tokens but where a near-tie falls the other way (it never did over these seeds)
 
 
-def test_native_state_copy_matches_the_torch_one(tiny_tokenizer):
-    q = tiny_int8(len(tiny_tokenizer), n_layer=3)
-    ref, nat = both(q)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_native_fp32_greedy_is_the_argmax_of_its_logits_and_the_torch_steps_token(tiny_tokenizer, seed):
+    model = tiny("fp32", len(tiny_tokenizer), seed, n_layer=3)
+    ref, nat = both(model, "fp32")
+    c_ref, c_nat, c_logits = (model.new_cache(1, 40) for _ in range(3))
+    t_ref = t_nat = t_logits = 5
+    with torch.inference_mode():
+        for pos in range(30):
+            t_ref, t_nat = ref.greedy(t_ref, c_ref, pos), nat.greedy(t_nat, c_nat, pos)
+            t_logits = int(nat.logits(t_logits, c_logits, pos)[0].argmax())
+            assert t_ref == t_nat == t_logits
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp32"])
+def test_native_state_copy_matches_the_torch_one(tiny_tokenizer, kind):
+    q = tiny(kind, len(tiny_tokenizer), n_layer=3)
+    ref, nat = both(q, kind)
     h = torch.randn(1, q.dims.n_embd, generator=torch.Generator().manual_seed(0))
     caches = [q.new_cache(1, 8), q.new_cache(1, 8)]
     ref.embed(1, 0), nat.embed(1, 0)  # gather
     for i in range(3):
         ref.fill_kv(i, h, caches[0], 5)
         nat.fill_kv(i, h, caches[1], 5)
-    torch.testing.assert_close(caches[1].k, caches[0].k, **CLOSE)
-    torch.testing.assert_close(caches[1].v, caches[0].v, **CLOSE)
+    torch.testing.assert_close(caches[1].k, caches[0].k, **CLOSE[kind])
+    torch.testing.assert_close(caches[1].v, caches[0].v, **CLOSE[kind])
     assert caches[1].k[:, :, :, 5].abs().sum() > 0 and caches[1].k[:, :, :, :5].abs().sum() == 0  # that position only
 
 
-def test_a_block_does_not_change_the_stream_it_was_given(tiny_tokenizer):
-    q = tiny_int8(len(tiny_tokenizer))
+@pytest.mark.parametrize("kind", ["int8", "fp32"])
+def test_a_block_does_not_change_the_stream_it_was_given(tiny_tokenizer, kind):
+    q = tiny(kind, len(tiny_tokenizer))
     x = q.lean.embed(3, 0)
     before = x.clone()
     y = q.lean.block(0, x, q.new_cache(1, 4), 0)
     assert torch.equal(x, before) and not torch.equal(y, before)
 
 
-def test_a_row_view_of_a_batched_cache_is_written_in_its_row(tiny_tokenizer):
-    q = tiny_int8(len(tiny_tokenizer))
+@pytest.mark.parametrize("kind", ["int8", "fp32"])
+def test_a_row_view_of_a_batched_cache_is_written_in_its_row(tiny_tokenizer, kind):
+    q = tiny(kind, len(tiny_tokenizer))
     alone, batched = q.new_cache(1, 6), q.new_cache(3, 6)
     for pos, token in enumerate([4, 9, 2]):
         q.lean.logits(token, alone, pos)
@@ -122,10 +147,11 @@ def test_misuse_is_refused_by_the_extension_not_a_crash(tiny_tokenizer):
         q.lean.native.blocks(x, cache.k[:1], cache.v, 0, 0, 1)
 
 
-def test_threads_decoding_at_once_match_one_at_a_time(tiny_tokenizer):
+@pytest.mark.parametrize("kind", ["int8", "fp32"])
+def test_threads_decoding_at_once_match_one_at_a_time(tiny_tokenizer, kind):
     from concurrent.futures import ThreadPoolExecutor
 
-    q = tiny_int8(len(tiny_tokenizer), n_layer=3)
+    q = tiny(kind, len(tiny_tokenizer), n_layer=3)
 
     def decode(seed):
         cache, token, out = q.new_cache(1, 40), seed, []
@@ -139,9 +165,10 @@ def test_threads_decoding_at_once_match_one_at_a_time(tiny_tokenizer):
         assert list(pool.map(decode, range(4))) == alone
 
 
-def test_earlyexit_native_0_keeps_the_torch_step(tiny_tokenizer, monkeypatch):
+def test_earlyexit_native_0_keeps_the_torch_steps(tiny_tokenizer, monkeypatch):
     monkeypatch.setenv("EARLYEXIT_NATIVE", "0")
-    assert type(tiny_int8(len(tiny_tokenizer)).lean) is LeanInt8Step
+    assert type(tiny("int8", len(tiny_tokenizer)).lean) is LeanInt8Step
+    assert type(tiny("fp32", len(tiny_tokenizer)).lean) is LeanFp32Step
 
 
 def test_a_failed_build_falls_back_to_torch_with_one_line(tiny_tokenizer, monkeypatch, capsys):
@@ -154,7 +181,8 @@ def test_a_failed_build_falls_back_to_torch_with_one_line(tiny_tokenizer, monkey
     monkeypatch.setattr(cpp, "load", no_compiler)
     q = tiny_int8(len(tiny_tokenizer))
     assert type(q.lean) is LeanInt8Step
+    assert type(tiny("fp32", len(tiny_tokenizer)).lean) is LeanFp32Step
     err = capsys.readouterr().err
-    assert "native int8 step unavailable (Ninja is required to load C++ extensions); using the torch path" in err
+    assert err.count("native step unavailable (Ninja is required to load C++ extensions); using the torch path") == 1
     tiny_int8(len(tiny_tokenizer))
     assert "unavailable" not in capsys.readouterr().err  # said once

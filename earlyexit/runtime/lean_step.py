@@ -203,7 +203,9 @@ class LeanFp32Step(_LeanStep):
 
 
 def attach_lean_step(model: GPT2) -> GPT2:
-    """Give an fp32 model its lean single-token path (`model.lean`), where it applies; returns the model."""
-    if LeanFp32Step.supports(model):
-        model.lean = LeanFp32Step(model)
+    """Give an fp32 model its lean single-token path (`model.lean`: the native step where it builds, else the torch
+    one), where it applies; returns the model."""
+    from .native import lean_fp32_step  # which imports this module
+
+    model.lean = lean_fp32_step(model)
     return model

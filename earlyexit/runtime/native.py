@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .lean_step import LeanInt8Step
+from .lean_step import LeanFp32Step, LeanInt8Step
 from .model import KVCache
 
-SOURCE = Path(__file__).with_name("csrc") / "int8_step.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCE, HEADERS = CSRC / "step.cpp", [CSRC / "ops.h"]
 ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu_fast": 0, "relu": 1}  # csrc's enum Activation
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # "module" or "failure"
@@ -53,11 +54,11 @@ def build_directory() -> Path:
     """Where this source, torch, Python, flags and CPU build to (torch's extension cache; TORCH_EXTENSIONS_DIR moves
     it): a new directory whenever any of them changes, so a build for another CPU or torch is never loaded."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), " ".join(FLAGS).encode(),
+    for part in (SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS), torch.__version__.encode(), sys.version.encode(), " ".join(FLAGS).encode(),
                  _cpu_flags().encode()):
         key.update(part)
     base = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    return base / f"earlyexit_int8_step_{key.hexdigest()[:16]}"
+    return base / f"earlyexit_step_{key.hexdigest()[:16]}"
 
 
 def _ninja_on_path() -> None:
@@ -80,7 +81,7 @@ def extension():
                 where = build_directory()
                 name = where.name
                 if not (where / f"{name}.so").exists():
-                    print("earlyexit: building the native int8 step (once per machine, ~30 s)", file=sys.stderr, flush=True)
+                    print("earlyexit: building the native step (once per machine, ~40 s)", file=sys.stderr, flush=True)
                 where.mkdir(parents=True, exist_ok=True)
                 _ninja_on_path()
                 _built["module"] = load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
@@ -88,42 +89,24 @@ def extension():
             except Exception as e:  # no compiler, no ninja, a failed build: the torch path still runs
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 _built["failure"] = reason
-                print(f"earlyexit: native int8 step unavailable ({reason}); using the torch path", file=sys.stderr)
+                print(f"earlyexit: native step unavailable ({reason}); using the torch path", file=sys.stderr)
         return _built.get("module")
 
 
-class NativeInt8Step(LeanInt8Step):
-    """`LeanInt8Step` with its blocks, state copy, logits and greedy head in csrc/int8_step.cpp (same interface)."""
+def _on_cpu_fp32(model) -> bool:
+    w = model.wte.weight
+    return w.device.type == "cpu" and w.dtype == torch.float32 and model.dims.activation in ACTIVATIONS
 
-    @staticmethod
-    def supports(model) -> bool:
-        """An int8 copy the torch lean path takes, on the CPU in fp32, with an activation the C++ knows, and the
-        extension built."""
-        if not (enabled() and LeanInt8Step.supports(model)):
-            return False
-        if model.wte.weight.device.type != "cpu" or model.wte.weight.dtype != torch.float32:
-            return False
-        if model.dims.activation not in ACTIVATIONS:
-            return False
-        return extension() is not None
 
-    def _gather(self) -> None:
-        super()._gather()
-        m, f32 = self.model, (lambda t: t.detach().float().contiguous())
-        layers, scales = [], []
-        for block in m.h:
-            a, mlp = block.attn, block.mlp
-            tensors = [block.ln_1.weight, block.ln_1.bias]
-            for lin in (a.c_attn, a.c_proj):
-                tensors += [lin.qweight.contiguous(), f32(lin.scale), f32(lin.bias)]
-            tensors += [block.ln_2.weight, block.ln_2.bias]
-            for lin in (mlp.c_fc, mlp.c_proj):
-                tensors += [lin.qweight.contiguous(), f32(lin.scale), f32(lin.bias)]
-            layers.append([t if t.dtype == torch.int8 else f32(t) for t in tensors])
-            scales.append(float(a.scale))
-        self.native = extension().Int8Step(
-            layers, scales, f32(m.ln_f.weight), f32(m.ln_f.bias), self.head.qweight.contiguous(), f32(self.head.scale),
-            f32(self.head_rows), self.n_head, float(self.eps), ACTIVATIONS[m.dims.activation], self.rerank)
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().contiguous()
+
+
+class _Native:
+    """The C++ half both native steps share: every block, state copy, the logits and the greedy token through
+    `self.native` (built by the step's `_gather`), in the lean steps' interface."""
+
+    native = None
 
     def block(self, i: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
         x = x.clone()  # callers may hold the stream they passed: the C++ writes in place
@@ -131,7 +114,7 @@ class NativeInt8Step(LeanInt8Step):
         return x
 
     def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
-        x = self.embed(token, pos)  # a fresh tensor: in place is safe
+        x = self.embed(token, pos)  # a fresh tensor (in place is safe); first, since it gathers the layers if stale
         self.native.blocks(x, cache.k, cache.v, pos, 0, len(self.layers))
         return x
 
@@ -145,8 +128,55 @@ class NativeInt8Step(LeanInt8Step):
 
     @torch.inference_mode()
     def greedy(self, token: int, cache: KVCache, pos: int) -> int:
-        x = self.residual(token, cache, pos)  # first: its embed gathers the layers (and builds self.native) if stale
+        x = self.residual(token, cache, pos)
         return int(self.native.greedy(x))
+
+
+class NativeInt8Step(_Native, LeanInt8Step):
+    """`LeanInt8Step` in csrc/step.cpp (`Int8Step`): the same interface, bf16-rounded inputs to int8 rows."""
+
+    @staticmethod
+    def supports(model) -> bool:
+        """An int8 copy the torch lean path takes, on the CPU in fp32, with an activation the C++ knows, the
+        extension built."""
+        return enabled() and LeanInt8Step.supports(model) and _on_cpu_fp32(model) and extension() is not None
+
+    def _gather(self) -> None:
+        super()._gather()
+        m, layers, scales = self.model, [], []
+        for block in m.h:
+            a, mlp = block.attn, block.mlp
+            tensors = [_f32(block.ln_1.weight), _f32(block.ln_1.bias)]
+            for lin in (a.c_attn, a.c_proj, None, mlp.c_fc, mlp.c_proj):
+                if lin is None:
+                    tensors += [_f32(block.ln_2.weight), _f32(block.ln_2.bias)]
+                else:
+                    tensors += [lin.qweight.contiguous(), _f32(lin.scale), _f32(lin.bias)]
+            layers.append(tensors)
+            scales.append(float(a.scale))
+        head = [self.head.qweight.contiguous(), _f32(self.head.scale), _f32(self.head_rows)]
+        self.native = extension().Int8Step(layers, scales, _f32(m.ln_f.weight), _f32(m.ln_f.bias), head, self.n_head,
+                                           float(self.eps), ACTIVATIONS[m.dims.activation], self.rerank)
+
+
+class NativeFp32Step(_Native, LeanFp32Step):
+    """`LeanFp32Step` in csrc/step.cpp (`Fp32Step`): fp32 throughout, the Conv1D weights read where they are."""
+
+    @staticmethod
+    def supports(model) -> bool:
+        return enabled() and LeanFp32Step.supports(model) and _on_cpu_fp32(model) and extension() is not None
+
+    def _gather(self) -> None:
+        super()._gather()
+        m, layers, scales = self.model, [], []
+        for block in m.h:
+            a, mlp = block.attn, block.mlp
+            tensors = [block.ln_1.weight, block.ln_1.bias, a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias,
+                       block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias]
+            layers.append([_f32(t) for t in tensors])  # fp32 contiguous already: views, no copy
+            scales.append(float(a.scale))
+        self.native = extension().Fp32Step(layers, scales, _f32(m.ln_f.weight), _f32(m.ln_f.bias), [_f32(m.head_weight)],
+                                           self.n_head, float(self.eps), ACTIVATIONS[m.dims.activation], 0)
 
 
 def lean_int8_step(model) -> LeanInt8Step | None:
@@ -154,3 +184,10 @@ def lean_int8_step(model) -> LeanInt8Step | None:
     if NativeInt8Step.supports(model):
         return NativeInt8Step(model)
     return LeanInt8Step(model) if LeanInt8Step.supports(model) else None
+
+
+def lean_fp32_step(model) -> LeanFp32Step | None:
+    """The fastest lean step an fp32 model can take: native, else torch, else None."""
+    if NativeFp32Step.supports(model):
+        return NativeFp32Step(model)
+    return LeanFp32Step(model) if LeanFp32Step.supports(model) else None

@@ -1,0 +1,288 @@
+// One token at batch 1 through a GPT-2, in one call per run of blocks: earlyexit.runtime.native builds this file
+// once per machine (torch.utils.cpp_extension, -O3 -march=native) and `NativeInt8Step` / `NativeFp32Step` call it.
+//
+// At the default model's size (d = 256) a token's ~600 aten calls cost more than its arithmetic; here a token is
+// one call, with no dispatch, no temporaries and no aten op. The arithmetic is the lean steps'
+// (earlyexit/runtime/lean_step.py), op for op:
+// - Int8Step: layer norms in fp32, every projection's input rounded to bf16, int8 rows times that input summed in
+//   fp32, times the row's scale, rounded to bf16, plus the fp32 bias; the head's top `rerank` rescored in fp32.
+// - Fp32Step: fp32 throughout, weights in GPT-2's Conv1D layout (in, out) as loaded, the tied head's fp32 rows.
+// Attention and the residual stream are fp32 in both. What differs from torch is the order of the fp32 sums, so a
+// value can move in its last bits (an int8 output by one bf16 step where it lands on a rounding boundary).
+//
+// Threads: the outputs of each projection (and the heads of attention) are split over at::parallel_for, torch's
+// own OpenMP pool (torch.set_num_threads). The GIL is released for the whole call; each call has its own scratch,
+// so threads decoding with one model at once (each with its own cache) share no buffer.
+
+#include <torch/extension.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "ops.h"
+
+namespace {
+
+using namespace ee;
+
+const float* f32(const torch::Tensor& t) { return t.data_ptr<float>(); }
+
+template <class P>
+P projection(const std::vector<torch::Tensor>& t, size_t& at);
+
+template <>
+Int8Rows projection<Int8Rows>(const std::vector<torch::Tensor>& t, size_t& at) {  // int8 rows (N, K), scales, bias
+    const auto &q = t[at], &s = t[at + 1], &b = t[at + 2];
+    at += 3;
+    TORCH_CHECK(q.scalar_type() == torch::kChar && q.is_contiguous() && q.dim() == 2 && q.size(1) % 16 == 0,
+                "int8 rows must be contiguous (N, K) with K % 16 == 0");
+    TORCH_CHECK(s.numel() == q.size(0) && b.numel() == q.size(0), "one scale and one bias per int8 row");
+    return {q.data_ptr<int8_t>(), f32(s), f32(b), q.size(1), q.size(0)};
+}
+
+template <>
+Fp32Cols projection<Fp32Cols>(const std::vector<torch::Tensor>& t, size_t& at) {  // Conv1D weight (K, N), bias
+    const auto &w = t[at], &b = t[at + 1];
+    at += 2;
+    TORCH_CHECK(w.scalar_type() == torch::kFloat && w.dim() == 2 && w.stride(1) == 1, "fp32 weights must be (K, N) rows");
+    TORCH_CHECK(b.numel() == w.size(1), "one bias per output");
+    return {f32(w), f32(b), w.size(0), w.size(1), w.stride(0)};
+}
+
+// the K/V outputs d..3d of a layer's QKV projection (state copying)
+Int8Rows kv_part(const Int8Rows& p, int64_t d) { return {p.q + d * p.K, p.scale + d, p.bias + d, p.K, 2 * d}; }
+Fp32Cols kv_part(const Fp32Cols& p, int64_t d) { return {p.w + d, p.bias + d, p.K, 2 * d, p.ld}; }
+
+template <class P>
+struct Layer {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    P qkv, proj, fc, mp, kv;
+    float attn_scale;
+};
+
+struct Scratch {  // one call's intermediate vectors (a few KB: allocated per call, so calls may run concurrently)
+    std::vector<float> h, qkv, y, f;
+    Scratch(int64_t d, int64_t inner) : h(d), qkv(3 * d), y(d), f(inner) {}
+};
+
+template <class P>
+class Step {
+    static constexpr bool kInt8 = std::is_same_v<P, Int8Rows>;
+    static constexpr bool kRound = P::kRoundInput;
+
+  public:
+    // layers: per block ln_1 (w, b), the QKV and output projections, ln_2 (w, b), the MLP's two projections, each
+    // projection's tensors as `projection<P>` reads them; head: int8 (rows, scales, fp32 rows) or fp32 (rows)
+    Step(std::vector<std::vector<torch::Tensor>> layers, std::vector<double> attn_scales, torch::Tensor lnf_w,
+         torch::Tensor lnf_b, std::vector<torch::Tensor> head, int64_t n_head, double eps, int64_t act, int64_t rerank)
+        : n_head_(n_head), eps_(static_cast<float>(eps)), act_(static_cast<int>(act)), rerank_(rerank) {
+        TORCH_CHECK(!layers.empty() && layers.size() == attn_scales.size(), "one attention scale per layer");
+        d_ = lnf_w.size(0);
+        TORCH_CHECK(n_head > 0 && d_ % n_head == 0, "n_embd must divide into heads");
+        hs_ = d_ / n_head_;
+        keep(lnf_w), keep(lnf_b);
+        lnf_w_ = f32(lnf_w), lnf_b_ = f32(lnf_b);
+        for (size_t i = 0; i < layers.size(); ++i) {
+            const auto& t = layers[i];
+            for (const auto& x : t) keep(x);
+            size_t at = 2;
+            Layer<P> L{f32(t[0]), f32(t[1]), nullptr, nullptr, {}, {}, {}, {}, {}, static_cast<float>(attn_scales[i])};
+            L.qkv = projection<P>(t, at);
+            L.proj = projection<P>(t, at);
+            L.ln2_w = f32(t[at]), L.ln2_b = f32(t[at + 1]);
+            at += 2;
+            L.fc = projection<P>(t, at);
+            L.mp = projection<P>(t, at);
+            TORCH_CHECK(at == t.size(), "a layer's tensors do not match its projections");
+            TORCH_CHECK(L.qkv.K == d_ && L.qkv.N == 3 * d_ && L.proj.K == d_ && L.proj.N == d_ && L.fc.K == d_ &&
+                            L.mp.K == L.fc.N && L.mp.N == d_, "a layer's projections do not match n_embd");
+            L.kv = kv_part(L.qkv, d_);
+            layers_.push_back(L);
+        }
+        inner_ = layers_[0].fc.N;
+        for (const auto& x : head) keep(x);
+        if constexpr (kInt8) {
+            TORCH_CHECK(head.size() == 3, "an int8 head is its rows, their scales and the fp32 rows");
+            head_ = {head[0].data_ptr<int8_t>(), f32(head[1]), nullptr, head[0].size(1), head[0].size(0)};
+            rows_ = f32(head[2]);
+        } else {
+            TORCH_CHECK(head.size() == 1, "an fp32 head is its rows");
+            head_ = {f32(head[0]), nullptr, head[0].size(1), head[0].size(0)};
+        }
+        TORCH_CHECK(head_.K == d_, "the head does not match n_embd");
+        vocab_ = head_.N;
+    }
+
+    // blocks start..stop-1 on the residual stream x (d,) in place; K/V of each into cache k, v (L, B, nh, S, hs) row 0
+    void blocks(torch::Tensor x, torch::Tensor k, torch::Tensor v, int64_t pos, int64_t start, int64_t stop) {
+        check_stream(x);
+        check_cache(k, v, pos);
+        TORCH_CHECK(0 <= start && start <= stop && stop <= static_cast<int64_t>(layers_.size()), "blocks out of range");
+        float* xs = x.data_ptr<float>();
+        Scratch s(d_, inner_);
+        for (int64_t i = start; i < stop; ++i) block(s, i, xs, k, v, pos);
+    }
+
+    // state copying into skipped block i: K, V = split(ln_1(h) W_kv + b_kv) at pos
+    void fill_kv(int64_t i, torch::Tensor h, torch::Tensor k, torch::Tensor v, int64_t pos) {
+        check_stream(h);
+        check_cache(k, v, pos);
+        TORCH_CHECK(0 <= i && i < static_cast<int64_t>(layers_.size()), "block out of range");
+        const Layer<P>& L = layers_[i];
+        Scratch s(d_, 0);
+        layer_norm(h.data_ptr<float>(), L.ln1_w, L.ln1_b, eps_, s.h.data(), d_, kRound);
+        project(L.kv, s.h.data(), s.qkv.data() + d_);
+        write_kv(s, i, k, v, pos);
+    }
+
+    // next-token logits (1, V) after the last block: ln_f and the head (int8: its `rerank` largest rescored with the
+    // fp32 rows, the fp32 head's argmax whenever its winner is among them, as Int8GPT2.project)
+    torch::Tensor logits(torch::Tensor x) {
+        check_stream(x);
+        torch::Tensor out = torch::empty({1, vocab_}, torch::kFloat);
+        head(x.data_ptr<float>(), out.data_ptr<float>(), nullptr);
+        return out;
+    }
+
+    // the greedy token after the last block, without returning a vocabulary of logits (int8: the argmax of the
+    // rescored candidates; fp32: the first largest logit, as torch.argmax)
+    int64_t greedy(torch::Tensor x) {
+        check_stream(x);
+        std::vector<float> out(vocab_);
+        int64_t best = 0;
+        head(x.data_ptr<float>(), out.data(), &best);
+        return best;
+    }
+
+  private:
+    void keep(const torch::Tensor& t) {
+        TORCH_CHECK(t.device().is_cpu(), "the native step runs on the CPU");
+        TORCH_CHECK(t.scalar_type() != torch::kFloat || t.stride(-1) == 1, "fp32 tensors must be contiguous in their last dim");
+        kept_.push_back(t);
+    }
+
+    void check_stream(const torch::Tensor& x) const {
+        TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.numel() == d_,
+                    "the residual stream must be a contiguous fp32 CPU tensor of n_embd values");
+    }
+
+    void check_cache(const torch::Tensor& k, const torch::Tensor& v, int64_t pos) const {
+        for (const auto* c : {&k, &v})
+            TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == torch::kFloat && c->dim() == 5 &&
+                            c->size(0) == static_cast<int64_t>(layers_.size()) && c->size(2) == n_head_ &&
+                            c->size(4) == hs_ && c->stride(4) == 1,
+                        "the KV cache must be fp32 (L, B, nh, S, hs) on the CPU");
+        TORCH_CHECK(0 <= pos && pos < k.size(3) && pos < v.size(3), "position ", pos, " outside the KV cache");
+    }
+
+    void head(const float* x, float* out, int64_t* best) const {
+        const int64_t d = d_;
+        std::vector<float> z(d), zb(d);
+        layer_norm(x, lnf_w_, lnf_b_, eps_, z.data(), d, false);
+        if constexpr (!kInt8) {
+            project(head_, z.data(), out);
+            if (best) {  // torch.argmax: the first largest, NaN above everything
+                int64_t b = 0;
+                for (int64_t n = 1; n < vocab_; ++n)
+                    if (!std::isnan(out[b]) && (out[n] > out[b] || std::isnan(out[n]))) b = n;
+                *best = b;
+            }
+            return;
+        } else {
+            for (int64_t i = 0; i < d; ++i) zb[i] = bf16_round(z[i]);
+            project(head_, zb.data(), out);
+            const int64_t r = std::min<int64_t>(rerank_, vocab_);
+            if (r == 0) {
+                if (best) *best = std::max_element(out, out + vocab_) - out;
+                return;
+            }
+            std::vector<int64_t> idx(vocab_);
+            for (int64_t n = 0; n < vocab_; ++n) idx[n] = n;
+            auto key = [&](int64_t a) { return std::isnan(out[a]) ? -INFINITY : out[a]; };  // a strict weak order with NaN
+            auto larger = [&](int64_t a, int64_t b) { return key(a) > key(b) || (key(a) == key(b) && a < b); };
+            std::partial_sort(idx.begin(), idx.begin() + r, idx.end(), larger);
+            float top = -INFINITY;
+            for (int64_t j = 0; j < r; ++j) {
+                out[idx[j]] = dot(rows_ + idx[j] * d, z.data(), d);
+                if (best && out[idx[j]] > top) top = out[idx[j]], *best = idx[j];
+            }
+            if (best && !(top > -INFINITY)) *best = idx[0];  // NaN logits: the int8 head's own top
+        }
+    }
+
+    void write_kv(const Scratch& s, int64_t i, const torch::Tensor& k, const torch::Tensor& v, int64_t pos) const {
+        // cache (L, B, nh, S, hs), hs contiguous; row 0 of B (a server's row is a view starting at its row)
+        float* kp = k.data_ptr<float>() + i * k.stride(0);
+        float* vp = v.data_ptr<float>() + i * v.stride(0);
+        for (int64_t h = 0; h < n_head_; ++h) {
+            std::memcpy(kp + h * k.stride(2) + pos * k.stride(3), s.qkv.data() + d_ + h * hs_, hs_ * sizeof(float));
+            std::memcpy(vp + h * v.stride(2) + pos * v.stride(3), s.qkv.data() + 2 * d_ + h * hs_, hs_ * sizeof(float));
+        }
+    }
+
+    // one query per head against positions 0..pos of layer i's cache, softmax in fp32
+    void attend(Scratch& s, int64_t i, const torch::Tensor& k, const torch::Tensor& v, int64_t pos, float scale) const {
+        const float* kp = k.data_ptr<float>() + i * k.stride(0);
+        const float* vp = v.data_ptr<float>() + i * v.stride(0);
+        const int64_t hs = hs_, ks = k.stride(3), vs = v.stride(3), kh = k.stride(2), vh = v.stride(2);
+        at::parallel_for(0, n_head_, 1, [&](int64_t h0, int64_t h1) {
+            std::vector<float> p(pos + 1);
+            for (int64_t h = h0; h < h1; ++h) {
+                const float* q = s.qkv.data() + h * hs;
+                float top = -INFINITY;
+                dots(q, kp + h * kh, ks, hs, pos + 1, p.data());
+                for (int64_t t = 0; t <= pos; ++t) top = std::max(top, p[t] *= scale);
+                const float sum = exp_sum(p.data(), pos + 1, top);
+                weighted_sum(p.data(), pos + 1, 1.f / sum, vp + h * vh, vs, hs, s.y.data() + h * hs);
+            }
+        });
+    }
+
+    void block(Scratch& s, int64_t i, float* x, const torch::Tensor& k, const torch::Tensor& v, int64_t pos) const {
+        const Layer<P>& L = layers_[i];
+        const int64_t d = d_;
+        float *h = s.h.data(), *y = s.y.data();
+        layer_norm(x, L.ln1_w, L.ln1_b, eps_, h, d, kRound);
+        project(L.qkv, h, s.qkv.data());
+        write_kv(s, i, k, v, pos);
+        attend(s, i, k, v, pos, L.attn_scale);
+        if constexpr (kRound)
+            for (int64_t j = 0; j < d; ++j) y[j] = bf16_round(y[j]);
+        project(L.proj, y, h);
+        for (int64_t j = 0; j < d; ++j) x[j] += h[j];
+        layer_norm(x, L.ln2_w, L.ln2_b, eps_, h, d, kRound);
+        project(L.fc, h, s.f.data());
+        activate(s.f.data(), inner_, act_, kRound);
+        project(L.mp, s.f.data(), h);
+        for (int64_t j = 0; j < d; ++j) x[j] += h[j];
+    }
+
+    std::vector<Layer<P>> layers_;
+    std::vector<torch::Tensor> kept_;  // every tensor read through a pointer, alive as long as this step
+    std::conditional_t<kInt8, Int8Rows, Fp32RowsT> head_;
+    const float *rows_ = nullptr, *lnf_w_ = nullptr, *lnf_b_ = nullptr;
+    int64_t n_head_, d_ = 0, inner_ = 0, vocab_ = 0, hs_ = 0;
+    float eps_;
+    int act_;
+    int64_t rerank_;
+};
+
+template <class P>
+void bind(pybind11::module& m, const char* name) {
+    namespace py = pybind11;
+    using S = Step<P>;
+    py::class_<S>(m, name)
+        .def(py::init<std::vector<std::vector<torch::Tensor>>, std::vector<double>, torch::Tensor, torch::Tensor,
+                      std::vector<torch::Tensor>, int64_t, double, int64_t, int64_t>())
+        .def("blocks", &S::blocks, py::call_guard<py::gil_scoped_release>())
+        .def("fill_kv", &S::fill_kv, py::call_guard<py::gil_scoped_release>())
+        .def("logits", &S::logits, py::call_guard<py::gil_scoped_release>())
+        .def("greedy", &S::greedy, py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    bind<Int8Rows>(m, "Int8Step");
+    bind<Fp32Cols>(m, "Fp32Step");
+}
