@@ -186,3 +186,21 @@ def test_a_failed_build_falls_back_to_torch_with_one_line(tiny_tokenizer, monkey
     assert err.count("native step unavailable (Ninja is required to load C++ extensions); using the torch path") == 1
     tiny_int8(len(tiny_tokenizer))
     assert "unavailable" not in capsys.readouterr().err  # said once
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_native_reranked_head_is_torchs_within_bf16_rounding(tiny_tokenizer, seed):
+    from earlyexit.runtime.quantize import RerankedHead, reranked_projection
+
+    model = tiny("fp32", len(tiny_tokenizer), seed)
+    head = RerankedHead(model.head_weight)
+    z = torch.randn(1, model.dims.n_embd, generator=torch.Generator().manual_seed(seed))
+    got = head(z)
+    assert head.native.built  # the C++ head took the row
+    want = reranked_projection(head.int8, head.rows, z, head.rerank)
+    torch.testing.assert_close(got, want, **CLOSE["int8"])
+    top = want.topk(head.rerank).indices[0]
+    torch.testing.assert_close(got[0, top], want[0, top], rtol=1e-6, atol=1e-6)  # rescored: fp32 dot products
+    assert head(z.expand(3, -1)).shape == (3, model.dims.vocab_size)  # rows > 1: the torch path
+    q = quantize_int8(model)
+    torch.testing.assert_close(q.project(z), reranked_projection(q.int8_head, model.head_weight, z, q.rerank), **CLOSE["int8"])

@@ -58,6 +58,10 @@ class _LeanStep:
         m = self.model
         return (m.wte.weight[token] + m.wpe.weight[pos]).view(1, self.d)
 
+    def final_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (1, V) of the residual stream x (1, d) after the last block: ln_f and the model's head."""
+        return self.model.logits(x)
+
     def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
         """The residual stream (1, d) after the last block, for `token` at `pos` (its K/V written into `cache`)."""
         x = self.embed(token, pos)

@@ -121,6 +121,9 @@ class _Native:
     def fill_kv(self, i: int, h: torch.Tensor, cache: KVCache, pos: int) -> None:
         self.native.fill_kv(i, h.contiguous(), cache.k, cache.v, pos)
 
+    def final_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.native.logits(x.contiguous())
+
     @torch.inference_mode()
     def logits(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
         x = self.residual(token, cache, pos)
@@ -177,6 +180,13 @@ class NativeFp32Step(_Native, LeanFp32Step):
             scales.append(float(a.scale))
         self.native = extension().Fp32Step(layers, scales, _f32(m.ln_f.weight), _f32(m.ln_f.bias), [_f32(m.head_weight)],
                                            self.n_head, float(self.eps), ACTIVATIONS[m.dims.activation], 0)
+
+
+def reranked_head(qweight: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, rerank: int):
+    """The C++ `reranked_projection` of one row (quantize.NativeHead), or None where the extension is not built."""
+    if not enabled() or extension() is None or qweight.shape[1] % 16 or rows.dtype != torch.float32:
+        return None
+    return extension().RerankedHead(qweight.contiguous(), _f32(scale), _f32(rows), int(rerank))
 
 
 def lean_int8_step(model) -> LeanInt8Step | None:

@@ -384,7 +384,7 @@ class EarlyExit(Policy):
                 for skipped in range(layer + 1, L):
                     lean.fill_kv(skipped, x, cache, pos)
                 return StepResult(self.exit_logits(layer, x, model) if logits is None else logits, layer + 1)
-        return StepResult(model.logits(x), L)
+        return StepResult(lean.final_logits(x), L)  # full mode's own head (native where built)
 
     def lean_probs(self, layer: int, h: torch.Tensor, prev_layers: int) -> list[float]:
         """The action probabilities after block `layer` for one fp32 row h (1, d), as `layer_check_reference` computes

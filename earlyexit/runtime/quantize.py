@@ -115,7 +115,16 @@ class Int8GPT2(GPT2):
     def project(self, z: torch.Tensor) -> torch.Tensor:
         if self.int8_head is None:
             return super().project(z)
+        native = self._native_head.get(z)
+        if native is not None:
+            return native.logits(z.reshape(1, -1).contiguous()).view(z.shape[:-1] + (-1,))
         return reranked_projection(self.int8_head, super().head_weight, z, self.rerank)
+
+    @property
+    def _native_head(self) -> "NativeHead":
+        if self.__dict__.get("_native") is None:
+            self.__dict__["_native"] = NativeHead(self.int8_head, GPT2.head_weight.fget(self), self.rerank)
+        return self.__dict__["_native"]
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -130,7 +139,8 @@ class Int8GPT2(GPT2):
 
     def _apply(self, fn, recurse=True):
         _refuse_dtype_change(fn, torch.float32, "an int8 copy's embeddings, norms and residual stream")
-        self._dequantized_head = None  # a device move would leave the cached copy behind
+        self._dequantized_head = None  # a device move would leave the cached copies behind
+        self.__dict__["_native"] = None
         return super()._apply(fn, recurse)
 
 
@@ -145,18 +155,40 @@ def reranked_projection(int8_head: Int8Linear, rows: torch.Tensor, z: torch.Tens
     return y
 
 
+class NativeHead:
+    """`reranked_projection` of one row in C++ (earlyexit.runtime.native's RerankedHead: the same int8 rows, bf16
+    input, fp32 rescoring of the top `rerank`), built on first use: one call where torch takes ~10. `get(z)` is the
+    C++ head where it applies to z (one fp32 CPU row, the extension built), else None."""
+
+    def __init__(self, int8: Int8Linear, rows: torch.Tensor, rerank: int):
+        self.int8, self.rows, self.rerank, self.built = int8, rows, rerank, None
+
+    def get(self, z: torch.Tensor):
+        if z.numel() != self.int8.in_features or z.dtype != torch.float32 or z.device.type != "cpu" or not self.rerank:
+            return None
+        if self.built is None:
+            from .native import reranked_head  # which imports this module
+
+            self.built = reranked_head(self.int8.qweight, self.int8.scale, self.rows, self.rerank) or False
+        return self.built or None
+
+
 class RerankedHead:
     """An fp32 model's vocabulary projection for early-exit mode: int8 rows (a quarter of the bytes a token reads
     there, which on a CPU is most of the head's time) with the top `rerank` logits recomputed in fp32."""
 
     def __init__(self, rows: torch.Tensor, rerank: int = 8):
         self.int8, self.rows, self.rerank = Int8Linear(rows, None), rows, rerank
+        self.native = NativeHead(self.int8, rows, rerank)
 
     @staticmethod
     def supports(model: GPT2) -> bool:
         return type(model) is GPT2 and model.dtype == torch.float32 and _fused_ok(model.dims.n_embd, model.head_weight)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        native = self.native.get(z)
+        if native is not None:
+            return native.logits(z.reshape(1, -1).contiguous()).view(z.shape[:-1] + (-1,))
         return reranked_projection(self.int8, self.rows, z, self.rerank)
 
 

@@ -53,6 +53,71 @@ Fp32Cols projection<Fp32Cols>(const std::vector<torch::Tensor>& t, size_t& at) {
 Int8Rows kv_part(const Int8Rows& p, int64_t d) { return {p.q + d * p.K, p.scale + d, p.bias + d, p.K, 2 * d}; }
 Fp32Cols kv_part(const Fp32Cols& p, int64_t d) { return {p.w + d, p.bias + d, p.K, 2 * d, p.ld}; }
 
+// torch.argmax: the first largest, NaN above everything
+int64_t argmax(const float* out, int64_t n) {
+    int64_t b = 0;
+    for (int64_t i = 1; i < n; ++i)
+        if (!std::isnan(out[b]) && (out[i] > out[b] || std::isnan(out[i]))) b = i;
+    return b;
+}
+
+// Logits (V) of a normed hidden z (d) through int8 rows, the `rerank` largest rescored with the fp32 rows (V, d): the
+// fp32 head's argmax whenever its winner is among them (Int8GPT2.project, RerankedHead). best: the argmax of the
+// rescored candidates (greedy's token), where asked.
+void reranked_head(const Int8Rows& head, const float* rows, int64_t rerank, const float* z, float* out, int64_t* best) {
+    const int64_t d = head.K, V = head.N;
+    std::vector<float> zb(d);
+    for (int64_t i = 0; i < d; ++i) zb[i] = bf16_round(z[i]);
+    project(head, zb.data(), out);
+    const int64_t r = std::min<int64_t>(rerank, V);
+    if (r == 0) {
+        if (best) *best = argmax(out, V);
+        return;
+    }
+    std::vector<int64_t> idx(V);
+    for (int64_t n = 0; n < V; ++n) idx[n] = n;
+    auto key = [&](int64_t a) { return std::isnan(out[a]) ? -INFINITY : out[a]; };  // a strict weak order with NaN
+    auto larger = [&](int64_t a, int64_t b) { return key(a) > key(b) || (key(a) == key(b) && a < b); };
+    std::partial_sort(idx.begin(), idx.begin() + r, idx.end(), larger);
+    float top = -INFINITY;
+    for (int64_t j = 0; j < r; ++j) {
+        out[idx[j]] = dot(rows + idx[j] * d, z, d);
+        if (best && out[idx[j]] > top) top = out[idx[j]], *best = idx[j];
+    }
+    if (best && !(top > -INFINITY)) *best = idx[0];  // NaN logits: the int8 head's own top
+}
+
+torch::Tensor checked_rows(const torch::Tensor& z, int64_t d) {
+    TORCH_CHECK(z.device().is_cpu() && z.scalar_type() == torch::kFloat && z.is_contiguous() && z.numel() == d,
+                "the hidden state must be a contiguous fp32 CPU tensor of n_embd values");
+    return z;
+}
+
+// An fp32 model's exit head on the CPU (RerankedHead): the tied head's int8 rows, the top `rerank` rescored in fp32
+class RerankedHead {
+  public:
+    RerankedHead(torch::Tensor q, torch::Tensor scale, torch::Tensor rows, int64_t rerank)
+        : q_(q), scale_(scale), rows_(rows), rerank_(rerank) {
+        TORCH_CHECK(q.scalar_type() == torch::kChar && q.is_contiguous() && q.dim() == 2 && q.size(1) % 16 == 0,
+                    "int8 rows must be contiguous (N, K) with K % 16 == 0");
+        TORCH_CHECK(scale.numel() == q.size(0) && rows.sizes() == q.sizes() && rows.is_contiguous() &&
+                        rows.scalar_type() == torch::kFloat, "one scale and one fp32 row per int8 row");
+        head_ = {q.data_ptr<int8_t>(), f32(scale), nullptr, q.size(1), q.size(0)};
+    }
+
+    torch::Tensor logits(torch::Tensor z) const {  // z (1, d) normed -> (1, V)
+        checked_rows(z, head_.K);
+        torch::Tensor out = torch::empty({1, head_.N}, torch::kFloat);
+        reranked_head(head_, f32(rows_), rerank_, z.data_ptr<float>(), out.data_ptr<float>(), nullptr);
+        return out;
+    }
+
+  private:
+    torch::Tensor q_, scale_, rows_;
+    int64_t rerank_;
+    Int8Rows head_;
+};
+
 template <class P>
 struct Layer {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
@@ -144,6 +209,14 @@ class Step {
         return out;
     }
 
+    // logits (1, V) of a hidden state already normed (an exit head's): the head alone, without ln_f
+    torch::Tensor project_normed(torch::Tensor z) {
+        checked_rows(z, d_);
+        torch::Tensor out = torch::empty({1, vocab_}, torch::kFloat);
+        head_normed(z.data_ptr<float>(), out.data_ptr<float>(), nullptr);
+        return out;
+    }
+
     // the greedy token after the last block, without returning a vocabulary of logits (int8: the argmax of the
     // rescored candidates; fp32: the first largest logit, as torch.argmax)
     int64_t greedy(torch::Tensor x) {
@@ -176,37 +249,17 @@ class Step {
     }
 
     void head(const float* x, float* out, int64_t* best) const {
-        const int64_t d = d_;
-        std::vector<float> z(d), zb(d);
-        layer_norm(x, lnf_w_, lnf_b_, eps_, z.data(), d, false);
-        if constexpr (!kInt8) {
-            project(head_, z.data(), out);
-            if (best) {  // torch.argmax: the first largest, NaN above everything
-                int64_t b = 0;
-                for (int64_t n = 1; n < vocab_; ++n)
-                    if (!std::isnan(out[b]) && (out[n] > out[b] || std::isnan(out[n]))) b = n;
-                *best = b;
-            }
-            return;
+        std::vector<float> z(d_);
+        layer_norm(x, lnf_w_, lnf_b_, eps_, z.data(), d_, false);
+        head_normed(z.data(), out, best);
+    }
+
+    void head_normed(const float* z, float* out, int64_t* best) const {
+        if constexpr (kInt8) {
+            reranked_head(head_, rows_, rerank_, z, out, best);
         } else {
-            for (int64_t i = 0; i < d; ++i) zb[i] = bf16_round(z[i]);
-            project(head_, zb.data(), out);
-            const int64_t r = std::min<int64_t>(rerank_, vocab_);
-            if (r == 0) {
-                if (best) *best = std::max_element(out, out + vocab_) - out;
-                return;
-            }
-            std::vector<int64_t> idx(vocab_);
-            for (int64_t n = 0; n < vocab_; ++n) idx[n] = n;
-            auto key = [&](int64_t a) { return std::isnan(out[a]) ? -INFINITY : out[a]; };  // a strict weak order with NaN
-            auto larger = [&](int64_t a, int64_t b) { return key(a) > key(b) || (key(a) == key(b) && a < b); };
-            std::partial_sort(idx.begin(), idx.begin() + r, idx.end(), larger);
-            float top = -INFINITY;
-            for (int64_t j = 0; j < r; ++j) {
-                out[idx[j]] = dot(rows_ + idx[j] * d, z.data(), d);
-                if (best && out[idx[j]] > top) top = out[idx[j]], *best = idx[j];
-            }
-            if (best && !(top > -INFINITY)) *best = idx[0];  // NaN logits: the int8 head's own top
+            project(head_, z, out);
+            if (best) *best = argmax(out, vocab_);
         }
     }
 
@@ -277,6 +330,7 @@ void bind(pybind11::module& m, const char* name) {
         .def("blocks", &S::blocks, py::call_guard<py::gil_scoped_release>())
         .def("fill_kv", &S::fill_kv, py::call_guard<py::gil_scoped_release>())
         .def("logits", &S::logits, py::call_guard<py::gil_scoped_release>())
+        .def("project", &S::project_normed, py::call_guard<py::gil_scoped_release>())
         .def("greedy", &S::greedy, py::call_guard<py::gil_scoped_release>());
 }
 
@@ -285,4 +339,7 @@ void bind(pybind11::module& m, const char* name) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     bind<Int8Rows>(m, "Int8Step");
     bind<Fp32Cols>(m, "Fp32Step");
+    pybind11::class_<RerankedHead>(m, "RerankedHead")
+        .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, int64_t>())
+        .def("logits", &RerankedHead::logits, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
