@@ -62,6 +62,12 @@ class _LeanStep:
         """Next-token logits (1, V) of the residual stream x (1, d) after the last block: ln_f and the model's head."""
         return self.model.logits(x)
 
+    def blocks(self, start: int, stop: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        """Blocks start..stop-1 on x (1, d), as many `block` calls (the native step: one call)."""
+        for i in range(start, stop):
+            x = self.block(i, x, cache, pos)
+        return x
+
     def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
         """The residual stream (1, d) after the last block, for `token` at `pos` (its K/V written into `cache`)."""
         x = self.embed(token, pos)

@@ -113,6 +113,11 @@ class _Native:
         self.native.blocks(x, cache.k, cache.v, pos, i, i + 1)
         return x
 
+    def blocks(self, start: int, stop: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        x = x.clone()
+        self.native.blocks(x, cache.k, cache.v, pos, start, stop)
+        return x
+
     def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
         x = self.embed(token, pos)  # a fresh tensor (in place is safe); first, since it gathers the layers if stale
         self.native.blocks(x, cache.k, cache.v, pos, 0, len(self.layers))

@@ -368,10 +368,11 @@ class EarlyExit(Policy):
         """`step` on the model's lean single-token path: the same decisions from the same probabilities."""
         lean, L = model.lean, model.dims.n_layer
         x = lean.embed(token, pos)  # (1, d)
+        done = 0  # blocks run so far: the blocks between two asked layers run in one call
         for layer in range(L):
-            x = lean.block(layer, x, cache, pos)
             if not self.asks(layer, L):
                 continue
+            x, done = lean.blocks(done, layer + 1, x, cache, pos), layer + 1
             action, logits = None, None
             if self.stops_at(layer, L) or self.controller_exits(layer, L):  # the controller's probabilities are needed
                 action = self.decide(self.lean_probs(layer, x, prev_layers), allow_exit=self.controller_exits(layer, L))
@@ -384,6 +385,7 @@ class EarlyExit(Policy):
                 for skipped in range(layer + 1, L):
                     lean.fill_kv(skipped, x, cache, pos)
                 return StepResult(self.exit_logits(layer, x, model) if logits is None else logits, layer + 1)
+        x = lean.blocks(done, L, x, cache, pos)
         return StepResult(lean.final_logits(x), L)  # full mode's own head (native where built)
 
     def lean_probs(self, layer: int, h: torch.Tensor, prev_layers: int) -> list[float]:
