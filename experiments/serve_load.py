@@ -24,6 +24,7 @@ Writes experiments/results/serve_load/ (results.json, results.md, load.png).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -201,7 +202,9 @@ def peer_gguf(args, workdir: Path) -> tuple[Path | None, str | None]:
 def render(rows: list[dict], skipped: str | None, args, same: float) -> str:
     base = {r["clients"]: r for r in rows if r["server"] == "ours, one at a time"}
     peer = {r["clients"]: r for r in rows if r["server"].startswith("llama.cpp")}
-    lines = [f"{args.prompts} held-out line completions (stop at the line's end, at most {args.max_tokens} tokens), greedy, "
+    n = rows[0]["requests"] if rows else args.prompts
+    lines = [f"{n} held-out line completions (each prompt within the context with room for the completion; stop at the "
+             f"line's end, at most {args.max_tokens} tokens), greedy, "
              f"our servers in {args.mode} mode, {args.threads} threads each; each row sends every prompt once from that many "
              "concurrent clients.", "",
              "| server | clients | requests/s | tokens/s | p50 ms | p95 ms | tokens/s vs one at a time | tokens/s vs llama.cpp |",
@@ -257,12 +260,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     from earlyexit.data.corpus import line_cut_examples
-    from earlyexit.runtime.loading import resolve_model_dir
+    from earlyexit.runtime.loading import load_tokenizer, resolve_model_dir
 
     args = parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
     files = test_split_files(resolve_model_dir(args.model))
     prompts = [e.prompt for e in line_cut_examples(files, args.prompts, max_prompt_chars=4 * args.max_prompt_tokens, seed=args.seed)]
+    # characters only estimate tokens: keep the prompts that leave room for the completion in the context, so every
+    # server gets the same requests and none is refused
+    model_dir = resolve_model_dir(args.model)
+    tok, context = load_tokenizer(model_dir), json.loads((model_dir / "config.json").read_text())["n_positions"]
+    prompts = [p for p in prompts if len(tok.encode(p)) + args.max_tokens <= context]
     sessions = typing_sessions(files, args) if args.sessions else []
     rows, texts, typed = [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
