@@ -166,7 +166,9 @@ def build_policy(args: argparse.Namespace, model, model_dir, backbone=None):
         exit=defaults.exit if args.exit_threshold is None else args.exit_threshold,
         stop=defaults.stop if args.stop_threshold is None else args.stop_threshold,
     )
-    confident = rule == "confidence" or (rule == "auto" and bool(heads.cfg.exit_confidence))
+    # as EarlyExit resolves "auto": the confidence rule wherever the heads were calibrated for it, {} included (a
+    # calibration that found no exit paying: no exits, not the controller's)
+    confident = rule == "confidence" or (rule == "auto" and heads.cfg.exit_confidence is not None)
     if confident and args.exit_layers is not None:
         raise EarlyExitError("--exit-layers applies to the controller's exits; the confidence rule exits where its thresholds "
                              "were calibrated (earlyexit.training.confidence_rule): add --exit-rule controller")
