@@ -204,3 +204,36 @@ def test_the_native_reranked_head_is_torchs_within_bf16_rounding(tiny_tokenizer,
     assert head(z.expand(3, -1)).shape == (3, model.dims.vocab_size)  # rows > 1: the torch path
     q = quantize_int8(model)
     torch.testing.assert_close(q.project(z), reranked_projection(q.int8_head, model.head_weight, z, q.rerank), **CLOSE["int8"])
+
+
+@pytest.mark.parametrize("kind,shape", [("fp32", (48, 4)), ("fp32", (80, 5)), ("fp32", (40, 2)), ("int8", (48, 4)), ("int8", (64, 2))])
+def test_a_window_is_the_single_token_steps_bit_for_bit(tiny_tokenizer, kind, shape):
+    """Lossless mode verifies its drafts in one window: each row must be what full mode computes one token at a time,
+    so that lossless writes full's tokens by construction, not by luck of rounding."""
+    model = tiny(kind, len(tiny_tokenizer), 1, 3, *shape)
+    tokens = torch.randint(0, len(tiny_tokenizer), (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    one, many = model.new_cache(1, 24), model.new_cache(1, 24)
+    with torch.inference_mode():
+        for pos, token in enumerate(tokens[:7]):
+            model.lean.logits(token, one, pos), model.lean.logits(token, many, pos)
+        seq = torch.cat([model.lean.logits(token, one, 7 + i) for i, token in enumerate(tokens[7:])])
+        win = model.lean.window(tokens[7:], many, 7)
+    assert torch.equal(win, seq) and torch.equal(many.k, one.k) and torch.equal(many.v, one.v)
+    with pytest.raises(RuntimeError, match="outside the KV cache"):
+        model.lean.window(tokens, model.new_cache(1, 19), 0)
+
+
+def test_lossless_verifies_through_the_native_window(tiny_tokenizer, monkeypatch):
+    from earlyexit.runtime.decoding import GenerationSettings, complete
+    from earlyexit.runtime.heads import ExitHeads
+    from earlyexit.runtime.speculative import Lossless
+
+    model = tiny("fp32", len(tiny_tokenizer), 0, 2)
+    calls = []
+    real = model.lean.window
+    monkeypatch.setattr(model.lean, "window", lambda *a: calls.append(len(a[0])) or real(*a))
+    settings = GenerationSettings(max_new_tokens=24)
+    policy = Lossless(model, ExitHeads.for_backbone(model), max_draft=5)
+    lossless = complete(model, tiny_tokenizer, "def add(a, b):", settings, policy=policy)
+    assert calls and max(calls) > 1
+    assert lossless.token_ids == complete(model, tiny_tokenizer, "def add(a, b):", settings).token_ids

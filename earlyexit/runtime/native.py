@@ -130,6 +130,15 @@ class _Native:
         return self.native.logits(x.contiguous())
 
     @torch.inference_mode()
+    def window(self, tokens: list[int], cache: KVCache, pos: int) -> torch.Tensor:
+        """Logits (T, V) of T tokens at positions pos.., their K/V written: row t the single-token step's logits at
+        pos + t, bit for bit, with every weight read once (lossless mode's verification)."""
+        self.embed(tokens[0], pos)  # gathers the layers if stale
+        m = self.model
+        x = (m.wte.weight[tokens] + m.wpe.weight[pos:pos + len(tokens)]).contiguous()
+        return self.native.window(x, cache.k, cache.v, pos)
+
+    @torch.inference_mode()
     def logits(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
         x = self.residual(token, cache, pos)
         return self.native.logits(x)

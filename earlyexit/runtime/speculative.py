@@ -119,7 +119,10 @@ class Lossless(SpeculativePolicy):
         """The full model over each row's window (B, T: the last written token, then that row's drafts): its greedy tokens
         after each (the n-gram cache applied as the row's transcript would, see `Transcript.greedy_ahead`) and, with a
         stop threshold, where the controller stops."""
-        if self.stopper is None:
+        native = getattr(model.lean, "window", None)  # one row: the native step's window, full's own logits
+        if self.stopper is None and native is not None and rows is None and isinstance(pos, int) and window.shape[0] == 1:
+            logits, stops = native(window[0].tolist(), cache, pos)[None], None
+        elif self.stopper is None:
             logits, stops = model(window, cache, pos, rows), None
         else:
             logits, stops = verify_and_check(model, self.stopper, window, cache, pos, rows)

@@ -215,6 +215,10 @@ struct Int8Rows {
             y[n] = bf16_round(acc[0] * scale[n]) + (bias ? bias[n] : 0.f);
         }
     }
+
+    void many(const float* x, float* y, int64_t T, int64_t n0, int64_t n1) const {
+        for (int64_t t = 0; t < T; ++t) (*this)(x + t * K, y + t * N, n0, n1);
+    }
 };
 
 // An fp32 projection in GPT-2's Conv1D layout, weight (K, N) with row stride ld: y = x W + bias. Each output is one
@@ -242,7 +246,40 @@ struct Fp32Cols {
         }
     }
 
+    // many rows: x (T, K) -> y (T, N), columns [n0, n1); each output the single-row path's sum, in the same order
+    void many(const float* x, float* y, int64_t T, int64_t n0, int64_t n1) const {
+        int64_t n = n0;
 #if defined(__AVX512F__)
+        for (; n + 16 <= n1; n += 16) {  // a 16-column tile's weights stay in L2 across its row groups
+            int64_t t = 0;
+            for (; t + 8 <= T; t += 8) row_tile<8>(x, y, t, n);
+            for (; t + 4 <= T; t += 4) row_tile<4>(x, y, t, n);
+            for (; t < T; ++t) row_tile<1>(x, y, t, n);
+        }
+#endif
+        for (; n < n1; ++n)
+            for (int64_t t = 0; t < T; ++t) {
+                float s = 0.f;
+                for (int64_t k = 0; k < K; ++k) s = std::fma(x[t * K + k], w[k * ld + n], s);
+                y[t * N + n] = s + bias[n];
+            }
+    }
+
+#if defined(__AVX512F__)
+    template <int R>
+    void row_tile(const float* x, float* y, int64_t t, int64_t n) const {
+        __m512 acc[R];
+        for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
+        const float* row = w + n;
+        const float* xt = x + t * K;
+        for (int64_t k = 0; k < K; ++k, row += ld) {
+            const __m512 wv = _mm512_loadu_ps(row);
+            for (int j = 0; j < R; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(xt[j * K + k]), wv, acc[j]);
+        }
+        const __m512 b = _mm512_loadu_ps(bias + n);
+        for (int j = 0; j < R; ++j) _mm512_storeu_ps(y + (t + j) * N + n, _mm512_add_ps(acc[j], b));
+    }
+
     template <int T>
     void tile(const float* x, float* y, int64_t n) const {
         __m512 acc[T];
@@ -278,7 +315,23 @@ struct Fp32RowsT {
 #endif
         for (; n < n1; ++n) y[n] = dot(x, rows + n * K, K) + (bias ? bias[n] : 0.f);
     }
+
+    // many rows: x (T, K) -> y (T, N), outputs [n0, n1): each weight row read once for all T (dot is four_rows' sum)
+    void many(const float* x, float* y, int64_t T, int64_t n0, int64_t n1) const {
+        for (int64_t n = n0; n < n1; ++n)
+            for (int64_t t = 0; t < T; ++t) y[t * N + n] = dot(x + t * K, rows + n * K, K) + (bias ? bias[n] : 0.f);
+    }
 };
+
+// Y = P(X) for T rows (T, K) -> (T, N), split across torch's threads by output; each output as `project` computes it
+template <class P>
+void project_rows(const P& p, const float* x, float* y, int64_t T) {
+    const int64_t half = (p.N + 1) / 2;
+    const int64_t grain = std::max<int64_t>(16, (half + 15) / 16 * 16);
+    at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
+        p.many(x, y, T, n0, n1);
+    });
+}
 
 // y = P(x) over all N outputs, split across torch's threads in chunks of whole vectors
 template <class P>

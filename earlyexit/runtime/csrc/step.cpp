@@ -197,7 +197,7 @@ class Step {
         Scratch s(d_, 0);
         layer_norm(h.data_ptr<float>(), L.ln1_w, L.ln1_b, eps_, s.h.data(), d_, kRound);
         project(L.kv, s.h.data(), s.qkv.data() + d_);
-        write_kv(s, i, k, v, pos);
+        write_kv(s.qkv.data(), i, k, v, pos);
     }
 
     // next-token logits (1, V) after the last block: ln_f and the head (int8: its `rerank` largest rescored with the
@@ -206,6 +206,45 @@ class Step {
         check_stream(x);
         torch::Tensor out = torch::empty({1, vocab_}, torch::kFloat);
         head(x.data_ptr<float>(), out.data_ptr<float>(), nullptr);
+        return out;
+    }
+
+    // T tokens at positions pos..pos+T-1 (x (T, d) in place, each row's K/V written) through every block, then the
+    // head: logits (T, V), each row's those of the single-token step at its position, bit for bit (the same sums in
+    // the same order, every weight read once for all T rows): lossless mode's verification of its drafts
+    torch::Tensor window(torch::Tensor x, torch::Tensor k, torch::Tensor v, int64_t pos) {
+        TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2 &&
+                        x.size(0) >= 1 && x.size(1) == d_, "a window must be a contiguous fp32 CPU tensor (T, n_embd)");
+        const int64_t T = x.size(0), d = d_;
+        check_cache(k, v, pos);
+        check_cache(k, v, pos + T - 1);
+        std::vector<float> h(T * d), qkv(T * 3 * d), y(T * d), f(T * inner_);
+        float* xs = x.data_ptr<float>();
+        for (size_t i = 0; i < layers_.size(); ++i) {
+            const Layer<P>& L = layers_[i];
+            for (int64_t t = 0; t < T; ++t) layer_norm(xs + t * d, L.ln1_w, L.ln1_b, eps_, h.data() + t * d, d, kRound);
+            project_rows(L.qkv, h.data(), qkv.data(), T);
+            for (int64_t t = 0; t < T; ++t) write_kv(qkv.data() + t * 3 * d, i, k, v, pos + t);
+            for (int64_t t = 0; t < T; ++t) attend(qkv.data() + t * 3 * d, y.data() + t * d, i, k, v, pos + t, L.attn_scale);
+            if constexpr (kRound)
+                for (auto& e : y) e = bf16_round(e);
+            project_rows(L.proj, y.data(), h.data(), T);
+            for (int64_t j = 0; j < T * d; ++j) xs[j] += h[j];
+            for (int64_t t = 0; t < T; ++t) layer_norm(xs + t * d, L.ln2_w, L.ln2_b, eps_, h.data() + t * d, d, kRound);
+            project_rows(L.fc, h.data(), f.data(), T);
+            for (int64_t t = 0; t < T; ++t) activate(f.data() + t * inner_, inner_, act_, kRound);  // per row, as one token
+            project_rows(L.mp, f.data(), h.data(), T);
+            for (int64_t j = 0; j < T * d; ++j) xs[j] += h[j];
+        }
+        torch::Tensor out = torch::empty({T, vocab_}, torch::kFloat);
+        float* o = out.data_ptr<float>();
+        std::vector<float> z(T * d);
+        for (int64_t t = 0; t < T; ++t) layer_norm(xs + t * d, lnf_w_, lnf_b_, eps_, z.data() + t * d, d, false);
+        if constexpr (kInt8) {
+            for (int64_t t = 0; t < T; ++t) reranked_head(head_, rows_, rerank_, z.data() + t * d, o + t * vocab_, nullptr);
+        } else {
+            project_rows(head_, z.data(), o, T);
+        }
         return out;
     }
 
@@ -263,30 +302,31 @@ class Step {
         }
     }
 
-    void write_kv(const Scratch& s, int64_t i, const torch::Tensor& k, const torch::Tensor& v, int64_t pos) const {
+    void write_kv(const float* qkv, int64_t i, const torch::Tensor& k, const torch::Tensor& v, int64_t pos) const {
         // cache (L, B, nh, S, hs), hs contiguous; row 0 of B (a server's row is a view starting at its row)
         float* kp = k.data_ptr<float>() + i * k.stride(0);
         float* vp = v.data_ptr<float>() + i * v.stride(0);
         for (int64_t h = 0; h < n_head_; ++h) {
-            std::memcpy(kp + h * k.stride(2) + pos * k.stride(3), s.qkv.data() + d_ + h * hs_, hs_ * sizeof(float));
-            std::memcpy(vp + h * v.stride(2) + pos * v.stride(3), s.qkv.data() + 2 * d_ + h * hs_, hs_ * sizeof(float));
+            std::memcpy(kp + h * k.stride(2) + pos * k.stride(3), qkv + d_ + h * hs_, hs_ * sizeof(float));
+            std::memcpy(vp + h * v.stride(2) + pos * v.stride(3), qkv + 2 * d_ + h * hs_, hs_ * sizeof(float));
         }
     }
 
     // one query per head against positions 0..pos of layer i's cache, softmax in fp32
-    void attend(Scratch& s, int64_t i, const torch::Tensor& k, const torch::Tensor& v, int64_t pos, float scale) const {
+    void attend(const float* qkv, float* y, int64_t i, const torch::Tensor& k, const torch::Tensor& v, int64_t pos,
+                float scale) const {
         const float* kp = k.data_ptr<float>() + i * k.stride(0);
         const float* vp = v.data_ptr<float>() + i * v.stride(0);
         const int64_t hs = hs_, ks = k.stride(3), vs = v.stride(3), kh = k.stride(2), vh = v.stride(2);
         at::parallel_for(0, n_head_, 1, [&](int64_t h0, int64_t h1) {
             std::vector<float> p(pos + 1);
             for (int64_t h = h0; h < h1; ++h) {
-                const float* q = s.qkv.data() + h * hs;
+                const float* q = qkv + h * hs;
                 float top = -INFINITY;
                 dots(q, kp + h * kh, ks, hs, pos + 1, p.data());
                 for (int64_t t = 0; t <= pos; ++t) top = std::max(top, p[t] *= scale);
                 const float sum = exp_sum(p.data(), pos + 1, top);
-                weighted_sum(p.data(), pos + 1, 1.f / sum, vp + h * vh, vs, hs, s.y.data() + h * hs);
+                weighted_sum(p.data(), pos + 1, 1.f / sum, vp + h * vh, vs, hs, y + h * hs);
             }
         });
     }
@@ -297,8 +337,8 @@ class Step {
         float *h = s.h.data(), *y = s.y.data();
         layer_norm(x, L.ln1_w, L.ln1_b, eps_, h, d, kRound);
         project(L.qkv, h, s.qkv.data());
-        write_kv(s, i, k, v, pos);
-        attend(s, i, k, v, pos, L.attn_scale);
+        write_kv(s.qkv.data(), i, k, v, pos);
+        attend(s.qkv.data(), y, i, k, v, pos, L.attn_scale);
         if constexpr (kRound)
             for (int64_t j = 0; j < d; ++j) y[j] = bf16_round(y[j]);
         project(L.proj, y, h);
@@ -331,6 +371,7 @@ void bind(pybind11::module& m, const char* name) {
         .def("fill_kv", &S::fill_kv, py::call_guard<py::gil_scoped_release>())
         .def("logits", &S::logits, py::call_guard<py::gil_scoped_release>())
         .def("project", &S::project_normed, py::call_guard<py::gil_scoped_release>())
+        .def("window", &S::window, py::call_guard<py::gil_scoped_release>())
         .def("greedy", &S::greedy, py::call_guard<py::gil_scoped_release>());
 }
 
