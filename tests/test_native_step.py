@@ -237,3 +237,17 @@ def test_lossless_verifies_through_the_native_window(tiny_tokenizer, monkeypatch
     lossless = complete(model, tiny_tokenizer, "def add(a, b):", settings, policy=policy)
     assert calls and max(calls) > 1
     assert lossless.token_ids == complete(model, tiny_tokenizer, "def add(a, b):", settings).token_ids
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp32"])
+def test_a_model_moved_off_the_cpu_takes_the_torch_lean_path(tiny_tokenizer, kind, monkeypatch):
+    """`model.to("cuda")` replaces the tensors the native step read: it regathers, finds the model off the CPU and
+    runs the torch lean step's ops instead (simulated here: no GPU)."""
+    q = tiny(kind, len(tiny_tokenizer))
+    ref = STEPS[kind][0](q)
+    monkeypatch.setattr(native, "_on_cpu_fp32", lambda model: False)
+    q.wte.weight = torch.nn.Parameter(q.wte.weight.detach().clone(), requires_grad=False)  # what a move does
+    a, b = q.new_cache(1, 6), q.new_cache(1, 6)
+    for pos, token in enumerate([4, 9, 2]):
+        torch.testing.assert_close(q.lean.logits(token, a, pos), ref.logits(token, b, pos), rtol=0, atol=0)
+    assert q.lean.native is None and q.lean.window([1, 2], a, 3) is None

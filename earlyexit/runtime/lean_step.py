@@ -50,11 +50,15 @@ class _LeanStep:
     def block(self, i: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def embed(self, token: int, pos: int) -> torch.Tensor:
-        """The fp32 residual stream (1, d) entering the first block (the per-layer tensors gathered if stale)."""
+    def fresh(self) -> None:
+        """Gather the per-layer tensors again if the model's are no longer the ones seen (`model.to(...)`)."""
         if self.model.wte.weight is not self._seen:
             self._gather()
             self._seen = self.model.wte.weight
+
+    def embed(self, token: int, pos: int) -> torch.Tensor:
+        """The fp32 residual stream (1, d) entering the first block (the per-layer tensors gathered if stale)."""
+        self.fresh()
         m = self.model
         return (m.wte.weight[token] + m.wpe.weight[pos]).view(1, self.d)
 

@@ -104,49 +104,69 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 class _Native:
     """The C++ half both native steps share: every block, state copy, the logits and the greedy token through
-    `self.native` (built by the step's `_gather`), in the lean steps' interface."""
+    `self.native`, in the lean steps' interface. `self.native` is built by the step's `_gather` while the model is
+    fp32 on the CPU; after a move elsewhere (`model.to("cuda")`) it is None and the torch lean step's methods run."""
 
     native = None
 
+    def _gather(self) -> None:
+        super()._gather()
+        self.native = self._build() if _on_cpu_fp32(self.model) else None
+
     def block(self, i: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        x = x.clone()  # callers may hold the stream they passed: the C++ writes in place
-        self.native.blocks(x, cache.k, cache.v, pos, i, i + 1)
+        return self.blocks(i, i + 1, x, cache, pos)
+
+    def _torch_blocks(self, start: int, stop: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        for i in range(start, stop):
+            x = super().block(i, x, cache, pos)  # the torch lean step's block (its `blocks` would call ours)
         return x
 
     def blocks(self, start: int, stop: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        x = x.clone()
+        self.fresh()
+        if self.native is None:
+            return self._torch_blocks(start, stop, x, cache, pos)
+        x = x.clone()  # callers may hold the stream they passed: the C++ writes in place
         self.native.blocks(x, cache.k, cache.v, pos, start, stop)
         return x
 
     def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
         x = self.embed(token, pos)  # a fresh tensor (in place is safe); first, since it gathers the layers if stale
+        if self.native is None:
+            return self._torch_blocks(0, len(self.layers), x, cache, pos)
         self.native.blocks(x, cache.k, cache.v, pos, 0, len(self.layers))
         return x
 
     def fill_kv(self, i: int, h: torch.Tensor, cache: KVCache, pos: int) -> None:
+        self.fresh()
+        if self.native is None:
+            return super().fill_kv(i, h, cache, pos)
         self.native.fill_kv(i, h.contiguous(), cache.k, cache.v, pos)
 
     def final_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.native.logits(x.contiguous())
-
-    @torch.inference_mode()
-    def window(self, tokens: list[int], cache: KVCache, pos: int) -> torch.Tensor:
-        """Logits (T, V) of T tokens at positions pos.., their K/V written: row t the single-token step's logits at
-        pos + t, bit for bit, with every weight read once (lossless mode's verification)."""
-        self.embed(tokens[0], pos)  # gathers the layers if stale
-        m = self.model
-        x = (m.wte.weight[tokens] + m.wpe.weight[pos:pos + len(tokens)]).contiguous()
-        return self.native.window(x, cache.k, cache.v, pos)
+        self.fresh()
+        return super().final_logits(x) if self.native is None else self.native.logits(x.contiguous())
 
     @torch.inference_mode()
     def logits(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
-        x = self.residual(token, cache, pos)
-        return self.native.logits(x)
+        return self.final_logits(self.residual(token, cache, pos))
 
     @torch.inference_mode()
     def greedy(self, token: int, cache: KVCache, pos: int) -> int:
-        x = self.residual(token, cache, pos)
-        return int(self.native.greedy(x))
+        self.fresh()
+        if self.native is None:
+            return super().greedy(token, cache, pos)
+        return int(self.native.greedy(self.residual(token, cache, pos)))
+
+    @torch.inference_mode()
+    def window(self, tokens: list[int], cache: KVCache, pos: int) -> torch.Tensor | None:
+        """Logits (T, V) of T tokens at positions pos.., their K/V written: row t the single-token step's logits at
+        pos + t, bit for bit, with every weight read once (lossless mode's verification); None off the CPU."""
+        self.fresh()
+        if self.native is None:
+            return None
+        m = self.model
+        x = (m.wte.weight[tokens] + m.wpe.weight[pos:pos + len(tokens)]).contiguous()
+        return self.native.window(x, cache.k, cache.v, pos)
 
 
 class NativeInt8Step(_Native, LeanInt8Step):
@@ -158,8 +178,7 @@ class NativeInt8Step(_Native, LeanInt8Step):
         extension built."""
         return enabled() and LeanInt8Step.supports(model) and _on_cpu_fp32(model) and extension() is not None
 
-    def _gather(self) -> None:
-        super()._gather()
+    def _build(self):
         m, layers, scales = self.model, [], []
         for block in m.h:
             a, mlp = block.attn, block.mlp
@@ -172,8 +191,8 @@ class NativeInt8Step(_Native, LeanInt8Step):
             layers.append(tensors)
             scales.append(float(a.scale))
         head = [self.head.qweight.contiguous(), _f32(self.head.scale), _f32(self.head_rows)]
-        self.native = extension().Int8Step(layers, scales, _f32(m.ln_f.weight), _f32(m.ln_f.bias), head, self.n_head,
-                                           float(self.eps), ACTIVATIONS[m.dims.activation], self.rerank)
+        return extension().Int8Step(layers, scales, _f32(m.ln_f.weight), _f32(m.ln_f.bias), head, self.n_head,
+                                    float(self.eps), ACTIVATIONS[m.dims.activation], self.rerank)
 
 
 class NativeFp32Step(_Native, LeanFp32Step):
@@ -183,8 +202,7 @@ class NativeFp32Step(_Native, LeanFp32Step):
     def supports(model) -> bool:
         return enabled() and LeanFp32Step.supports(model) and _on_cpu_fp32(model) and extension() is not None
 
-    def _gather(self) -> None:
-        super()._gather()
+    def _build(self):
         m, layers, scales = self.model, [], []
         for block in m.h:
             a, mlp = block.attn, block.mlp
@@ -192,8 +210,8 @@ class NativeFp32Step(_Native, LeanFp32Step):
                        block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias]
             layers.append([_f32(t) for t in tensors])  # fp32 contiguous already: views, no copy
             scales.append(float(a.scale))
-        self.native = extension().Fp32Step(layers, scales, _f32(m.ln_f.weight), _f32(m.ln_f.bias), [_f32(m.head_weight)],
-                                           self.n_head, float(self.eps), ACTIVATIONS[m.dims.activation], 0)
+        return extension().Fp32Step(layers, scales, _f32(m.ln_f.weight), _f32(m.ln_f.bias), [_f32(m.head_weight)],
+                                    self.n_head, float(self.eps), ACTIVATIONS[m.dims.activation], 0)
 
 
 def reranked_head(qweight: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, rerank: int):

@@ -119,12 +119,14 @@ class Lossless(SpeculativePolicy):
         """The full model over each row's window (B, T: the last written token, then that row's drafts): its greedy tokens
         after each (the n-gram cache applied as the row's transcript would, see `Transcript.greedy_ahead`) and, with a
         stop threshold, where the controller stops."""
-        native = getattr(model.lean, "window", None)  # one row: the native step's window, full's own logits
+        native = getattr(model.lean, "window", None)  # one row: the native step's window (full's own logits, or None)
+        logits, stops = None, None
         if self.stopper is None and native is not None and rows is None and isinstance(pos, int) and window.shape[0] == 1:
-            logits, stops = native(window[0].tolist(), cache, pos)[None], None
-        elif self.stopper is None:
-            logits, stops = model(window, cache, pos, rows), None
-        else:
+            logits = native(window[0].tolist(), cache, pos)
+            logits = None if logits is None else logits[None]
+        if logits is None and self.stopper is None:
+            logits = model(window, cache, pos, rows)
+        elif logits is None:
             logits, stops = verify_and_check(model, self.stopper, window, cache, pos, rows)
             stops = stops.tolist()
         return [t.greedy_ahead(row, d) for t, row, d in zip(transcripts, logits, drafts)], stops
