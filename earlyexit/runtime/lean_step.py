@@ -74,10 +74,8 @@ class _LeanStep:
 
     def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
         """The residual stream (1, d) after the last block, for `token` at `pos` (its K/V written into `cache`)."""
-        x = self.embed(token, pos)
-        for i in range(len(self.layers)):
-            x = self.block(i, x, cache, pos)
-        return x
+        x = self.embed(token, pos)  # first: it gathers the layers if stale
+        return self.blocks(0, len(self.layers), x, cache, pos)
 
 
 class LeanInt8Step(_LeanStep):

@@ -119,17 +119,14 @@ class Lossless(SpeculativePolicy):
         """The full model over each row's window (B, T: the last written token, then that row's drafts): its greedy tokens
         after each (the n-gram cache applied as the row's transcript would, see `Transcript.greedy_ahead`) and, with a
         stop threshold, where the controller stops."""
-        native = getattr(model.lean, "window", None)  # one row: the native step's window (full's own logits, or None)
-        logits, stops = None, None
-        if self.stopper is None and native is not None and rows is None and isinstance(pos, int) and window.shape[0] == 1:
-            logits = native(window[0].tolist(), cache, pos)
-            logits = None if logits is None else logits[None]
-        if logits is None and self.stopper is None:
-            logits = model(window, cache, pos, rows)
-        elif logits is None:
+        if self.stopper is not None:
             logits, stops = verify_and_check(model, self.stopper, window, cache, pos, rows)
-            stops = stops.tolist()
-        return [t.greedy_ahead(row, d) for t, row, d in zip(transcripts, logits, drafts)], stops
+            return [t.greedy_ahead(row, d) for t, row, d in zip(transcripts, logits, drafts)], stops.tolist()
+        native, logits = getattr(model.lean, "window", None), None  # one row: the native window, full's own logits
+        if native is not None and rows is None and isinstance(pos, int) and window.shape[0] == 1:
+            logits = native(window[0].tolist(), cache, pos)  # None off the CPU
+        logits = model(window, cache, pos, rows) if logits is None else logits[None]
+        return [t.greedy_ahead(row, d) for t, row, d in zip(transcripts, logits, drafts)], None
 
     def draft(self, model: GPT2, cache: KVCache, transcript, pos: int, n: int, eos: int) -> tuple[list[int], list[int]]:
         """Up to n draft tokens after the transcript's last (at `pos`), with the layers each one used; drafting ends at
