@@ -1,16 +1,16 @@
-"""The native int8 single-token step: `LeanInt8Step`'s arithmetic in one C++ call per run of blocks.
+"""The native single-token steps: the lean steps' arithmetic (earlyexit.runtime.lean_step) in C++, one call per run
+of blocks.
 
-At the default model's size (d = 256) a token through `LeanInt8Step` is ~600 aten calls, and their dispatch costs
-more than their arithmetic. `NativeInt8Step` runs the same ops (csrc/int8_step.cpp: bf16-rounded inputs, int8 rows,
-fp32 accumulation, bf16-rounded outputs plus the fp32 bias) with none of that, on torch's own thread pool, and is
-what `quantize_int8` attaches as `model.lean` wherever it builds. The sums run in another order, so logits can
-differ from the torch path in their last bits (tested within that); lossless mode verifies every draft in fp32
-anyway, and full-depth int8 is already an approximation of fp32.
+At the default model's size (d = 256) a token through a torch lean step is ~600 aten calls, and their dispatch costs
+more than their arithmetic. `NativeInt8Step` and `NativeFp32Step` run the same ops (csrc/step.cpp: int8 with
+bf16-rounded inputs and outputs, fp32 with the Conv1D weights read in place) with none of that, on torch's own
+thread pool; `quantize_int8` and `attach_lean_step` attach them as `model.lean` wherever they build. The sums run in
+another order, so values can differ from the torch path in their last bits (tested within that).
 
 The extension is compiled on first use, once per machine (torch.utils.cpp_extension: gcc, ninja, -O3
--march=native; ~30 s on 2 cores, cached under ~/.cache/torch_extensions, rebuilt when the source changes). Where it
-cannot be built (no compiler, no ninja), the torch path runs and one line on stderr says why.
-`EARLYEXIT_NATIVE=0` turns it off.
+-march=native; ~40 s on 2 cores, cached in torch's extension directory under a key of the sources, torch, Python,
+flags and CPU). Where it cannot be built (no compiler, no ninja), the torch path runs and one line on stderr says
+why. `EARLYEXIT_NATIVE=0` turns it off.
 """
 
 from __future__ import annotations
@@ -129,13 +129,6 @@ class _Native:
         self.native.blocks(x, cache.k, cache.v, pos, start, stop)
         return x
 
-    def residual(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
-        x = self.embed(token, pos)  # a fresh tensor (in place is safe); first, since it gathers the layers if stale
-        if self.native is None:
-            return self._torch_blocks(0, len(self.layers), x, cache, pos)
-        self.native.blocks(x, cache.k, cache.v, pos, 0, len(self.layers))
-        return x
-
     def fill_kv(self, i: int, h: torch.Tensor, cache: KVCache, pos: int) -> None:
         self.fresh()
         if self.native is None:
@@ -221,15 +214,18 @@ def reranked_head(qweight: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor
     return extension().RerankedHead(qweight.contiguous(), _f32(scale), _f32(rows), int(rerank))
 
 
+def _fastest(model, native_step, torch_step):
+    """The native step where it applies to `model`, else the torch one, else None."""
+    if native_step.supports(model):
+        return native_step(model)
+    return torch_step(model) if torch_step.supports(model) else None
+
+
 def lean_int8_step(model) -> LeanInt8Step | None:
     """The fastest lean step an int8 copy can take: native, else torch, else None."""
-    if NativeInt8Step.supports(model):
-        return NativeInt8Step(model)
-    return LeanInt8Step(model) if LeanInt8Step.supports(model) else None
+    return _fastest(model, NativeInt8Step, LeanInt8Step)
 
 
 def lean_fp32_step(model) -> LeanFp32Step | None:
     """The fastest lean step an fp32 model can take: native, else torch, else None."""
-    if NativeFp32Step.supports(model):
-        return NativeFp32Step(model)
-    return LeanFp32Step(model) if LeanFp32Step.supports(model) else None
+    return _fastest(model, NativeFp32Step, LeanFp32Step)

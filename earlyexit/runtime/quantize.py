@@ -115,10 +115,7 @@ class Int8GPT2(GPT2):
     def project(self, z: torch.Tensor) -> torch.Tensor:
         if self.int8_head is None:
             return super().project(z)
-        native = self._native_head.get(z)
-        if native is not None:
-            return native.logits(z.reshape(1, -1).contiguous()).view(z.shape[:-1] + (-1,))
-        return reranked_projection(self.int8_head, super().head_weight, z, self.rerank)
+        return self._native_head(z)
 
     @property
     def _native_head(self) -> "NativeHead":
@@ -156,14 +153,15 @@ def reranked_projection(int8_head: Int8Linear, rows: torch.Tensor, z: torch.Tens
 
 
 class NativeHead:
-    """`reranked_projection` of one row in C++ (earlyexit.runtime.native's RerankedHead: the same int8 rows, bf16
-    input, fp32 rescoring of the top `rerank`), built on first use: one call where torch takes ~10. `get(z)` is the
-    C++ head where it applies to z (one fp32 CPU row, the extension built), else None."""
+    """`reranked_projection(int8, rows, z, rerank)`, one row of z in C++ (earlyexit.runtime.native's RerankedHead:
+    the same int8 rows, bf16 input, fp32 rescoring of the top `rerank`; one call where torch takes ~10), built on
+    first use; more rows, another device or no extension: the torch ops."""
 
     def __init__(self, int8: Int8Linear, rows: torch.Tensor, rerank: int):
         self.int8, self.rows, self.rerank, self.built = int8, rows, rerank, None
 
     def get(self, z: torch.Tensor):
+        """The C++ head where it applies to z (one fp32 CPU row, the extension built), else None."""
         if z.numel() != self.int8.in_features or z.dtype != torch.float32 or z.device.type != "cpu" or not self.rerank:
             return None
         if self.built is None:
@@ -171,6 +169,12 @@ class NativeHead:
 
             self.built = reranked_head(self.int8.qweight, self.int8.scale, self.rows, self.rerank) or False
         return self.built or None
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        native = self.get(z)
+        if native is not None:
+            return native.logits(z.reshape(1, -1).contiguous()).view(z.shape[:-1] + (-1,))
+        return reranked_projection(self.int8, self.rows, z, self.rerank)
 
 
 class RerankedHead:
@@ -186,10 +190,7 @@ class RerankedHead:
         return type(model) is GPT2 and model.dtype == torch.float32 and _fused_ok(model.dims.n_embd, model.head_weight)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        native = self.native.get(z)
-        if native is not None:
-            return native.logits(z.reshape(1, -1).contiguous()).view(z.shape[:-1] + (-1,))
-        return reranked_projection(self.int8, self.rows, z, self.rerank)
+        return self.native(z)
 
 
 def quantize_int8(model: GPT2, head: bool = True, rerank: int = 8) -> Int8GPT2:
