@@ -59,7 +59,8 @@ def load_point(recipe: str, checkpoint: str):
 
     from earlyexit.runtime.loading import load_runtime_model
     from earlyexit.runtime.model import GPT2
-    from earlyexit.training.train_lm import LMTrainConfig, trained_context_model
+    from earlyexit.training.lm_checkpoints import trained_context_model
+    from earlyexit.training.train_lm import LMTrainConfig
 
     path = Path(checkpoint)
     if path.is_dir():

@@ -61,7 +61,7 @@ def encoded_corpus(splits: dict, vocab: int, out: Path, cfg: VocabSweepConfig) -
     import numpy as np
 
     from earlyexit.data.tokenizer import train_tokenizer
-    from earlyexit.training.train_lm import encode_split
+    from earlyexit.training.lm_data import encode_split
 
     out.mkdir(parents=True, exist_ok=True)
     texts = [r["text"] for r in splits["train"]]

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from earlyexit.errors import EarlyExitError
-from earlyexit.training.train_lm import LMTrainConfig, batch_at, grown_layer_sources, lr_at, main
+from earlyexit.training.lm_checkpoints import grown_layer_sources
+from earlyexit.training.train_lm import LMTrainConfig, batch_at, lr_at, main
 
 from conftest import SAMPLE_CODE
 

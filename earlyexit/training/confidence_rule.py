@@ -111,7 +111,7 @@ def choose(max_prob: torch.Tensor, agree: torch.Tensor, costs, n_layer: int, tar
 @torch.no_grad()
 def teacher_forced(model, policy, windows: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """(max_prob, agree), each (L - 1, N) over the windows' tokens in order, through `policy.exit_logits`."""
-    from .train_heads import layer_states
+    from .layer_outputs import layer_states
 
     L = model.dims.n_layer
     probs, agrees = [], []
@@ -134,7 +134,7 @@ def calibrate_confidence(model_dir: str | None, cfg: ConfidenceRuleConfig) -> di
     from ..runtime.loading import load_runtime_model, resolve_model_dir
     from ..runtime.policies import EarlyExit
     from .exit_layers import PieceCosts, measure_costs
-    from .train_heads import tokenize_until
+    from .layer_outputs import tokenize_until
 
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     directory = resolve_model_dir(model_dir)

@@ -78,7 +78,7 @@ def decision_table(model: GPT2, heads: ExitHeads, windows: torch.Tensor, thresho
     """Per token (windows flattened in order): `exits[t][l][p]` whether the controller exits after block l when the
     previous token ran p blocks (p = 0: no previous token), and `agrees[t][l]` whether head l's token is the full
     model's. Both for l < L - 1."""
-    from .train_heads import layer_predictions, layer_states
+    from .layer_outputs import layer_predictions, layer_states
 
     L = model.dims.n_layer
     states = layer_states(model, windows, bf16=False)  # L x (B, T, d)
@@ -195,7 +195,7 @@ def choose_exit_layers(model_dir: str | None, cfg: ExitLayersConfig) -> dict:
     from ..runtime.heads import load_heads
     from ..runtime.loading import load_runtime_model, resolve_model_dir
     from ..runtime.policies import EarlyExit
-    from .train_heads import tokenize_until
+    from .layer_outputs import tokenize_until
 
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     directory = resolve_model_dir(model_dir)

@@ -36,10 +36,13 @@ import torch
 import torch.nn.functional as F
 
 from ..config import config_parser, exit_code, load_config, to_dict
+from ..data.corpus import window_batch
 from ..errors import EarlyExitError
-from ..runtime.heads import CONTINUE, EXIT, STOP, ExitHeads, Thresholds, load_exit_norms
+from ..runtime.heads import EXIT, STOP, ExitHeads, Thresholds, load_exit_norms
 from ..runtime.model import GPT2
 from .distributed import average_gradients, finish, init_distributed, run_main, world
+from .layer_outputs import action_labels, layer_predictions, layer_states, previous_exit_layers, tokenize_until
+from .lm_checkpoints import atomic_save
 
 
 @dataclass
@@ -83,31 +86,6 @@ class HeadsTrainConfig:
 
 # ----------------------------------------------------------------------------- data
 
-def tokenize_until(files, tok, budget: int, seed: int) -> np.ndarray:
-    """Files in a seeded order, tokenized and joined by EOS until `budget` tokens."""
-    order = np.random.default_rng(seed).permutation(len(files))
-    chunks, total = [], 0
-    for i in order:
-        ids = tok.encode(files[i]["text"]) + [tok.eos_token_id]
-        chunks.append(np.asarray(ids, dtype=np.int64))
-        total += len(ids)
-        if total >= budget:
-            break
-    return np.concatenate(chunks)
-
-
-@torch.no_grad()
-def layer_states(model: GPT2, x: torch.Tensor, bf16: bool) -> list[torch.Tensor]:
-    """Every block's output for windows x (B, T): L tensors (B, T, d), float32."""
-    cache = model.new_cache(x.shape[0], capacity=x.shape[1])
-    out = []
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and x.device.type == "cpu"):
-        h = model.embed(x, 0)
-        for layer in range(model.dims.n_layer):
-            h = model.block(layer, h, cache, 0)
-            out.append(h.float())
-    return out
-
 
 def head_loss(heads: ExitHeads, model: GPT2, layer: int, h: torch.Tensor, target: torch.Tensor, full_logp: torch.Tensor, cfg: HeadsTrainConfig):
     """Loss of one head on N sampled positions: h (N, d), target (N,), full_logp (N, V)."""
@@ -122,32 +100,6 @@ def head_loss(heads: ExitHeads, model: GPT2, layer: int, h: torch.Tensor, target
         return kd
     return (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd
 
-
-@torch.no_grad()
-def layer_predictions(heads: ExitHeads, model: GPT2, states: list[torch.Tensor], bf16: bool = False) -> torch.Tensor:
-    """argmax of every layer's head: (L, B, T); the last layer is the full model."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and states[0].device.type == "cpu"):
-        return torch.stack([heads.head_logits(layer, h, model).argmax(-1) for layer, h in enumerate(states)])
-
-
-def action_labels(preds: torch.Tensor, target: torch.Tensor, scheme: str) -> torch.Tensor:
-    """(L, B, T) labels over (continue, exit, stop) from every layer's prediction and the reference."""
-    full = preds[-1]
-    if scheme == "agreement":
-        labels = torch.where(preds == full, EXIT, CONTINUE)
-        return torch.where((full != target)[None], STOP, labels)
-    right = preds == target[None]
-    right_so_far = right.cummax(dim=0).values
-    labels = torch.where(right_so_far, EXIT, CONTINUE)
-    return torch.where((~right.any(dim=0))[None], STOP, labels)
-
-
-def previous_exit_layers(preds: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced stand-in for the previous token's exit layer (1..L, 0 for the first position):
-    the first layer whose head agrees with the full model at the previous position."""
-    agree = preds == preds[-1][None]  # (L, B, T)
-    first = agree.float().argmax(dim=0) + 1  # (B, T), in 1..L (the last layer always agrees)
-    return torch.cat([torch.zeros_like(first[:, :1]), first[:, :-1]], dim=1)
 
 
 def action_logits_all(heads: ExitHeads, states: list[torch.Tensor], prev: torch.Tensor) -> torch.Tensor:
@@ -234,10 +186,106 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def heads_to_train(model_dir: str, model: GPT2, cfg: HeadsTrainConfig) -> ExitHeads:
+    """Fresh heads (their layer norms from the backbone's exit norms, when it was trained to exit), or `init_from`'s
+    to continue, with their thresholds and training record cleared."""
+    if cfg.init_from:
+        from ..runtime.heads import load_heads
+
+        heads = load_heads(cfg.init_from, model).float().requires_grad_(True).train()
+        heads.cfg.training, heads.cfg.thresholds = {}, Thresholds()
+        return heads
+    return ExitHeads.for_backbone(model, rank=cfg.rank, exit_norms=load_exit_norms(model_dir, model)).float().train()
+
+
+def is_head_param(name: str) -> bool:
+    """The exit heads' own weights (trained first); the rest is the 3-way controller (trained after)."""
+    return name.startswith(("ln.", "down", "up"))
+
+
+class HeadsOptimizers:
+    """The two phases' optimizers: the exit heads' weights for head_steps, then the controller's for
+    classifier_steps, each with its own warm-up and decay."""
+
+    def __init__(self, heads: ExitHeads, cfg: HeadsTrainConfig):
+        self.cfg = cfg
+        self.head_params = [p for n, p in heads.named_parameters() if is_head_param(n)]
+        self.cls_params = [p for n, p in heads.named_parameters() if not is_head_param(n)]
+        self.heads = torch.optim.AdamW(self.head_params, lr=cfg.lr, weight_decay=0.0)
+        self.controller = torch.optim.AdamW(self.cls_params, lr=cfg.classifier_lr, weight_decay=0.0)
+
+    def at(self, step: int) -> tuple[str, torch.optim.Optimizer]:
+        """The phase of `step` and its optimizer, its learning rate set for the step."""
+        cfg = self.cfg
+        if step < cfg.head_steps:
+            phase, opt, lr = "heads", self.heads, lr_at(step, cfg.head_steps, cfg.lr, cfg.warmup_steps)
+        else:
+            phase, opt = "controller", self.controller
+            lr = lr_at(step - cfg.head_steps, cfg.classifier_steps, cfg.classifier_lr, cfg.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        return phase, opt
+
+    def state_dict(self) -> dict:
+        return {"opt_heads": self.heads.state_dict(), "opt_cls": self.controller.state_dict()}
+
+    def restore(self, heads: ExitHeads, ckpt: Path) -> int:
+        """Heads and both optimizers from `ckpt`; returns the step it was written at."""
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        heads.load_state_dict(state["heads"])
+        self.heads.load_state_dict(state["opt_heads"])
+        self.controller.load_state_dict(state["opt_cls"])
+        return state["step"]
+
+
+def head_step(heads: ExitHeads, model: GPT2, states, target, step: int, cfg: HeadsTrainConfig, params) -> float:
+    """One step of the exit heads: every early layer's head loss at sampled positions, against the labels and the
+    last layer's distribution."""
+    picks = torch.randperm(target.numel(), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + step))
+    picks = picks[:cfg.loss_positions * cfg.batch_size]
+    with torch.no_grad():
+        full_logp = F.log_softmax(model.logits(states[-1].flatten(0, 1)[picks]).float(), dim=-1)
+    total_loss = 0.0
+    for layer in range(model.dims.n_layer - 1):
+        h = states[layer].flatten(0, 1)[picks]
+        loss = head_loss(heads, model, layer, h, target.flatten()[picks], full_logp, cfg) / (model.dims.n_layer - 1)
+        loss.backward()
+        total_loss += loss.item()
+    average_gradients(params)
+    return total_loss
+
+
+def controller_step(heads: ExitHeads, model: GPT2, states, target, cfg: HeadsTrainConfig, params, record: dict) -> float:
+    """One step of the controller: cross-entropy to the stop/exit/continue labels the trained heads' predictions give."""
+    preds = layer_predictions(heads, model, states, cfg.bf16)
+    labels = action_labels(preds, target, cfg.labels)
+    logits = action_logits_all(heads, states, previous_exit_layers(preds))
+    loss = F.cross_entropy(logits.flatten(0, 2), labels.flatten())
+    loss.backward()
+    average_gradients(params)
+    record["label_share"] = torch.bincount(labels.flatten(), minlength=3).div(labels.numel()).tolist()
+    return loss.item()
+
+
+def write_heads(heads: ExitHeads, model: GPT2, val_tokens: np.ndarray, cfg: HeadsTrainConfig, size: int, out: Path) -> None:
+    """The controller's validation table, the thresholds chosen from it, and the heads saved with their record."""
+    heads.eval()
+    val = window_batch(val_tokens, cfg.seq_len, 0, min(cfg.eval_windows, (len(val_tokens) - 1) // cfg.seq_len), cfg.seed)
+    table = controller_table(heads, model, val, cfg)
+    heads.cfg.thresholds = choose_thresholds(table, cfg)
+    heads.cfg.training = {"config": to_dict(cfg), "validation": table, "world_size": size,
+                          "parameter_share": heads.parameter_share(model)}
+    heads.save(out)
+    print(f"heads: {heads.parameter_share(model):.2%} of the backbone's parameters; thresholds {asdict(heads.cfg.thresholds)}; "
+          f"wrote {out}", file=sys.stderr)
+
+
 def train(model_dir: str, cfg: HeadsTrainConfig, resume: bool = False) -> Path:
+    """Exit heads for `model_dir`'s frozen backbone (head_steps), then the controller (classifier_steps); writes
+    them beside the model (or to out_dir). Checkpointed every checkpoint_interval steps for `resume`."""
     from tqdm import tqdm
 
-    from ..data.corpus import model_corpus, window_batch
+    from ..data.corpus import model_corpus
     from ..runtime.loading import load_runtime_model
 
     init_distributed()
@@ -247,63 +295,25 @@ def train(model_dir: str, cfg: HeadsTrainConfig, resume: bool = False) -> Path:
     splits, _ = model_corpus(model_dir, cfg.sources or None)
     train_tokens = tokenize_until(splits["train"], tok, cfg.train_tokens, cfg.seed)
     val_tokens = tokenize_until(splits["validation"], tok, cfg.eval_windows * (cfg.seq_len + 1) * 2, cfg.seed)
-    if cfg.init_from:
-        from ..runtime.heads import load_heads
-
-        heads = load_heads(cfg.init_from, model).float().requires_grad_(True).train()
-        heads.cfg.training, heads.cfg.thresholds = {}, Thresholds()
-    else:
-        heads = ExitHeads.for_backbone(model, rank=cfg.rank, exit_norms=load_exit_norms(model_dir, model)).float().train()
+    heads = heads_to_train(model_dir, model, cfg)
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "heads_checkpoint.pt"
     total = cfg.head_steps + cfg.classifier_steps
-    head_params = [p for n, p in heads.named_parameters() if n.startswith(("ln.", "down", "up"))]
-    cls_params = [p for n, p in heads.named_parameters() if not n.startswith(("ln.", "down", "up"))]
-    opt_heads = torch.optim.AdamW(head_params, lr=cfg.lr, weight_decay=0.0)
-    opt_cls = torch.optim.AdamW(cls_params, lr=cfg.classifier_lr, weight_decay=0.0)
-    step = 0
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        heads.load_state_dict(state["heads"])
-        opt_heads.load_state_dict(state["opt_heads"])
-        opt_cls.load_state_dict(state["opt_cls"])
-        step = state["step"]
+    opts = HeadsOptimizers(heads, cfg)
+    step = opts.restore(heads, ckpt) if resume and ckpt.exists() else 0
     bar = tqdm(total=total, initial=step, desc="train_heads", disable=rank != 0, dynamic_ncols=True)
     log = open(work / "log.jsonl", "a") if rank == 0 else None
     while step < total:
         t0 = time.time()
         x = window_batch(train_tokens, cfg.seq_len, (step * size + rank) * cfg.batch_size, cfg.batch_size, cfg.seed)
-        inputs, target = x[:, :-1], x[:, 1:]
-        states = layer_states(model, inputs, cfg.bf16)
+        states = layer_states(model, x[:, :-1], cfg.bf16)
         record = {"step": step + 1}
-        if step < cfg.head_steps:
-            phase, opt = "heads", opt_heads
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg.head_steps, cfg.lr, cfg.warmup_steps)
-            picks = torch.randperm(target.numel(), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + step))
-            picks = picks[:cfg.loss_positions * cfg.batch_size]
-            with torch.no_grad():
-                full_logp = F.log_softmax(model.logits(states[-1].flatten(0, 1)[picks]).float(), dim=-1)
-            total_loss = 0.0
-            for layer in range(model.dims.n_layer - 1):
-                h = states[layer].flatten(0, 1)[picks]
-                loss = head_loss(heads, model, layer, h, target.flatten()[picks], full_logp, cfg) / (model.dims.n_layer - 1)
-                loss.backward()
-                total_loss += loss.item()
-            average_gradients(head_params)
+        phase, opt = opts.at(step)
+        if phase == "heads":
+            total_loss = head_step(heads, model, states, x[:, 1:], step, cfg, opts.head_params)
         else:
-            phase, opt = "controller", opt_cls
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step - cfg.head_steps, cfg.classifier_steps, cfg.classifier_lr, cfg.warmup_steps)
-            preds = layer_predictions(heads, model, states, cfg.bf16)
-            labels = action_labels(preds, target, cfg.labels)
-            logits = action_logits_all(heads, states, previous_exit_layers(preds))
-            loss = F.cross_entropy(logits.flatten(0, 2), labels.flatten())
-            loss.backward()
-            total_loss = loss.item()
-            average_gradients(cls_params)
-            record["label_share"] = torch.bincount(labels.flatten(), minlength=3).div(labels.numel()).tolist()
+            total_loss = controller_step(heads, model, states, x[:, 1:], cfg, opts.cls_params, record)
         torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -315,21 +325,11 @@ def train(model_dir: str, cfg: HeadsTrainConfig, resume: bool = False) -> Path:
             log.write(json.dumps(record) + "\n")
             log.flush()
             if step % cfg.checkpoint_interval == 0 or step == total:
-                torch.save({"heads": heads.state_dict(), "opt_heads": opt_heads.state_dict(), "opt_cls": opt_cls.state_dict(), "step": step},
-                           ckpt.with_suffix(".tmp"))
-                os.replace(ckpt.with_suffix(".tmp"), ckpt)
+                atomic_save({"heads": heads.state_dict(), **opts.state_dict(), "step": step}, ckpt)
     bar.close()
     out = Path(cfg.out_dir or model_dir)
     if rank == 0:
-        heads.eval()
-        val = window_batch(val_tokens, cfg.seq_len, 0, min(cfg.eval_windows, (len(val_tokens) - 1) // cfg.seq_len), cfg.seed)
-        table = controller_table(heads, model, val, cfg)
-        heads.cfg.thresholds = choose_thresholds(table, cfg)
-        heads.cfg.training = {"config": to_dict(cfg), "validation": table, "world_size": size,
-                              "parameter_share": heads.parameter_share(model)}
-        heads.save(out)
-        print(f"heads: {heads.parameter_share(model):.2%} of the backbone's parameters; thresholds {asdict(heads.cfg.thresholds)}; "
-              f"wrote {out}", file=sys.stderr)
+        write_heads(heads, model, val_tokens, cfg, size, out)
     finish()
     return out
 
