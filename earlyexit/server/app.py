@@ -105,125 +105,149 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _unauthorized(service: Service, request: Request) -> JSONResponse | None:
+    """None when the request may pass: no key is set, or it sent the right one (compared in constant time)."""
+    if service.api_key is None:
+        return None
+    given = request.headers.get("authorization", "")
+    token = given[7:] if given[:7].lower() == "bearer " else ""
+    if hmac.compare_digest(token.encode(), service.api_key.encode()):
+        return None
+    return _error(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+
+async def _internal(request: Request, e: Exception):  # a bug of ours: still one line in OpenAI's shape, never a page
+    return _error(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+
+
+# The routes read the service from the app they are mounted on (`create_app` puts it in app.state), so they can live
+# at module level, each its own function, and serve any number of apps.
+async def health(request: Request):
+    service = _service(request)
+    return {"status": "ok", "model": service.model_id, "mode": service.policy.name, **service.engine.load()}
+
+
+async def models(request: Request):
+    service = _service(request)
+    if (denied := _unauthorized(service, request)) is not None:
+        return denied
+    return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": 0, "owned_by": "earlyexit"}]}
+
+
+async def completions(request: Request):
+    service = _service(request)
+    if (denied := _unauthorized(service, request)) is not None:
+        return denied
+    body = await _read_body(request, service.max_body_bytes)
+    if body is None:
+        return _error(413, f"request body larger than {service.max_body_bytes:,} bytes")
+    try:
+        req = CompletionRequest.model_validate_json(body)
+    except ValidationError as e:
+        return _error(400, _one_line(e))
+    if (problem := check_bounds(req)) is not None:
+        return _error(400, problem)
+    if req.model != service.model_id:
+        return _error(404, f"model {req.model!r} is not served here; this server serves {service.model_id!r} (GET /v1/models)",
+                      param="model", code="model_not_found")
+    prompts = req.prompts()
+    try:
+        settings = service.settings_for(req)
+        policy = service.policy_for(req)
+        check_reproducible(policy, None, settings)
+        prepared = [await run_in_threadpool(prepare_prompt, service.tokenizer, service.model, p, settings) for p in prompts]
+    except EarlyExitError as e:
+        return _error(400, str(e))
+    return await _run(service, request, req, prompts, prepared, settings, policy)
+
+
+async def _run(service: Service, request: Request, req: CompletionRequest, prompts, prepared, settings, policy):
+    """Submit one job per prompt, then answer with a stream or, once every job is done, one body."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def emitter(index: int):
+        return lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (index, kind, data))
+
+    jobs = [Job(ids, healed, list(truncated), settings, policy, emitter(i)) for i, (ids, healed, truncated) in enumerate(prepared)]
+    try:
+        for job in jobs:
+            service.engine.submit(job)
+    except Busy as e:
+        for job in jobs:
+            job.cancel()
+        return _error(429, str(e), kind="rate_limit_error", code="busy")
+    except EarlyExitError as e:
+        return _error(503, str(e), kind="server_error")
+    cid, want_layers = new_id(), bool(req.earlyexit and req.earlyexit.exit_layers)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(service, cid, prompts, jobs, events, req.echo, want_layers, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await _collect(service, request, req, cid, prompts, jobs, events, want_layers)
+
+
+async def _collect(service: Service, request: Request, req: CompletionRequest, cid: str, prompts, jobs, events: asyncio.Queue,
+                   want_layers: bool):
+    """The whole body once every job is done; an error or a client that left ends it early."""
+    done: dict[int, object] = {}
+    try:
+        while len(done) < len(jobs):
+            try:
+                index, kind, data = await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return JSONResponse(error_body("client disconnected"), status_code=499)
+                continue
+            if kind == "error":
+                return _error(500, data["message"], kind="server_error")
+            if kind == "done":
+                done[index] = data["completion"]
+    finally:
+        for job in jobs:
+            job.cancel()  # a no-op for finished jobs; frees the rows of one left behind
+    return completion_body(cid, service.model_id, prompts, [done[i] for i in range(len(jobs))], req.echo, want_layers)
+
+
+async def _stream(service: Service, cid, prompts, jobs, events, echo: bool, want_layers: bool, include_usage: bool):
+    finished: dict[int, object] = {}
+    try:
+        if echo:
+            for i, p in enumerate(prompts):
+                yield _sse(chunk_body(cid, service.model_id, i, p))
+        while len(finished) < len(jobs):
+            index, kind, data = await events.get()
+            if kind == "text":
+                yield _sse(chunk_body(cid, service.model_id, index, data["text"]))
+            elif kind == "done":
+                c = finished[index] = data["completion"]
+                ext = extension(c, want_layers)
+                if data["retracted"]:
+                    ext["retracted_chars"] = data["retracted"]
+                yield _sse(chunk_body(cid, service.model_id, index, "", OPENAI_FINISH[c.finish_reason], ext))
+            else:
+                finished[index] = None
+                yield _sse(error_body(data["message"], kind="server_error"))
+        if include_usage:
+            yield _sse({"id": cid, "object": "text_completion", "model": service.model_id, "choices": [],
+                        "usage": usage([c for c in finished.values() if c is not None])})
+        yield "data: [DONE]\n\n"
+    finally:
+        for job in jobs:  # the client left (or the stream ended): rows still running are freed at their next token
+            job.cancel()
+
+
 def create_app(service: Service) -> FastAPI:
+    """The app serving `service`: the routes above (GET /health, GET /v1/models, POST /v1/completions), and OpenAI's
+    error object for anything they did not catch."""
     app = FastAPI(title="earlyexit", description="OpenAI-compatible completions over the earlyexit runtime")
     app.state.service = service
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, e: Exception):  # a bug of ours: still one line in OpenAI's shape, never a page
-        return _error(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
-
-    def unauthorized(request: Request) -> JSONResponse | None:
-        if service.api_key is None:
-            return None
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given[:7].lower() == "bearer " else ""
-        if hmac.compare_digest(token.encode(), service.api_key.encode()):
-            return None
-        return _error(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": service.model_id, "mode": service.policy.name, **service.engine.load()}
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        if (denied := unauthorized(request)) is not None:
-            return denied
-        return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": 0, "owned_by": "earlyexit"}]}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        if (denied := unauthorized(request)) is not None:
-            return denied
-        body = await _read_body(request, service.max_body_bytes)
-        if body is None:
-            return _error(413, f"request body larger than {service.max_body_bytes:,} bytes")
-        try:
-            req = CompletionRequest.model_validate_json(body)
-        except ValidationError as e:
-            return _error(400, _one_line(e))
-        if (problem := check_bounds(req)) is not None:
-            return _error(400, problem)
-        if req.model != service.model_id:
-            return _error(404, f"model {req.model!r} is not served here; this server serves {service.model_id!r} (GET /v1/models)",
-                          param="model", code="model_not_found")
-        prompts = req.prompts()
-        try:
-            settings = service.settings_for(req)
-            policy = service.policy_for(req)
-            check_reproducible(policy, None, settings)
-            prepared = [await run_in_threadpool(prepare_prompt, service.tokenizer, service.model, p, settings) for p in prompts]
-        except EarlyExitError as e:
-            return _error(400, str(e))
-        return await _run(request, req, prompts, prepared, settings, policy)
-
-    async def _run(request: Request, req: CompletionRequest, prompts, prepared, settings, policy):
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def emitter(index: int):
-            return lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (index, kind, data))
-
-        jobs = [Job(ids, healed, list(truncated), settings, policy, emitter(i)) for i, (ids, healed, truncated) in enumerate(prepared)]
-        try:
-            for job in jobs:
-                service.engine.submit(job)
-        except Busy as e:
-            for job in jobs:
-                job.cancel()
-            return _error(429, str(e), kind="rate_limit_error", code="busy")
-        except EarlyExitError as e:
-            return _error(503, str(e), kind="server_error")
-        cid, want_layers = new_id(), bool(req.earlyexit and req.earlyexit.exit_layers)
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(cid, prompts, jobs, events, req.echo, want_layers, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        done: dict[int, object] = {}
-        try:
-            while len(done) < len(jobs):
-                try:
-                    index, kind, data = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse(error_body("client disconnected"), status_code=499)
-                    continue
-                if kind == "error":
-                    return _error(500, data["message"], kind="server_error")
-                if kind == "done":
-                    done[index] = data["completion"]
-        finally:
-            for job in jobs:
-                job.cancel()  # a no-op for finished jobs; frees the rows of one left behind
-        completions = [done[i] for i in range(len(jobs))]
-        return completion_body(cid, service.model_id, prompts, completions, req.echo, want_layers)
-
-    async def _stream(cid, prompts, jobs, events, echo: bool, want_layers: bool, include_usage: bool):
-        finished: dict[int, object] = {}
-        try:
-            if echo:
-                for i, p in enumerate(prompts):
-                    yield _sse(chunk_body(cid, service.model_id, i, p))
-            while len(finished) < len(jobs):
-                index, kind, data = await events.get()
-                if kind == "text":
-                    yield _sse(chunk_body(cid, service.model_id, index, data["text"]))
-                elif kind == "done":
-                    c = finished[index] = data["completion"]
-                    ext = extension(c, want_layers)
-                    if data["retracted"]:
-                        ext["retracted_chars"] = data["retracted"]
-                    yield _sse(chunk_body(cid, service.model_id, index, "", OPENAI_FINISH[c.finish_reason], ext))
-                else:
-                    finished[index] = None
-                    yield _sse(error_body(data["message"], kind="server_error"))
-            if include_usage:
-                yield _sse({"id": cid, "object": "text_completion", "model": service.model_id, "choices": [],
-                            "usage": usage([c for c in finished.values() if c is not None])})
-            yield "data: [DONE]\n\n"
-        finally:
-            for job in jobs:  # the client left (or the stream ended): rows still running are freed at their next token
-                job.cancel()
-
+    app.add_exception_handler(Exception, _internal)
+    app.get("/health")(health)
+    app.get("/v1/models")(models)
+    app.post("/v1/completions")(completions)
     return app
