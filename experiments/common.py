@@ -39,6 +39,15 @@ def test_split_files(model_dir: Path, data: str | None = None) -> list[dict[str,
     return model_corpus(model_dir)[0]["test"]
 
 
+def load_model_and_heads(model_dir: Path | str):
+    """The runtime model in `model_dir`, its tokenizer and its exit heads: (model, tok, heads)."""
+    from earlyexit.runtime.heads import load_heads
+    from earlyexit.runtime.loading import load_runtime_model
+
+    model, tok = load_runtime_model(model_dir)
+    return model, tok, load_heads(model_dir, model)
+
+
 DATA_HELP = ("evaluation files instead of the model's test split: a directory of .py files, a .json/.jsonl/.parquet/.csv "
              "file or save_to_disk folder with a code column, or a datasets hub name")
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import stamp, write_results  # noqa: E402
-from per_layer_study import first_layers  # noqa: E402
+from common import load_model_and_heads, stamp, write_results  # noqa: E402
+from per_layer_study import first_layers, save_by_layer_plot, token_windows  # noqa: E402
 
 
 @dataclass
@@ -59,11 +59,7 @@ def calibrated_depth(heads) -> dict:
 
 
 def measure(model_dir: str, windows_of) -> dict:
-    from earlyexit.runtime.heads import load_heads
-    from earlyexit.runtime.loading import load_runtime_model
-
-    model, tok = load_runtime_model(model_dir)
-    heads = load_heads(model_dir, model)
+    model, tok, heads = load_model_and_heads(model_dir)
     windows = windows_of(tok)
     right, agree = first_layers(model, heads, windows)
     L = model.dims.n_layer
@@ -89,15 +85,7 @@ def plot(result: dict, path: Path) -> None:
         layers = np.arange(1, r["n_layer"] + 1)
         ax.plot(layers, r["right_by_layer"], style, marker="o", color="C0", label=f"{name}: right vs reference")
         ax.plot(layers, r["agree_by_layer"], style, marker="s", color="C1", label=f"{name}: agrees with its last layer")
-    ax.set_xlabel("layer (exit head)")
-    ax.set_ylabel("share of test tokens (cumulative)")
-    ax.set_ylim(0, 1)
-    ax.set_xticks(layers)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("Trained to exit: where tokens are first right (teacher-forced, test split)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_by_layer_plot(fig, ax, layers, "Trained to exit: where tokens are first right (teacher-forced, test split)", path)
 
 
 def table(result: dict) -> str:
@@ -119,16 +107,14 @@ def table(result: dict) -> str:
 
 
 def run(cfg: ExitTrainingConfig, limit: int | None) -> Path:
-    from earlyexit.data.corpus import model_corpus, window_batch
-    from earlyexit.training.train_heads import tokenize_until
+    from earlyexit.data.corpus import model_corpus
 
     if limit:
         cfg.windows = min(cfg.windows, limit)
     test_files = model_corpus(cfg.before)[0]["test"]
 
     def windows_of(tok):  # the same token windows for both models: they share the tokenizer (train_lm's init_from)
-        tokens = tokenize_until(test_files, tok, cfg.windows * (cfg.seq_len + 1) * 2, cfg.seed)
-        return window_batch(tokens, cfg.seq_len, 0, min(cfg.windows, (len(tokens) - 1) // cfg.seq_len), cfg.seed)
+        return token_windows(test_files, tok, cfg.windows, cfg.seq_len, cfg.seed)
 
     from dataclasses import asdict
 

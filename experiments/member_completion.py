@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import experiment_main, stamp, test_split_files, write_results  # noqa: E402
+from common import experiment_main, load_model_and_heads, stamp, test_split_files, write_results  # noqa: E402
 
 MEMBER_DOT = re.compile(r"(?<=[A-Za-z0-9_\)\]])\.(?=[A-Za-z_])")
 
@@ -135,14 +135,13 @@ def main(argv=None) -> int:
 
 def run(args, cfg: MemberConfig) -> None:
     from earlyexit.errors import EarlyExitError
-    from earlyexit.runtime.heads import Thresholds, load_heads
-    from earlyexit.runtime.loading import load_runtime_model, resolve_model_dir
+    from earlyexit.runtime.heads import Thresholds
+    from earlyexit.runtime.loading import resolve_model_dir
 
     if args.limit:
         cfg.max_sites = min(cfg.max_sites, args.limit)
     model_dir = resolve_model_dir(args.model)
-    model, tok = load_runtime_model(model_dir)
-    heads = load_heads(model_dir, model)
+    model, tok, heads = load_model_and_heads(model_dir)
     chosen = heads.cfg.thresholds.exit
     thresholds = sorted({Thresholds(exit=t).exit for t in cfg.exit_thresholds} | {chosen})
     full, per_threshold, layer_ranks, total, merged = score(model, heads, tok, test_split_files(model_dir, args.data), cfg, thresholds)

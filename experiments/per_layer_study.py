@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import experiment_main, stamp, test_split_files, write_results  # noqa: E402
+from common import experiment_main, load_model_and_heads, stamp, test_split_files, write_results  # noqa: E402
 
 STUDY = {"right_at_layer_1": 0.544, "wrong_at_all_layers": 0.145, "acceptance_after_wrong_token": 0.042}
 
@@ -36,6 +36,15 @@ class StudyConfig:
     completions: int = 300
     target_tokens: int = 10
     seed: int = 0
+
+
+def token_windows(files, tok, windows: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Up to `windows` windows of seq_len + 1 tokens of `files`: (n, seq_len + 1), the same for every model sharing `tok`."""
+    from earlyexit.data.corpus import window_batch
+    from earlyexit.training.train_heads import tokenize_until
+
+    tokens = tokenize_until(files, tok, windows * (seq_len + 1) * 2, seed)
+    return window_batch(tokens, seq_len, 0, min(windows, (len(tokens) - 1) // seq_len), seed)
 
 
 def first_layers(model, heads, windows: torch.Tensor, batch: int = 8):
@@ -89,12 +98,19 @@ def plot(right: np.ndarray, agree: np.ndarray, L: int, path: Path) -> None:
     ax.plot(layers, [((right > 0) & (right <= i)).mean() for i in layers], marker="o", label="right vs reference by layer")
     ax.plot(layers, [((agree > 0) & (agree <= i)).mean() for i in layers], marker="s", label="agrees with last layer by layer")
     ax.axhline(STUDY["right_at_layer_1"], color="gray", linestyle=":", label="study: right at layer 1 (GPT-2)")
+    save_by_layer_plot(fig, ax, layers, "Where tokens are first right (teacher-forced, test split)", path)
+
+
+def save_by_layer_plot(fig, ax, layers, title: str, path: Path) -> None:
+    """Axes, legend and file of a plot of cumulative token shares by exit layer (this study's and exit_training's)."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("layer (exit head)")
     ax.set_ylabel("share of test tokens (cumulative)")
     ax.set_ylim(0, 1)
     ax.set_xticks(layers)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("Where tokens are first right (teacher-forced, test split)")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -105,20 +121,15 @@ def main(argv=None) -> int:
 
 
 def run(args, cfg: StudyConfig) -> None:
-    from earlyexit.data.corpus import token_cut_examples, window_batch
-    from earlyexit.runtime.heads import load_heads
-    from earlyexit.runtime.loading import load_runtime_model, resolve_model_dir
-    from earlyexit.training.train_heads import tokenize_until
+    from earlyexit.data.corpus import token_cut_examples
+    from earlyexit.runtime.loading import resolve_model_dir
 
     if args.limit:
         cfg.windows, cfg.completions = min(cfg.windows, args.limit), min(cfg.completions, args.limit)
     model_dir = resolve_model_dir(args.model)
-    model, tok = load_runtime_model(model_dir)
-    heads = load_heads(model_dir, model)
+    model, tok, heads = load_model_and_heads(model_dir)
     test_files = test_split_files(model_dir, args.data)
-    tokens = tokenize_until(test_files, tok, cfg.windows * (cfg.seq_len + 1) * 2, cfg.seed)
-    n = min(cfg.windows, (len(tokens) - 1) // cfg.seq_len)
-    right, agree = first_layers(model, heads, window_batch(tokens, cfg.seq_len, 0, n, cfg.seed))
+    right, agree = first_layers(model, heads, token_windows(test_files, tok, cfg.windows, cfg.seq_len, cfg.seed))
     L = model.dims.n_layer
     examples = token_cut_examples(test_files, tok, cfg.completions, cfg.target_tokens, seed=cfg.seed)
     proxy = acceptance_proxy(model, tok, examples)

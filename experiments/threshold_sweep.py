@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import experiment_main, our_engine, set_threads, stamp, test_split_files, write_results  # noqa: E402
+from common import experiment_main, load_model_and_heads, our_engine, set_threads, stamp, test_split_files, write_results  # noqa: E402
 
 STUDY = {"layers_skipped": 1.7, "n_layer": 16, "speedup": 0.112, "rouge_l_change": -0.011}
 STUDY_GRID = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0]
@@ -125,28 +125,19 @@ def main(argv=None) -> int:
     return experiment_main(argv, __doc__, SweepConfig, run, "quick run: at most this many prompts, one repeat, no warm-up")
 
 
-def run(args, cfg: SweepConfig) -> None:
-    from earlyexit.data.corpus import token_cut_examples
-    from earlyexit.runtime.heads import Thresholds, load_heads
-    from earlyexit.runtime.loading import load_runtime_model, resolve_model_dir
+def engines_for(model, tok, heads, points) -> dict:
+    """`full` and one early-exit runner per point, under the study's exit rule (the controller's)."""
+    from earlyexit.runtime.heads import Thresholds
     from earlyexit.runtime.policies import EarlyExit, FullDepth
 
-    if args.limit:
-        cfg.prompts, cfg.repeats, cfg.warmup = min(cfg.prompts, args.limit), 1, 0
-    set_threads(cfg.threads)
-    model_dir = resolve_model_dir(args.model)
-    model, tok = load_runtime_model(model_dir)
-    heads = load_heads(model_dir, model)
-    points = sweep_points(cfg, heads.cfg.thresholds)
     engines = {"full": our_engine(model, tok, FullDepth())}
     for label, e, s in points:
         engines[label] = our_engine(model, tok, EarlyExit(model, heads, Thresholds(e, s), exit_rule="controller"))  # the study's rule
-    examples = token_cut_examples(test_split_files(model_dir, args.data), tok, cfg.prompts, target_tokens=cfg.max_new_tokens,
-                                  max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed)
-    prompts = [tok.encode(ex.prompt) for ex in examples]
-    refs = [ex.target for ex in examples]
-    acc = measure(engines, prompts, cfg)
-    L = model.dims.n_layer
+    return engines
+
+
+def score_points(points, acc: dict, refs: list[str], L: int) -> tuple[dict, list[dict]]:
+    """`full`'s speed and quality, and one row per point against it, each marked whether it is on the Pareto front."""
     full_outputs = acc["full"]["outputs"]
     full_texts = [c.text for c in full_outputs]
     full_ms = float(np.median(acc["full"]["ms"]))
@@ -169,14 +160,15 @@ def run(args, cfg: SweepConfig) -> None:
     front = set(pareto(rows, full["rouge_l"]))
     for r in rows:
         r["pareto"] = r["point"] in front
-    result = {"stamp": stamp(str(model_dir), {**vars(cfg), "data": args.data or "test split"}), "n_layer": L, "prompts": len(prompts),
-              "full": {**full, "ms_per_token_repeats": acc["full"]["ms"], "tokens_written": int(sum(len(c.token_ids) for c in full_outputs))},
-              "rows": rows, "study": STUDY}
-    out = write_results("threshold_sweep", result, "")
-    plot(rows, full, out / "pareto.png")
+    return full, rows
+
+
+def table(rows: list[dict], full: dict, cfg: SweepConfig, n_prompts: int, L: int) -> str:
+    """The study-form table: one line for `full`, one per point, and the Pareto plot."""
     lines = [
-        f"{len(prompts)} test-split prompts cut at a random token, up to {cfg.max_new_tokens} greedy tokens, batch 1, {cfg.threads} threads; "
-        f"time per decoded token is the median of {cfg.repeats} interleaved repeats; `full` takes {full_ms:.2f} ms/token in the same run.",
+        f"{n_prompts} test-split prompts cut at a random token, up to {cfg.max_new_tokens} greedy tokens, batch 1, {cfg.threads} threads; "
+        f"time per decoded token is the median of {cfg.repeats} interleaved repeats; `full` takes {full['ms_per_token']:.2f} ms/token "
+        "in the same run.",
         "", f"In the study's form (study: {STUDY['layers_skipped']}/{STUDY['n_layer']} layers skipped, {STUDY['speedup']:+.1%} speed, "
         f"{STUDY['rouge_l_change']:+.1%} ROUGE-L):", "",
         f"| point | layers skipped (of {L}) | speed vs full | ROUGE-L change | ROUGE-L | exact match | edit sim. | "
@@ -189,8 +181,35 @@ def run(args, cfg: SweepConfig) -> None:
                      f"{r['exact_match']:.1%} | {r['edit_similarity']:.3f} | {r['rouge_l_vs_full']:.3f} | {r['identical_to_full']:.0%} | "
                      f"{r['stopped']:.0%} | {'✓' if r['pareto'] else ''} |")
     lines += ["", "![speed against ROUGE-L](pareto.png)"]
-    write_results("threshold_sweep", result, "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def run(args, cfg: SweepConfig) -> None:
+    from earlyexit.data.corpus import token_cut_examples
+    from earlyexit.runtime.loading import resolve_model_dir
+
+    if args.limit:
+        cfg.prompts, cfg.repeats, cfg.warmup = min(cfg.prompts, args.limit), 1, 0
+    set_threads(cfg.threads)
+    model_dir = resolve_model_dir(args.model)
+    model, tok, heads = load_model_and_heads(model_dir)
+    points = sweep_points(cfg, heads.cfg.thresholds)
+    engines = engines_for(model, tok, heads, points)
+    examples = token_cut_examples(test_split_files(model_dir, args.data), tok, cfg.prompts, target_tokens=cfg.max_new_tokens,
+                                  max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed)
+    prompts = [tok.encode(ex.prompt) for ex in examples]
+    acc = measure(engines, prompts, cfg)
+    L = model.dims.n_layer
+    full, rows = score_points(points, acc, [ex.target for ex in examples], L)
+    full_outputs = acc["full"]["outputs"]
+    result = {"stamp": stamp(str(model_dir), {**vars(cfg), "data": args.data or "test split"}), "n_layer": L, "prompts": len(prompts),
+              "full": {**full, "ms_per_token_repeats": acc["full"]["ms"], "tokens_written": int(sum(len(c.token_ids) for c in full_outputs))},
+              "rows": rows, "study": STUDY}
+    out = write_results("threshold_sweep", result, "")
+    plot(rows, full, out / "pareto.png")
+    text = table(rows, full, cfg, len(prompts), L)
+    write_results("threshold_sweep", result, text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The local code corpus, its deterministic splits, and completion examples cut from it.
+"""The local code corpus, its deterministic splits, and the token windows training reads from it.
 
 A corpus is a list of *sources*: `stdlib` (the running interpreter's standard library,
 without site-packages), the name of an installed package (`torch`, `numpy`: its Python
@@ -12,6 +12,7 @@ distinctive lines occur there, `near_duplicate`) is dropped from the test split.
 
 `load_eval_files` reads any other evaluation set: a directory of `.py` files, a local
 JSON/JSONL/Parquet/CSV file or `datasets.save_to_disk` folder, or a `datasets` hub name.
+Completion examples cut from these files live in `completion_examples` (still importable from here).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import os
-import random
 import sysconfig
 from functools import lru_cache
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import EarlyExitError
+from .completion_examples import CompletionExample, line_cut_examples, token_cut_examples  # noqa: F401  (importers read them here too)
 
 SPLITS = ("train", "validation", "test")  # what read_corpus returns and train_lm caches, in this order
 
@@ -346,71 +347,3 @@ def window_batch(tokens, seq_len: int, first: int, count: int, seed: int):
         start = int(_window_order(n_windows, seed + epoch)[j]) * seq_len
         rows.append(np.asarray(tokens[start:start + seq_len + 1], dtype=np.int64))
     return torch.from_numpy(np.stack(rows))
-
-
-@dataclass
-class CompletionExample:
-    """A prompt cut from a test file and the reference continuation that followed it."""
-
-    path: str
-    prompt: str
-    target: str
-
-
-def token_cut_examples(
-    files: Sequence[dict[str, str]],
-    tokenizer,
-    n: int,
-    target_tokens: int = 10,
-    max_prompt_tokens: int = 512,
-    seed: int = 0,
-) -> list[CompletionExample]:
-    """The study's examples: a file cut at a random token, target = the next `target_tokens`.
-
-    The prompt keeps at most the last `max_prompt_tokens` tokens before the cut.
-    """
-    rng = random.Random(seed)
-    encoded = [(f["path"], tokenizer.encode(f["text"])) for f in files]
-    encoded = [(p, ids) for p, ids in encoded if len(ids) > target_tokens + 8]
-    if not encoded:
-        raise EarlyExitError("no file is long enough to cut completion examples from")
-    out = []
-    for _ in range(n):
-        path, ids = rng.choice(encoded)
-        cut = rng.randrange(8, len(ids) - target_tokens + 1)
-        prompt_ids = ids[max(0, cut - max_prompt_tokens):cut]
-        out.append(CompletionExample(path, tokenizer.decode(prompt_ids), tokenizer.decode(ids[cut:cut + target_tokens])))
-    return out
-
-
-def line_cut_examples(
-    files: Sequence[dict[str, str]],
-    n: int,
-    max_prompt_chars: int = 2000,
-    min_target_chars: int = 3,
-    seed: int = 0,
-) -> list[CompletionExample]:
-    """Editor-style examples: a random point inside a line's code, target = the rest of that line.
-
-    The cut falls after the line's indentation and leaves at least `min_target_chars`
-    characters, so the prompt often ends in the middle of a word (what token healing is for).
-    """
-    rng = random.Random(seed)
-    candidates: list[tuple[str, str, int, int]] = []  # (path, text, code start, line end)
-    for f in files:
-        text, pos = f["text"], 0
-        for line in text.splitlines(keepends=True):
-            body = line.rstrip("\r\n")
-            stripped = body.lstrip()
-            start = pos + len(body) - len(stripped)
-            if len(stripped) > min_target_chars and not stripped.startswith("#"):
-                candidates.append((f["path"], text, start, pos + len(body)))
-            pos += len(line)
-    if not candidates:
-        raise EarlyExitError("no line is long enough to cut completion examples from")
-    out = []
-    for _ in range(n):
-        path, text, start, end = rng.choice(candidates)
-        cut = rng.randrange(start, end - min_target_chars + 1)
-        out.append(CompletionExample(path, text[max(0, cut - max_prompt_chars):cut], text[cut:end]))
-    return out
