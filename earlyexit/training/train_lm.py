@@ -191,16 +191,18 @@ class Budget:
         return cfg
 
 
-def keep(run: Run, cfg: LMTrainConfig, tok, meta: dict, last_eval: dict, out_of_time: bool) -> None:
+def keep(run: Run, cfg: LMTrainConfig, tok, meta: dict, last_eval: dict, out_of_time: bool) -> bool:
     """Rank 0's checkpoints and exports after a step (the end of the stable phase keeps its own checkpoint: a longer
-    run later continues from there with --resume-from)."""
+    run later continues from there with --resume-from); True when it exported."""
     work, step = Path(cfg.work_dir), run.step
     if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or out_of_time:
         save_checkpoint(work / "checkpoint.pt", run.model, run.optimizer, step, run.tokens_seen, run.norms)
     if cfg.schedule == "wsd" and step == cfg.decay_start:
         save_checkpoint(work / "checkpoint_stable.pt", run.model, run.optimizer, step, run.tokens_seen, run.norms)
-    if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
+    exports = step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time
+    if exports:
         export(run.model, tok, cfg, step, run.tokens_seen, meta, last_eval, run.norms)
+    return bool(exports)
 
 
 def step_record(run: Run, cfg: LMTrainConfig, loss: float, per_layer: dict, seconds: float, size: int, bar) -> dict:
@@ -261,8 +263,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, resume_from: str | None = No
         if rank == 0:  # rank 0 alone logs, checkpoints, exports and fits the budget; the ranks agree on what it decides
             log.write(json.dumps(record) + "\n")
             log.flush()
-            keep(run, cfg, tok, meta, last_eval, out_of_time)
-            if run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps or out_of_time:
+            if keep(run, cfg, tok, meta, last_eval, out_of_time):
                 budget.eval_seconds = time.time() - t0 - step_seconds  # this step's evaluation, checkpoint and export
             cfg = budget.fit(cfg, run.step, bar)
         cfg, out_of_time = agreed(cfg, out_of_time)
