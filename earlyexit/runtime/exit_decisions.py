@@ -131,6 +131,25 @@ class ExitDecisions:
         # thresholds.exit < 1 stays the switch that turns exits on, under either rule
         self.confidence = _confidence_thresholds(model, heads, exit_rule, confidence, self.exit_layers)
         self.exit_rule = "confidence" if self.confidence is not None else "controller"
+        self._native_controllers = {}  # (thresholds, checked layers) -> csrc's Controller (native_controller)
+
+    def native_controller(self, n_layer: int, checks=None):
+        """The controller as csrc's `Controller` for the thresholds and asked layers as they are now (rebuilt when
+        they change), or None where the native step is not built or the confidence rule decides exits (its exit
+        head's probabilities come from Python). checks: the layers to ask at (default: `asks`), exits where
+        `controller_exits` allows them."""
+        if self.confidence is not None:
+            return None
+        if checks is None:
+            checks = [self.asks(layer, n_layer) for layer in range(n_layer)]
+        key = (self.thresholds.exit, self.thresholds.stop, tuple(checks))
+        cached = self._native_controllers
+        if key not in cached:
+            from .native import controller
+
+            cached[key] = controller(self.heads, self.bias_table, checks, [self.controller_exits(layer, n_layer) for layer in range(n_layer)],
+                                     self.thresholds.exit, self.thresholds.stop)
+        return cached[key]
 
     def exit_logits(self, layer: int, h: torch.Tensor, model: GPT2) -> torch.Tensor:
         """Logits (..., V) of a token leaving after block `layer` (below the last) from its hidden state h (..., d)."""

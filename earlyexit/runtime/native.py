@@ -4,7 +4,9 @@ of blocks.
 At the default model's size (d = 256) a token through a torch lean step is ~600 aten calls, and their dispatch costs
 more than their arithmetic. `NativeInt8Step` and `NativeFp32Step` run the same ops (csrc/step.cpp: int8 with
 bf16-rounded inputs and outputs, fp32 with the Conv1D weights read in place) with none of that, on torch's own
-thread pool; `quantize_int8` and `attach_lean_step` attach them as `model.lean` wherever they build. The sums run in
+thread pool; `quantize_int8` and `attach_lean_step` attach them as `model.lean` wherever they build. The
+controller of the exit heads is there too (`controller`, csrc's `Controller`): an early-exit token is one call
+(`decide`: blocks, checks, state copy) and lossless mode's stop check runs inside its verify window (`window_checked`). The sums run in
 another order, so values can differ from the torch path in their last bits (tested within that).
 
 The extension is compiled on first use, once per machine (torch.utils.cpp_extension: gcc, ninja, -O3
@@ -154,12 +156,47 @@ class _Native:
     def window(self, tokens: list[int], cache: KVCache, pos: int) -> torch.Tensor | None:
         """Logits (T, V) of T tokens at positions pos.., their K/V written: row t the single-token step's logits at
         pos + t, bit for bit, with every weight read once (lossless mode's verification); None off the CPU."""
+        x = self._window_input(tokens, pos)
+        return None if x is None else self.native.window(x, cache.k, cache.v, pos)
+
+    def _window_input(self, tokens: list[int], pos: int) -> torch.Tensor | None:
+        """The residual stream (T, d) entering the first block for a window of tokens; None off the CPU."""
         self.fresh()
         if self.native is None:
             return None
         m = self.model
-        x = (m.wte.weight[tokens] + m.wpe.weight[pos:pos + len(tokens)]).contiguous()
-        return self.native.window(x, cache.k, cache.v, pos)
+        return (m.wte.weight[tokens] + m.wpe.weight[pos:pos + len(tokens)]).contiguous()
+
+
+    @torch.inference_mode()
+    def decide(self, token: int, cache: KVCache, pos: int, prev_layers: int, controller) -> tuple[torch.Tensor, int, int] | None:
+        """One early-exit token in one call (csrc's `Step::decide`): the blocks, the controller after each block it
+        checks, the state copy on an exit. (hidden state (1, d) the token leaves with, blocks run, action of
+        earlyexit.runtime.heads: CONTINUE after the last block, EXIT or STOP); None off the CPU."""
+        x = self.embed(token, pos)  # a new tensor: the C++ writes it in place
+        if self.native is None:
+            return None
+        layers, action = self.native.decide(x, cache.k, cache.v, pos, prev_layers, controller)
+        return x, layers, action
+
+    @torch.inference_mode()
+    def window_checked(self, tokens: list[int], cache: KVCache, pos: int, controller) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`window`, the controller asked at every position after every block it checks: (logits (T, V), whether it
+        stops there (T,)); None off the CPU."""
+        x = self._window_input(tokens, pos)
+        return None if x is None else self.native.window_checked(x, cache.k, cache.v, pos, controller)
+
+
+def controller(heads, bias_table: torch.Tensor, check: list[bool], allow_exit: list[bool], exit_threshold: float,
+               stop_threshold: float):
+    """The heads' stop/exit/continue classifier as csrc's `Controller` (asked after the blocks `check` names, exits
+    allowed where `allow_exit` says), or None where the extension is not built. bias_table (L, L + 1, 3) is
+    `ExitDecisions.bias_table`."""
+    if not enabled() or extension() is None:
+        return None
+    ln, cls = heads.cls_ln, heads.cls
+    return extension().Controller(_f32(ln.weight), _f32(ln.bias), float(ln.eps), _f32(cls.weight), _f32(bias_table),
+                                  list(check), list(allow_exit), float(exit_threshold), float(stop_threshold))
 
 
 class NativeInt8Step(_Native, LeanInt8Step):

@@ -12,7 +12,9 @@ token goes, and whether to stop.
   a check costs a few ops, and at a layer where exits are rare it costs more than it saves.
   A model with a lean single-token path (`model.lean`, earlyexit.runtime.lean_step) decodes
   on it: the blocks, the check (layer norm + classifier, one host sync) and the state copy
-  with no per-layer allocation beyond the ops themselves. Where and how it decides (thresholds,
+  with no per-layer allocation beyond the ops themselves. On the native step
+  (earlyexit.runtime.native) under the controller rule a token is one C++ call: blocks,
+  checks and state copy, the decision made there (`ExitDecisions.native_controller`). Where and how it decides (thresholds,
   the exit rule, the fused check) is `earlyexit.runtime.exit_decisions.ExitDecisions`, which it extends.
 
 A policy sees one token (B = 1) at a time and returns a `StepResult`: the next-token
@@ -209,6 +211,14 @@ class EarlyExit(ExitDecisions, Policy):
     def lean_step(self, model: GPT2, token: int, cache: KVCache, pos: int, prev_layers: int) -> StepResult:
         """`step` on the model's lean single-token path: the same decisions from the same probabilities."""
         lean, L = model.lean, model.dims.n_layer
+        native = getattr(lean, "decide", None)
+        controller = self.native_controller(L) if native is not None else None
+        decided = native(token, cache, pos, prev_layers, controller) if controller is not None else None
+        if decided is not None:  # the whole token in one native call: blocks, checks, state copy
+            x, layers, action = decided
+            if action == STOP:
+                return StepResult(None, layers, stop=True)
+            return StepResult(self.exit_logits(layers - 1, x, model) if action == EXIT else lean.final_logits(x), layers)
         x = lean.embed(token, pos)  # (1, d)
         done = 0  # blocks run so far: the blocks between two asked layers run in one call
         for layer in range(L):

@@ -11,9 +11,11 @@ rewritten before any later token can attend to them (attention reads only positi
 or before its own). Rolling back is therefore just carrying on from the accepted position.
 
 With a stop threshold below 1 the controller may also halt the completion, as early-exit
-mode's would with exits switched off: the verify pass asks it after every block at every
-position it writes from (a few hundred multiply-adds per layer beside the block's own),
-and a round writes the full model's tokens up to the first position it stops at. The
+mode's would with exits switched off: the verify pass asks it at every position it writes
+from, after every block early exit asks for a stop (`EarlyExit.stops_at`: the heads' exit
+layers and the last; a few hundred multiply-adds beside the block's own; on the native step
+inside its one window call), and a round writes the full model's tokens up to the first
+position it stops at. The
 output is then `EarlyExit(Thresholds(exit=1.0, stop=s))`'s exactly: the full model's greedy
 tokens, cut where the controller predicts wrong code (tested). Off by default, so
 `Lossless(model, heads)` is `full` mode's output.
@@ -51,13 +53,23 @@ from .policies import EarlyExit, FullDepth, SpeculativePolicy, StepResult
 
 @torch.inference_mode()
 def verify_and_check(model: GPT2, controller: EarlyExit, tokens: torch.Tensor, cache: KVCache, pos, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The full-depth pass over tokens (B, T) at positions pos.. that also asks the controller after every block at every position, as
-    `EarlyExit.step` would for a token after a full-depth one: next-token logits (B, T, V) and whether it stops there (B, T)."""
+    """The full-depth pass over tokens (B, T) at positions pos.. that also asks the controller at every position after
+    every block it asks for a stop (`stops_at`), as `EarlyExit.step` would for a token after a full-depth one: next-token
+    logits (B, T, V) and whether it stops there (B, T). One row on the native step: one call (`window_checked`)."""
     L = model.dims.n_layer
+    checked = getattr(model.lean, "window_checked", None)
+    if checked is not None and rows is None and isinstance(pos, int) and tokens.shape[0] == 1:
+        native = controller.native_controller(L, [controller.stops_at(layer, L) for layer in range(L)])
+        got = checked(tokens[0].tolist(), cache, pos, native) if native is not None else None
+        if got is not None:
+            return got[0][None], got[1][None]
     x = model.embed(tokens, pos)
     B, T, d = x.shape
     stops = torch.zeros(B * T, dtype=torch.bool, device=x.device)
     for layer in range(L):
+        if not controller.stops_at(layer, L):
+            x = model.block(layer, x, cache, pos, rows)
+            continue
         x_mid, mlp_out = model.block_branches(layer, x, cache, pos, rows)
         h, probs = controller.check_rows(layer, x_mid.reshape(-1, d), mlp_out.reshape(-1, d), L)
         stops |= controller.stops(probs)

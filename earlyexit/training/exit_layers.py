@@ -13,7 +13,8 @@ are chosen, by expected cost per token on this machine:
    layer for every value of its previous-exit feature (the previous token's depth
    depends on the layers asked, so it is simulated, not fixed), and whether the exit
    head there agrees with the full model.
-2. *What each piece costs* (measured here, on the lean single-token path decoding uses):
+2. *What each piece costs* (measured here, on the lean single-token path decoding uses; on the
+   native step a token's blocks and checks are one call, so a check is what it adds to that call):
    one block, one check, one skipped block's state copy, an exit head and the final head,
    each from whole tokens timed with and without it (a piece timed alone in a loop keeps
    its weights in cache: on this CPU a block then looks ~2x cheaper than inside a token).
@@ -154,6 +155,18 @@ def median_ms(step, rounds: int, first_pos: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def native_checks(model: GPT2, policy):
+    """(no check, a check after every block) as csrc Controllers that never exit or stop, for timing a token on the
+    native step the way early exit decodes it; None where the model's lean step is not native."""
+    from ..runtime import native
+
+    if getattr(model.lean, "decide", None) is None or getattr(model.lean, "native", None) is None:
+        return None
+    L = model.dims.n_layer
+    pair = [native.controller(policy.heads, policy.bias_table, [check] * L, [False] * L, 1.0, 1.0) for check in (False, True)]
+    return None if pair[0] is None else pair
+
+
 @torch.inference_mode()
 def measure_costs(model: GPT2, policy, rounds: int) -> PieceCosts:
     """The pieces of an early-exit token on the model's lean path, from whole tokens timed with and without each piece."""
@@ -164,7 +177,12 @@ def measure_costs(model: GPT2, policy, rounds: int) -> PieceCosts:
     rounds = min(rounds, model.dims.n_positions - first - 2)
     cache = model.new_cache(1, model.dims.n_positions)
 
+    native = native_checks(model, policy)
+
     def blocks(pos, check=False):
+        if native is not None:  # decoding's own path: one call per token, the checks inside it
+            x, _, _ = lean.decide(1, cache, pos, 0, native[check])
+            return x
         x = lean.embed(1, pos)
         for layer in range(L):
             x = lean.block(layer, x, cache, pos)

@@ -7,6 +7,8 @@
 // - Int8Step: layer norms in fp32, every projection's input rounded to bf16, int8 rows times that input summed in
 //   fp32, times the row's scale, rounded to bf16, plus the fp32 bias; the head's top `rerank` rescored in fp32.
 // - Fp32Step: fp32 throughout, weights in GPT-2's Conv1D layout (in, out) as loaded, the tied head's fp32 rows.
+// - Controller: the exit heads' stop/exit/continue classifier (ExitDecisions.lean_probs and decide), asked inside
+//   `decide` (one early-exit token in one call) and `window_checked` (lossless mode's verification with a stop check).
 // Attention and the residual stream are fp32 in both. What differs from torch is the order of the fp32 sums, so a
 // value can move in its last bits (an int8 output by one bf16 step where it lands on a rounding boundary).
 //
@@ -118,6 +120,72 @@ class RerankedHead {
     Int8Rows head_;
 };
 
+// The stop/exit/continue controller of earlyexit.runtime.heads after a block, in C++ so that early exit on the
+// native step is one call per token (EarlyExit.lean_step): probabilities = softmax(layer_norm(h) W^T + bias[layer,
+// prev]) (ExitDecisions.lean_probs' ops, the sums in another order), the decision ExitDecisions.decide's: the first
+// largest action, STOP above the stop threshold, EXIT above the exit threshold where allowed, else continue.
+class Controller {
+  public:
+    static constexpr int64_t CONTINUE = 0, EXIT = 1, STOP = 2;  // earlyexit.runtime.heads' action order
+
+    // ln (w, b, eps) and cls (3, d) the classifier's; bias (L, L + 1, 3) its whole bias per (layer, previous exit);
+    // check[l]: ask after block l; allow_exit[l]: an exit may be decided there; thresholds compared in double
+    Controller(torch::Tensor ln_w, torch::Tensor ln_b, double eps, torch::Tensor cls, torch::Tensor bias,
+               std::vector<bool> check, std::vector<bool> allow_exit, double exit_threshold, double stop_threshold)
+        : ln_w_(ln_w), ln_b_(ln_b), cls_(cls), bias_(bias), eps_(static_cast<float>(eps)), check_(std::move(check)),
+          allow_exit_(std::move(allow_exit)), exit_threshold_(exit_threshold), stop_threshold_(stop_threshold) {
+        for (const auto* t : {&ln_w, &ln_b, &cls, &bias})
+            TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat && t->is_contiguous(),
+                        "the controller's tensors must be contiguous fp32 CPU tensors");
+        d_ = ln_w.numel();
+        n_layer_ = static_cast<int64_t>(check_.size());
+        TORCH_CHECK(ln_b.numel() == d_ && cls.dim() == 2 && cls.size(0) == 3 && cls.size(1) == d_,
+                    "the controller's classifier must be (3, n_embd) with a layer norm of n_embd");
+        TORCH_CHECK(bias.dim() == 3 && bias.size(0) == n_layer_ && bias.size(1) == n_layer_ + 1 && bias.size(2) == 3 &&
+                        allow_exit_.size() == check_.size(), "the controller's bias must be (L, L + 1, 3), one flag per layer");
+    }
+
+    int64_t n_layer() const { return n_layer_; }
+    int64_t width() const { return d_; }
+    bool checks(int64_t layer) const { return check_[layer]; }
+
+    // the action probabilities of hidden state h (d) after block `layer`, the token before having run `prev` blocks
+    void probs(const float* h, int64_t layer, int64_t prev, float p[3]) const {
+        std::vector<float> z(d_);
+        layer_norm(h, f32(ln_w_), f32(ln_b_), eps_, z.data(), d_, false);
+        const float* b = f32(bias_) + (layer * (n_layer_ + 1) + prev) * 3;
+        float top = -INFINITY;
+        for (int j = 0; j < 3; ++j) top = std::max(top, p[j] = b[j] + dot(f32(cls_) + j * d_, z.data(), d_));
+        float sum = 0.f;
+        for (int j = 0; j < 3; ++j) sum += (p[j] = std::exp(p[j] - top));
+        for (int j = 0; j < 3; ++j) p[j] /= sum;
+    }
+
+    int64_t decide(const float p[3], int64_t layer) const {
+        int64_t action = 0;
+        for (int j = 1; j < 3; ++j)
+            if (p[j] > p[action]) action = j;
+        if (action == STOP && static_cast<double>(p[STOP]) > stop_threshold_) return STOP;
+        if (allow_exit_[layer] && action == EXIT && static_cast<double>(p[EXIT]) > exit_threshold_) return EXIT;
+        return CONTINUE;
+    }
+
+    torch::Tensor probs_of(torch::Tensor h, int64_t layer, int64_t prev) const {  // (d,) -> (3,): for tests
+        checked_rows(h, d_);
+        TORCH_CHECK(0 <= layer && layer < n_layer_ && 0 <= prev && prev <= n_layer_, "layer or previous exit out of range");
+        torch::Tensor out = torch::empty({3}, torch::kFloat);
+        probs(h.data_ptr<float>(), layer, prev, out.data_ptr<float>());
+        return out;
+    }
+
+  private:
+    torch::Tensor ln_w_, ln_b_, cls_, bias_;
+    float eps_;
+    std::vector<bool> check_, allow_exit_;
+    double exit_threshold_, stop_threshold_;
+    int64_t d_ = 0, n_layer_ = 0;
+};
+
 template <class P>
 struct Layer {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
@@ -193,11 +261,8 @@ class Step {
         check_stream(h);
         check_cache(k, v, pos);
         TORCH_CHECK(0 <= i && i < static_cast<int64_t>(layers_.size()), "block out of range");
-        const Layer<P>& L = layers_[i];
         Scratch s(d_, 0);
-        layer_norm(h.data_ptr<float>(), L.ln1_w, L.ln1_b, eps_, s.h.data(), d_, kRound);
-        project(L.kv, s.h.data(), s.qkv.data() + d_);
-        write_kv(s.qkv.data(), i, k, v, pos);
+        copy_state(s, i, h.data_ptr<float>(), k, v, pos);
     }
 
     // next-token logits (1, V) after the last block: ln_f and the head (int8: its `rerank` largest rescored with the
@@ -212,7 +277,48 @@ class Step {
     // T tokens at positions pos..pos+T-1 (x (T, d) in place, each row's K/V written) through every block, then the
     // head: logits (T, V), each row's those of the single-token step at its position, bit for bit (the same sums in
     // the same order, every weight read once for all T rows): lossless mode's verification of its drafts
+    // one token's early exit (EarlyExit.lean_step) in one call: blocks from the first on the residual stream x (d,) in
+    // place, the controller asked after each block it checks; on an exit the skipped blocks' K/V filled by state
+    // copying from x. Returns (blocks run, action): x is then the hidden state the token leaves with (CONTINUE: after
+    // the last block, for the final head; EXIT: for the exit head; STOP: nothing to project)
+    std::tuple<int64_t, int64_t> decide(torch::Tensor x, torch::Tensor k, torch::Tensor v, int64_t pos, int64_t prev,
+                                        const Controller& c) {
+        check_stream(x);
+        check_cache(k, v, pos);
+        const int64_t L = static_cast<int64_t>(layers_.size());
+        TORCH_CHECK(c.n_layer() == L && c.width() == d_, "the controller does not match the model");
+        TORCH_CHECK(0 <= prev && prev <= L, "previous exit out of range");
+        float* xs = x.data_ptr<float>();
+        Scratch s(d_, inner_);
+        for (int64_t i = 0; i < L; ++i) {
+            block(s, i, xs, k, v, pos);
+            if (!c.checks(i)) continue;
+            float p[3];
+            c.probs(xs, i, prev, p);
+            const int64_t action = c.decide(p, i);
+            if (action == Controller::EXIT)
+                for (int64_t j = i + 1; j < L; ++j) copy_state(s, j, xs, k, v, pos);
+            if (action != Controller::CONTINUE) return {i + 1, action};
+        }
+        return {L, Controller::CONTINUE};
+    }
+
     torch::Tensor window(torch::Tensor x, torch::Tensor k, torch::Tensor v, int64_t pos) {
+        return window_impl(x, k, v, pos, nullptr, nullptr);
+    }
+
+    // `window`, the controller asked after every block it checks at every position (as after a full-depth token):
+    // (logits (T, V), stops (T,) whether it stops there): lossless mode's verification with a stop threshold
+    std::tuple<torch::Tensor, torch::Tensor> window_checked(torch::Tensor x, torch::Tensor k, torch::Tensor v, int64_t pos,
+                                                            const Controller& c) {
+        TORCH_CHECK(c.n_layer() == static_cast<int64_t>(layers_.size()) && c.width() == d_, "the controller does not match the model");
+        torch::Tensor stops = torch::zeros({x.dim() == 2 ? x.size(0) : 0}, torch::kBool);
+        torch::Tensor logits = window_impl(x, k, v, pos, &c, stops.data_ptr<bool>());
+        return {logits, stops};
+    }
+
+  private:
+    torch::Tensor window_impl(torch::Tensor x, torch::Tensor k, torch::Tensor v, int64_t pos, const Controller* c, bool* stops) {
         TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2 &&
                         x.size(0) >= 1 && x.size(1) == d_, "a window must be a contiguous fp32 CPU tensor (T, n_embd)");
         const int64_t T = x.size(0), d = d_;
@@ -235,6 +341,12 @@ class Step {
             for (int64_t t = 0; t < T; ++t) activate(f.data() + t * inner_, inner_, act_, kRound);  // per row, as one token
             project_rows(L.mp, f.data(), h.data(), T);
             for (int64_t j = 0; j < T * d; ++j) xs[j] += h[j];
+            if (c && c->checks(static_cast<int64_t>(i)))
+                for (int64_t t = 0; t < T; ++t) {
+                    float p[3];
+                    c->probs(xs + t * d, static_cast<int64_t>(i), c->n_layer(), p);
+                    stops[t] = stops[t] || c->decide(p, static_cast<int64_t>(i)) == Controller::STOP;
+                }
         }
         torch::Tensor out = torch::empty({T, vocab_}, torch::kFloat);
         float* o = out.data_ptr<float>();
@@ -248,6 +360,7 @@ class Step {
         return out;
     }
 
+  public:
     // logits (1, V) of a hidden state already normed (an exit head's): the head alone, without ln_f
     torch::Tensor project_normed(torch::Tensor z) {
         checked_rows(z, d_);
@@ -331,6 +444,14 @@ class Step {
         });
     }
 
+    // state copying: block i's K/V at pos from hidden state h, split(ln_1(h) W_kv + b_kv)
+    void copy_state(Scratch& s, int64_t i, const float* h, const torch::Tensor& k, const torch::Tensor& v, int64_t pos) const {
+        const Layer<P>& L = layers_[i];
+        layer_norm(h, L.ln1_w, L.ln1_b, eps_, s.h.data(), d_, kRound);
+        project(L.kv, s.h.data(), s.qkv.data() + d_);
+        write_kv(s.qkv.data(), i, k, v, pos);
+    }
+
     void block(Scratch& s, int64_t i, float* x, const torch::Tensor& k, const torch::Tensor& v, int64_t pos) const {
         const Layer<P>& L = layers_[i];
         const int64_t d = d_;
@@ -372,6 +493,8 @@ void bind(pybind11::module& m, const char* name) {
         .def("logits", &S::logits, py::call_guard<py::gil_scoped_release>())
         .def("project", &S::project_normed, py::call_guard<py::gil_scoped_release>())
         .def("window", &S::window, py::call_guard<py::gil_scoped_release>())
+        .def("window_checked", &S::window_checked, py::call_guard<py::gil_scoped_release>())
+        .def("decide", &S::decide, py::call_guard<py::gil_scoped_release>())
         .def("greedy", &S::greedy, py::call_guard<py::gil_scoped_release>());
 }
 
@@ -380,6 +503,10 @@ void bind(pybind11::module& m, const char* name) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     bind<Int8Rows>(m, "Int8Step");
     bind<Fp32Cols>(m, "Fp32Step");
+    pybind11::class_<Controller>(m, "Controller")
+        .def(pybind11::init<torch::Tensor, torch::Tensor, double, torch::Tensor, torch::Tensor, std::vector<bool>,
+                            std::vector<bool>, double, double>())
+        .def("probs", &Controller::probs_of);
     pybind11::class_<RerankedHead>(m, "RerankedHead")
         .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, int64_t>())
         .def("logits", &RerankedHead::logits, pybind11::call_guard<pybind11::gil_scoped_release>());

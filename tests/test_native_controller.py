@@ -1,0 +1,113 @@
+"""The controller in C++ (csrc's `Controller`, `Step::decide`, `Step::window_checked`): early exit on the native step
+in one call per token, and lossless mode's stop check in its native verify window, deciding what the torch paths do."""
+
+import pytest
+import torch
+
+from earlyexit.runtime import native
+from earlyexit.runtime.decoding import GenerationSettings, complete
+from earlyexit.runtime.heads import STOP, Thresholds
+from earlyexit.runtime.lean_step import attach_lean_step
+from earlyexit.runtime.model import GPT2
+from earlyexit.runtime.policies import EarlyExit
+from earlyexit.runtime.quantize import quantize_int8
+from earlyexit.runtime.speculative import Lossless
+
+from conftest import make_tiny_hf
+from test_lean_exit import decisive_heads
+from test_speculative import random_heads
+
+pytestmark = pytest.mark.skipif(native.extension() is None, reason="the native step is not built here")
+
+
+def spy(obj, name, calls):
+    """Count calls of obj.name (an instance attribute shadowing the method)."""
+    method = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return method(*args, **kwargs)
+
+    setattr(obj, name, counted)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_native_controllers_probabilities_are_the_torch_checks(tiny_tokenizer, seed):
+    model = attach_lean_step(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=3, n_embd=48, seed=seed)).eval())
+    heads = decisive_heads(model, seed)
+    policy = EarlyExit(model, heads, Thresholds(exit=0.5, stop=0.8))
+    c = policy.native_controller(3)
+    g = torch.Generator().manual_seed(seed)
+    for layer in range(3):
+        for prev in range(4):
+            h = torch.randn(1, 48, generator=g) * (1 + 3 * seed)
+            ours = c.probs(h[0].contiguous(), layer, prev)
+            assert torch.allclose(ours, torch.tensor(policy.lean_probs(layer, h, prev)), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+@pytest.mark.parametrize("exit_layers", [None, [1]])
+@pytest.mark.parametrize("seed", range(3))
+def test_early_exit_in_one_native_call_per_token_decides_what_the_torch_lean_path_does(tiny_tokenizer, kind, exit_layers, seed):
+    model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=4, n_embd=64, seed=seed)).eval()
+    heads = decisive_heads(model, seed)
+    with torch.no_grad():
+        heads.layer_bias[:, STOP] -= 3.0  # stops rare: completions run long enough to exit and stop here and there
+    m = quantize_int8(model) if kind == "int8" else attach_lean_step(model)
+    policy = EarlyExit(m, heads, Thresholds(exit=0.5, stop=0.8), exit_layers=exit_layers)
+    prompt, settings = "def add(a, b):\n    return a", GenerationSettings(max_new_tokens=24)
+    calls = []
+    spy(m.lean, "decide", calls)
+    ours = complete(m, tiny_tokenizer, prompt, settings, policy=policy)
+    assert len(calls) == len(ours.token_ids) - 1 + (ours.finish_reason == "stop")  # every decoded token, one call
+    no_native = policy.native_controller
+    policy.native_controller = lambda *a: None  # the torch lean path: a call per run of blocks, the checks in torch
+    torch_path = complete(m, tiny_tokenizer, prompt, settings, policy=policy)
+    policy.native_controller = no_native
+    assert (ours.token_ids, ours.exit_layers, ours.finish_reason) == (torch_path.token_ids, torch_path.exit_layers, torch_path.finish_reason)
+    assert min(ours.exit_layers) < 4  # tokens did exit: the state copy ran
+    if exit_layers is not None:
+        assert set(ours.exit_layers) <= {2, 4}
+
+
+def test_a_stop_threshold_of_one_and_no_exit_never_asks_the_controller(tiny_tokenizer):
+    model = attach_lean_step(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=3, seed=1)).eval())
+    heads = decisive_heads(model, 1)
+    off = EarlyExit(model, heads, Thresholds(exit=1.0, stop=1.0))
+    full = complete(model, tiny_tokenizer, "import os\n", GenerationSettings(max_new_tokens=12))
+    got = complete(model, tiny_tokenizer, "import os\n", GenerationSettings(max_new_tokens=12), policy=off)
+    assert got.token_ids == full.token_ids and set(got.exit_layers) == {3}
+
+
+@pytest.mark.parametrize("exit_layers", [None, [0], [1, 2]])
+@pytest.mark.parametrize("seed", range(4))
+def test_lossless_with_a_stop_threshold_verifies_in_one_native_window_and_stops_where_early_exit_does(tiny_tokenizer, exit_layers, seed):
+    """EarlyExit(exit=1, stop=s) asks for a stop only at its asked layers and the last; lossless' verify window asks at
+    the same layers (the torch verify pass and the native one), so both write the same tokens and stop at the same one."""
+    model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=4, n_embd=48, seed=seed, eos=tiny_tokenizer.eos_token_id)).eval()
+    heads = random_heads(model, seed)
+    heads.cfg.exit_layers = exit_layers
+    with torch.no_grad():
+        heads.layer_bias[:, STOP] += 0.5
+    g = torch.Generator().manual_seed(300 + seed)
+    prompt = torch.randint(1, len(tiny_tokenizer), (3 + 4 * seed,), generator=g).tolist()
+    settings, stop = GenerationSettings(max_new_tokens=30), 0.45
+    reference = complete(model, tiny_tokenizer, prompt, settings, policy=EarlyExit(model, heads, Thresholds(exit=1.0, stop=stop)))
+    generic = complete(model, tiny_tokenizer, prompt, settings, policy=Lossless(model, heads, max_draft=3, stop_threshold=stop))
+    attach_lean_step(model)
+    calls = []
+    spy(model.lean, "window_checked", calls)
+    lossless = Lossless(model, heads, max_draft=3, stop_threshold=stop)
+    got = complete(model, tiny_tokenizer, prompt, settings, policy=lossless)
+    expected = (reference.token_ids, reference.finish_reason)
+    assert (generic.token_ids, generic.finish_reason) == expected
+    assert (got.token_ids, got.finish_reason) == expected
+    assert calls or len(got.token_ids) <= 1  # the native window verified every round
+
+
+def test_a_controller_that_does_not_match_the_model_is_refused(tiny_tokenizer):
+    a = attach_lean_step(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=3, seed=0)).eval())
+    b = attach_lean_step(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=2, seed=0)).eval())
+    c = EarlyExit(b, decisive_heads(b, 0), Thresholds(exit=0.5, stop=0.8)).native_controller(2)
+    with pytest.raises(RuntimeError, match="controller does not match"):
+        a.lean.decide(5, a.new_cache(1, 8), 0, 0, c)
