@@ -63,7 +63,8 @@ def test_the_lean_path_is_the_one_taken_and_its_state_copy_fills_the_cache_as_th
     state_copy(h, policy.state_copy_weights, ref_cache.k, ref_cache.v, 1, 3, 3, backend="torch")
     assert torch.allclose(lean_cache.k[:, :, :, 3], ref_cache.k[:, :, :, 3], atol=1e-6)
     assert torch.allclose(lean_cache.v[:, :, :, 3], ref_cache.v[:, :, :, 3], atol=1e-6)
-    assert torch.equal(result.logits, policy.exit_logits(0, h, model))
+    # the native call's exit head (layer norm, adapter) sums in another order: equal up to the last bits
+    assert torch.allclose(result.logits, policy.exit_logits(0, h, model), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -111,3 +111,36 @@ def test_a_controller_that_does_not_match_the_model_is_refused(tiny_tokenizer):
     c = EarlyExit(b, decisive_heads(b, 0), Thresholds(exit=0.5, stop=0.8)).native_controller(2)
     with pytest.raises(RuntimeError, match="controller does not match"):
         a.lean.decide(5, a.new_cache(1, 8), 0, 0, c)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+@pytest.mark.parametrize("seed", range(3))
+def test_the_confidence_rule_in_one_native_call_leaves_where_the_torch_lean_path_does(tiny_tokenizer, kind, seed):
+    """Under the confidence rule the exit head runs inside the native call (its layer norm, adapter and head; an fp32
+    model's int8 reranked head): the same exits, tokens and stops as the torch lean path."""
+    model = GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=4, n_embd=64, seed=seed)).eval()
+    heads = decisive_heads(model, seed)
+    with torch.no_grad():
+        heads.layer_bias[:, STOP] -= 3.0
+    m = quantize_int8(model) if kind == "int8" else attach_lean_step(model)
+    prompt, settings = "def add(a, b):\n    return a", GenerationSettings(max_new_tokens=24)
+
+    def both(confidence):
+        policy = EarlyExit(m, heads, Thresholds(exit=0.5, stop=0.8), exit_rule="confidence", confidence=confidence)
+        calls = []
+        spy(m.lean, "decide", calls)
+        ours = complete(m, tiny_tokenizer, prompt, settings, policy=policy)
+        del m.lean.decide
+        policy.native_controller = lambda *a: None
+        return ours, complete(m, tiny_tokenizer, prompt, settings, policy=policy), calls
+
+    # the random heads' max probabilities are small: the loosest threshold at which some tokens stay and some leave
+    for threshold in (0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005):
+        ours, torch_path, calls = both({0: threshold, 2: threshold / 2})
+        assert (ours.token_ids, ours.exit_layers, ours.finish_reason) == (torch_path.token_ids, torch_path.exit_layers, torch_path.finish_reason)
+        assert calls
+        if 0 < sum(layer < 4 for layer in ours.exit_layers) < len(ours.exit_layers):
+            break
+    else:
+        pytest.fail("no threshold left some tokens early and kept others")
+    assert set(ours.exit_layers) <= {1, 3, 4}

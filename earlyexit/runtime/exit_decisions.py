@@ -134,21 +134,21 @@ class ExitDecisions:
         self._native_controllers = {}  # (thresholds, checked layers) -> csrc's Controller (native_controller)
 
     def native_controller(self, n_layer: int, checks=None):
-        """The controller as csrc's `Controller` for the thresholds and asked layers as they are now (rebuilt when
-        they change), or None where the native step is not built or the confidence rule decides exits (its exit
-        head's probabilities come from Python). checks: the layers to ask at (default: `asks`), exits where
-        `controller_exits` allows them."""
-        if self.confidence is not None:
-            return None
+        """The heads as csrc's `Controller` for the thresholds and asked layers as they are now (rebuilt when they
+        change): the controller asked where `asks` and a stop or a controller exit can be decided, the exit heads'
+        confidence where the confidence rule has a threshold; None where the native step is not built. checks: the
+        layers to ask the controller at instead (lossless mode's stop check; no confidence exits then)."""
+        L = n_layer
+        confidence = {i: t for i, t in (self.confidence or {}).items() if self.exits_at(i, L)} if checks is None else {}
         if checks is None:
-            checks = [self.asks(layer, n_layer) for layer in range(n_layer)]
-        key = (self.thresholds.exit, self.thresholds.stop, tuple(checks))
+            checks = [self.asks(i, L) and (self.stops_at(i, L) or self.controller_exits(i, L)) for i in range(L)]
+        key = (self.thresholds.exit, self.thresholds.stop, tuple(checks), tuple(sorted(confidence.items())))
         cached = self._native_controllers
         if key not in cached:
             from .native import controller
 
-            cached[key] = controller(self.heads, self.bias_table, checks, [self.controller_exits(layer, n_layer) for layer in range(n_layer)],
-                                     self.thresholds.exit, self.thresholds.stop)
+            cached[key] = controller(self.heads, self.bias_table, checks, [self.controller_exits(i, L) for i in range(L)],
+                                     self.thresholds.exit, self.thresholds.stop, confidence, self.exit_head)
         return cached[key]
 
     def exit_logits(self, layer: int, h: torch.Tensor, model: GPT2) -> torch.Tensor:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .lean_step import LeanFp32Step, LeanInt8Step
+from .heads import STOP
 from .model import KVCache
 
 CSRC = Path(__file__).with_name("csrc")
@@ -169,15 +170,16 @@ class _Native:
 
 
     @torch.inference_mode()
-    def decide(self, token: int, cache: KVCache, pos: int, prev_layers: int, controller) -> tuple[torch.Tensor, int, int] | None:
-        """One early-exit token in one call (csrc's `Step::decide`): the blocks, the controller after each block it
-        checks, the state copy on an exit. (hidden state (1, d) the token leaves with, blocks run, action of
-        earlyexit.runtime.heads: CONTINUE after the last block, EXIT or STOP); None off the CPU."""
+    def decide(self, token: int, cache: KVCache, pos: int, prev_layers: int, controller) -> tuple[torch.Tensor | None, int, int] | None:
+        """One early-exit token in one call (csrc's `Step::decide`): the blocks, the controller and the exit heads'
+        confidence after each block they are asked at, the state copy on an exit, the head the token leaves by.
+        (next-token logits (1, V), None on a stop; blocks run; action of earlyexit.runtime.heads); None off the CPU."""
         x = self.embed(token, pos)  # a new tensor: the C++ writes it in place
         if self.native is None:
             return None
-        layers, action = self.native.decide(x, cache.k, cache.v, pos, prev_layers, controller)
-        return x, layers, action
+        logits = torch.empty(1, self.model.dims.vocab_size)
+        layers, action = self.native.decide(x, cache.k, cache.v, pos, prev_layers, controller, logits)
+        return (None if action == STOP else logits), layers, action
 
     @torch.inference_mode()
     def window_checked(self, tokens: list[int], cache: KVCache, pos: int, controller) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -188,15 +190,29 @@ class _Native:
 
 
 def controller(heads, bias_table: torch.Tensor, check: list[bool], allow_exit: list[bool], exit_threshold: float,
-               stop_threshold: float):
-    """The heads' stop/exit/continue classifier as csrc's `Controller` (asked after the blocks `check` names, exits
-    allowed where `allow_exit` says), or None where the extension is not built. bias_table (L, L + 1, 3) is
-    `ExitDecisions.bias_table`."""
+               stop_threshold: float, confidence: dict[int, float] | None = None, exit_head=None):
+    """The heads as csrc's `Controller`: the stop/exit/continue classifier asked after the blocks `check` names (exits
+    allowed where `allow_exit` says; bias_table (L, L + 1, 3) is `ExitDecisions.bias_table`), the exit heads, and the
+    confidence rule's thresholds {layer: max probability to leave at}. exit_head: the int8 `quantize.RerankedHead` an
+    fp32 model's exits take their logits from, or None for the step's own head. None where the extension is not built."""
     if not enabled() or extension() is None:
         return None
+    L = len(check)
     ln, cls = heads.cls_ln, heads.cls
+    exit_ln_w = torch.stack([norm.weight for norm in heads.ln]) if L > 1 else torch.empty(0)
+    exit_ln_b = torch.stack([norm.bias for norm in heads.ln]) if L > 1 else torch.empty(0)
+    eps = heads.ln[0].eps if L > 1 else 1e-5
+    none = torch.empty(0)
+    down, up = (heads.down, heads.up) if heads.down is not None else (none, none)
+    thresholds = [(confidence or {}).get(layer, -1.0) for layer in range(L)]
+    native_head = None
+    if exit_head is not None:
+        native_head = exit_head.native.get(torch.empty(heads.cfg.n_embd))
+        if native_head is None:
+            return None  # the int8 exit head runs in torch here: so does the check
     return extension().Controller(_f32(ln.weight), _f32(ln.bias), float(ln.eps), _f32(cls.weight), _f32(bias_table),
-                                  list(check), list(allow_exit), float(exit_threshold), float(stop_threshold))
+                                  list(check), list(allow_exit), float(exit_threshold), float(stop_threshold),
+                                  _f32(exit_ln_w), _f32(exit_ln_b), float(eps), _f32(down), _f32(up), thresholds, native_head)
 
 
 class NativeInt8Step(_Native, LeanInt8Step):

@@ -214,11 +214,9 @@ class EarlyExit(ExitDecisions, Policy):
         native = getattr(lean, "decide", None)
         controller = self.native_controller(L) if native is not None else None
         decided = native(token, cache, pos, prev_layers, controller) if controller is not None else None
-        if decided is not None:  # the whole token in one native call: blocks, checks, state copy
-            x, layers, action = decided
-            if action == STOP:
-                return StepResult(None, layers, stop=True)
-            return StepResult(self.exit_logits(layers - 1, x, model) if action == EXIT else lean.final_logits(x), layers)
+        if decided is not None:  # the whole token in one native call: blocks, checks, state copy, its head
+            logits, layers, action = decided
+            return StepResult(logits, layers, stop=action == STOP)
         x = lean.embed(token, pos)  # (1, d)
         done = 0  # blocks run so far: the blocks between two asked layers run in one call
         for layer in range(L):

@@ -155,39 +155,51 @@ def median_ms(step, rounds: int, first_pos: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def native_checks(model: GPT2, policy):
-    """(no check, a check after every block) as csrc Controllers that never exit or stop, for timing a token on the
-    native step the way early exit decodes it; None where the model's lean step is not native."""
+def native_checks(model: GPT2, policy) -> dict | None:
+    """Controllers that never exit or stop, for timing tokens on the native step the way early exit decodes them
+    (one call: blocks, checks, head): "none" checks nothing, "every" asks the controller after every block,
+    "head" computes the exit head after block L // 2; None where the model's lean step is not native."""
     from ..runtime import native
 
     if getattr(model.lean, "decide", None) is None or getattr(model.lean, "native", None) is None:
         return None
     L = model.dims.n_layer
-    pair = [native.controller(policy.heads, policy.bias_table, [check] * L, [False] * L, 1.0, 1.0) for check in (False, True)]
-    return None if pair[0] is None else pair
+
+    def build(check, confidence=None):
+        return native.controller(policy.heads, policy.bias_table, [check] * L, [False] * L, 1.0, 1.0, confidence, policy.exit_head)
+
+    built = {"none": build(False), "every": build(True), "head": build(False, {L // 2: 2.0})}  # 2.0: never confident
+    return None if None in built.values() else built
+
+
+def _timed_rounds(steps: dict, rounds: int, first: int) -> dict[str, float]:
+    """Median ms of each step over interleaved rounds (a drift in the machine's speed touches every piece alike)."""
+    timed = {}
+    for _ in range(3):
+        for name, step in steps.items():
+            timed.setdefault(name, []).append(median_ms(step, rounds, first))
+    return {name: statistics.median(values) for name, values in timed.items()}
 
 
 @torch.inference_mode()
 def measure_costs(model: GPT2, policy, rounds: int) -> PieceCosts:
-    """The pieces of an early-exit token on the model's lean path, from whole tokens timed with and without each piece."""
+    """The pieces of an early-exit token on the model's lean path, from whole tokens timed with and without each piece
+    (on the native step, tokens as early exit decodes them: one call each, the checks and heads inside)."""
     lean = model.lean
     if lean is None:
         raise EarlyExitError("this model has no lean single-token path to time (an fp32 GPT2 from load_runtime_model, or an int8 copy)")
     L, first = model.dims.n_layer, 16
     rounds = min(rounds, model.dims.n_positions - first - 2)
     cache = model.new_cache(1, model.dims.n_positions)
-
     native = native_checks(model, policy)
 
     def blocks(pos, check=False):
-        if native is not None:  # decoding's own path: one call per token, the checks inside it
-            x, _, _ = lean.decide(1, cache, pos, 0, native[check])
-            return x
         x = lean.embed(1, pos)
+        if not check:
+            return lean.blocks(0, L, x, cache, pos)
         for layer in range(L):
             x = lean.block(layer, x, cache, pos)
-            if check:
-                policy.lean_probs(layer, x, 0)
+            policy.lean_probs(layer, x, 0)
         return x
 
     def filled(pos):  # every block, then every block's state copy too: each copy reads weights a block evicted
@@ -196,15 +208,15 @@ def measure_costs(model: GPT2, policy, rounds: int) -> PieceCosts:
             lean.fill_kv(layer, x, cache, pos)
         return lean.final_logits(x)
 
-    timed = {}
-    for _ in range(3):  # interleaved rounds: a drift in the machine's speed touches every piece alike
-        for name, step in (("blocks", blocks), ("checked", lambda pos: blocks(pos, check=True)),
-                           ("full", lambda pos: lean.final_logits(blocks(pos))),  # the head full mode runs
-                           ("exit", lambda pos: policy.exit_logits(L // 2, blocks(pos), model)), ("filled", filled)):
-            timed.setdefault(name, []).append(median_ms(step, rounds, first))
-    t = {name: statistics.median(values) for name, values in timed.items()}
-    block = t["blocks"] / L
-    return PieceCosts(block=block, check=max(0.0, (t["checked"] - t["blocks"]) / L), fill=max(0.0, (t["filled"] - t["full"]) / (L - 1)),
+    steps = {"blocks": blocks, "full": lambda pos: lean.final_logits(blocks(pos)), "filled": filled}  # full: full mode's head
+    if native is None:
+        steps |= {"checked": lambda pos: blocks(pos, check=True), "exit": lambda pos: policy.exit_logits(L // 2, blocks(pos), model)}
+    else:
+        steps |= {name: (lambda c: lambda pos: lean.decide(1, cache, pos, 0, c))(c) for name, c in native.items()}
+    t = _timed_rounds(steps, rounds, first)
+    if native is not None:  # decide runs the final head too: each piece is what it adds to that token
+        t["checked"], t["exit"] = t["blocks"] + t["every"] - t["none"], t["blocks"] + t["head"] - t["none"]
+    return PieceCosts(block=t["blocks"] / L, check=max(0.0, (t["checked"] - t["blocks"]) / L), fill=max(0.0, (t["filled"] - t["full"]) / (L - 1)),
                       exit_head=max(0.0, t["exit"] - t["blocks"]), final_head=max(0.0, t["full"] - t["blocks"]))
 
 

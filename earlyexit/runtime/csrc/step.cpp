@@ -110,9 +110,13 @@ class RerankedHead {
     torch::Tensor logits(torch::Tensor z) const {  // z (1, d) normed -> (1, V)
         checked_rows(z, head_.K);
         torch::Tensor out = torch::empty({1, head_.N}, torch::kFloat);
-        reranked_head(head_, f32(rows_), rerank_, z.data_ptr<float>(), out.data_ptr<float>(), nullptr);
+        project(z.data_ptr<float>(), out.data_ptr<float>());
         return out;
     }
+
+    void project(const float* z, float* out) const { reranked_head(head_, f32(rows_), rerank_, z, out, nullptr); }
+    int64_t width() const { return head_.K; }
+    int64_t vocab() const { return head_.N; }
 
   private:
     torch::Tensor q_, scale_, rows_;
@@ -130,11 +134,19 @@ class Controller {
 
     // ln (w, b, eps) and cls (3, d) the classifier's; bias (L, L + 1, 3) its whole bias per (layer, previous exit);
     // check[l]: ask after block l; allow_exit[l]: an exit may be decided there; thresholds compared in double
+    // exit heads (ExitHeads.head_hidden): per layer below the last a layer norm (exit_ln_w, exit_ln_b (L - 1, d),
+    // exit_eps) and a low-rank adapter (down (L - 1, r, d), up (L - 1, d, r); r = 0: none), projected by `exit_head`
+    // (an fp32 model's int8 RerankedHead) or, where null, the step's own head. confidence[l] >= 0: under the
+    // confidence rule a token leaves after block l when its exit head's max probability reaches it
     Controller(torch::Tensor ln_w, torch::Tensor ln_b, double eps, torch::Tensor cls, torch::Tensor bias,
-               std::vector<bool> check, std::vector<bool> allow_exit, double exit_threshold, double stop_threshold)
-        : ln_w_(ln_w), ln_b_(ln_b), cls_(cls), bias_(bias), eps_(static_cast<float>(eps)), check_(std::move(check)),
-          allow_exit_(std::move(allow_exit)), exit_threshold_(exit_threshold), stop_threshold_(stop_threshold) {
-        for (const auto* t : {&ln_w, &ln_b, &cls, &bias})
+               std::vector<bool> check, std::vector<bool> allow_exit, double exit_threshold, double stop_threshold,
+               torch::Tensor exit_ln_w, torch::Tensor exit_ln_b, double exit_eps, torch::Tensor down, torch::Tensor up,
+               std::vector<double> confidence, const RerankedHead* exit_head)
+        : ln_w_(ln_w), ln_b_(ln_b), cls_(cls), bias_(bias), exit_ln_w_(exit_ln_w), exit_ln_b_(exit_ln_b), down_(down),
+          up_(up), eps_(static_cast<float>(eps)), exit_eps_(static_cast<float>(exit_eps)), check_(std::move(check)),
+          allow_exit_(std::move(allow_exit)), confidence_(std::move(confidence)), exit_threshold_(exit_threshold),
+          stop_threshold_(stop_threshold), exit_head_(exit_head) {
+        for (const auto* t : {&ln_w, &ln_b, &cls, &bias, &exit_ln_w, &exit_ln_b, &down, &up})
             TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat && t->is_contiguous(),
                         "the controller's tensors must be contiguous fp32 CPU tensors");
         d_ = ln_w.numel();
@@ -142,12 +154,34 @@ class Controller {
         TORCH_CHECK(ln_b.numel() == d_ && cls.dim() == 2 && cls.size(0) == 3 && cls.size(1) == d_,
                     "the controller's classifier must be (3, n_embd) with a layer norm of n_embd");
         TORCH_CHECK(bias.dim() == 3 && bias.size(0) == n_layer_ && bias.size(1) == n_layer_ + 1 && bias.size(2) == 3 &&
-                        allow_exit_.size() == check_.size(), "the controller's bias must be (L, L + 1, 3), one flag per layer");
+                        allow_exit_.size() == check_.size() && confidence_.size() == check_.size(),
+                    "the controller's bias must be (L, L + 1, 3), one flag and one confidence per layer");
+        TORCH_CHECK(exit_ln_w.numel() == (n_layer_ - 1) * d_ && exit_ln_b.numel() == (n_layer_ - 1) * d_,
+                    "one exit layer norm of n_embd per layer below the last");
+        rank_ = down.numel() ? down.size(1) : 0;
+        TORCH_CHECK(!rank_ || (down.dim() == 3 && down.size(0) == n_layer_ - 1 && down.size(2) == d_ && up.dim() == 3 &&
+                               up.size(0) == n_layer_ - 1 && up.size(1) == d_ && up.size(2) == rank_),
+                    "the exit adapters must be (L - 1, r, d) and (L - 1, d, r)");
+        TORCH_CHECK(!exit_head || exit_head->width() == d_, "the exit head does not match n_embd");
+        TORCH_CHECK(!confidence_.empty() && confidence_.back() < 0, "no confidence exit after the last block");
     }
 
     int64_t n_layer() const { return n_layer_; }
     int64_t width() const { return d_; }
     bool checks(int64_t layer) const { return check_[layer]; }
+    double confidence(int64_t layer) const { return confidence_[layer]; }
+    const RerankedHead* exit_head() const { return exit_head_; }
+
+    // the vector exit head `layer` projects (ExitHeads.head_hidden): z = LN_l(h), plus up_l (down_l z) with an adapter
+    void hidden(const float* h, int64_t layer, float* z) const {
+        layer_norm(h, f32(exit_ln_w_) + layer * d_, f32(exit_ln_b_) + layer * d_, exit_eps_, z, d_, false);
+        if (!rank_) return;
+        std::vector<float> t(rank_);
+        const float* a = f32(down_) + layer * rank_ * d_;
+        const float* b = f32(up_) + layer * d_ * rank_;
+        for (int64_t j = 0; j < rank_; ++j) t[j] = dot_any(a + j * d_, z, d_);
+        for (int64_t i = 0; i < d_; ++i) z[i] += dot_any(b + i * rank_, t.data(), rank_);
+    }
 
     // the action probabilities of hidden state h (d) after block `layer`, the token before having run `prev` blocks
     void probs(const float* h, int64_t layer, int64_t prev, float p[3]) const {
@@ -179,12 +213,29 @@ class Controller {
     }
 
   private:
-    torch::Tensor ln_w_, ln_b_, cls_, bias_;
-    float eps_;
+    static float dot_any(const float* a, const float* b, int64_t n) {  // any length (ops' dot wants whole vectors)
+        float s = 0.f;
+        for (int64_t i = 0; i < n; ++i) s = std::fma(a[i], b[i], s);
+        return s;
+    }
+
+    torch::Tensor ln_w_, ln_b_, cls_, bias_, exit_ln_w_, exit_ln_b_, down_, up_;
+    float eps_, exit_eps_;
     std::vector<bool> check_, allow_exit_;
+    std::vector<double> confidence_;
     double exit_threshold_, stop_threshold_;
-    int64_t d_ = 0, n_layer_ = 0;
+    const RerankedHead* exit_head_;
+    int64_t d_ = 0, n_layer_ = 0, rank_ = 0;
 };
+
+// softmax's largest probability of logits (n): 1 / sum e^(l - max) (NaN where a logit is)
+inline float max_probability(const float* logits, int64_t n) {
+    float top = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) top = std::max(top, logits[i]);
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) sum += std::exp(logits[i] - top);
+    return 1.f / sum;
+}
 
 template <class P>
 struct Layer {
@@ -278,28 +329,43 @@ class Step {
     // head: logits (T, V), each row's those of the single-token step at its position, bit for bit (the same sums in
     // the same order, every weight read once for all T rows): lossless mode's verification of its drafts
     // one token's early exit (EarlyExit.lean_step) in one call: blocks from the first on the residual stream x (d,) in
-    // place, the controller asked after each block it checks; on an exit the skipped blocks' K/V filled by state
-    // copying from x. Returns (blocks run, action): x is then the hidden state the token leaves with (CONTINUE: after
-    // the last block, for the final head; EXIT: for the exit head; STOP: nothing to project)
+    // place; after each block the controller where it checks, the exit head's confidence where it has a threshold;
+    // on an exit the skipped blocks' K/V filled by state copying from x. out (1, V): the token's next-token logits
+    // (EXIT: the exit head's, CONTINUE: the final head's after the last block; STOP: untouched). (blocks run, action)
     std::tuple<int64_t, int64_t> decide(torch::Tensor x, torch::Tensor k, torch::Tensor v, int64_t pos, int64_t prev,
-                                        const Controller& c) {
+                                        const Controller& c, torch::Tensor out) {
         check_stream(x);
         check_cache(k, v, pos);
         const int64_t L = static_cast<int64_t>(layers_.size());
         TORCH_CHECK(c.n_layer() == L && c.width() == d_, "the controller does not match the model");
+        TORCH_CHECK(!c.exit_head() || c.exit_head()->vocab() == vocab_, "the exit head does not match the vocabulary");
         TORCH_CHECK(0 <= prev && prev <= L, "previous exit out of range");
-        float* xs = x.data_ptr<float>();
+        TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kFloat && out.is_contiguous() && out.numel() == vocab_,
+                    "the logits must be a contiguous fp32 CPU tensor of vocab_size values");
+        float *xs = x.data_ptr<float>(), *o = out.data_ptr<float>();
         Scratch s(d_, inner_);
+        auto leave = [&](int64_t i) {
+            for (int64_t j = i + 1; j < L; ++j) copy_state(s, j, xs, k, v, pos);
+            return std::tuple<int64_t, int64_t>{i + 1, Controller::EXIT};
+        };
         for (int64_t i = 0; i < L; ++i) {
             block(s, i, xs, k, v, pos);
-            if (!c.checks(i)) continue;
-            float p[3];
-            c.probs(xs, i, prev, p);
-            const int64_t action = c.decide(p, i);
-            if (action == Controller::EXIT)
-                for (int64_t j = i + 1; j < L; ++j) copy_state(s, j, xs, k, v, pos);
-            if (action != Controller::CONTINUE) return {i + 1, action};
+            if (c.checks(i)) {
+                float p[3];
+                c.probs(xs, i, prev, p);
+                const int64_t action = c.decide(p, i);
+                if (action == Controller::STOP) return {i + 1, action};
+                if (action == Controller::EXIT) {
+                    exit_logits(c, i, xs, o);
+                    return leave(i);
+                }
+            }
+            if (c.confidence(i) >= 0) {
+                exit_logits(c, i, xs, o);
+                if (static_cast<double>(max_probability(o, vocab_)) >= c.confidence(i)) return leave(i);
+            }
         }
+        head(xs, o, nullptr);
         return {L, Controller::CONTINUE};
     }
 
@@ -444,6 +510,16 @@ class Step {
         });
     }
 
+    // the logits (V) of exit head i of the controller's heads for hidden state h
+    void exit_logits(const Controller& c, int64_t i, const float* h, float* out) const {
+        std::vector<float> z(d_);
+        c.hidden(h, i, z.data());
+        if (c.exit_head())
+            c.exit_head()->project(z.data(), out);
+        else
+            head_normed(z.data(), out, nullptr);
+    }
+
     // state copying: block i's K/V at pos from hidden state h, split(ln_1(h) W_kv + b_kv)
     void copy_state(Scratch& s, int64_t i, const float* h, const torch::Tensor& k, const torch::Tensor& v, int64_t pos) const {
         const Layer<P>& L = layers_[i];
@@ -505,7 +581,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     bind<Fp32Cols>(m, "Fp32Step");
     pybind11::class_<Controller>(m, "Controller")
         .def(pybind11::init<torch::Tensor, torch::Tensor, double, torch::Tensor, torch::Tensor, std::vector<bool>,
-                            std::vector<bool>, double, double>())
+                            std::vector<bool>, double, double, torch::Tensor, torch::Tensor, double, torch::Tensor,
+                            torch::Tensor, std::vector<double>, const RerankedHead*>(),
+             pybind11::keep_alive<1, 17>())  // the controller holds the exit head it projects with
         .def("probs", &Controller::probs_of);
     pybind11::class_<RerankedHead>(m, "RerankedHead")
         .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, int64_t>())
