@@ -33,6 +33,7 @@ gives skipped layers state-copied ones; `calibrate` and the benchmark measure re
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import sys
 import time
@@ -143,25 +144,16 @@ def choose(exits: list, agrees: list, costs: PieceCosts, n_layer: int, windows: 
     return greedy_layers(n_layer, lambda asked: simulate(exits, agrees, asked, costs, n_layer, windows))
 
 
-def median_ms(step, rounds: int, first_pos: int) -> float:
-    """Median ms of `step(pos)` over `rounds` calls at advancing positions (as decoding calls it: each call streams
-    the weights it reads from memory, where timing one piece in a loop would keep them in cache and flatter it)."""
-    step(first_pos)  # warm-up
-    times = []
-    for i in range(rounds):
-        t0 = time.perf_counter()
-        step(first_pos + 1 + i)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def native_checks(model: GPT2, policy) -> dict | None:
     """Controllers that never exit or stop, for timing tokens on the native step the way early exit decodes them
     (one call: blocks, checks, head): "none" checks nothing, "every" asks the controller after every block,
     "head" computes the exit head after block L // 2; None where the model's lean step is not native."""
     from ..runtime import native
 
-    if getattr(model.lean, "decide", None) is None or getattr(model.lean, "native", None) is None:
+    if getattr(model.lean, "decide", None) is None:
+        return None
+    model.lean.fresh()  # the C++ step is built on first use
+    if model.lean.native is None:
         return None
     L = model.dims.n_layer
 
@@ -173,12 +165,22 @@ def native_checks(model: GPT2, policy) -> dict | None:
 
 
 def _timed_rounds(steps: dict, rounds: int, first: int) -> dict[str, float]:
-    """Median ms of each step over interleaved rounds (a drift in the machine's speed touches every piece alike)."""
-    timed = {}
-    for _ in range(3):
-        for name, step in steps.items():
-            timed.setdefault(name, []).append(median_ms(step, rounds, first))
-    return {name: statistics.median(values) for name, values in timed.items()}
+    """Median ms of each step, the steps taking turns token by token at advancing positions (each call streams the
+    weights the one before it read, as decoding does; a drift in the machine's speed touches every piece alike), in a
+    new random order every token (what ran just before a step changes which weights are still in cache: a fixed order
+    flattered the step after the state copies by ~0.5 ms)."""
+    for step in steps.values():
+        step(first)  # warm-up
+    times = {name: [] for name in steps}
+    order, rng = list(steps), random.Random(0)
+    for i in range(3 * rounds):
+        rng.shuffle(order)
+        for name in order:
+            step = steps[name]
+            t0 = time.perf_counter()
+            step(first + 1 + i % rounds)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
 @torch.inference_mode()
