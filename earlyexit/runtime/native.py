@@ -3,7 +3,7 @@ of blocks.
 
 At the default model's size (d = 256) a token through a torch lean step is ~600 aten calls, and their dispatch costs
 more than their arithmetic. `NativeInt8Step` and `NativeFp32Step` run the same ops (csrc/step.cpp: int8 with
-bf16-rounded inputs and outputs, fp32 with the Conv1D weights read in place) with none of that, on torch's own
+bf16-rounded inputs and outputs, fp32 with the weights as rows, transposed once) with none of that, on torch's own
 thread pool; `quantize_int8` and `attach_lean_step` attach them as `model.lean` wherever they build. The
 controller of the exit heads is there too (`controller`, csrc's `Controller`): an early-exit token is one call
 (`decide`: blocks, checks, state copy) and lossless mode's stop check runs inside its verify window (`window_checked`). The sums run in
@@ -103,6 +103,11 @@ def _on_cpu_fp32(model) -> bool:
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().contiguous()
+
+
+def _rows(conv1d_weight: torch.Tensor) -> torch.Tensor:
+    """A Conv1D weight (in, out) as fp32 rows (out, in): each output's weights one contiguous stream (a copy)."""
+    return conv1d_weight.detach().float().t().contiguous()
 
 
 class _Native:
@@ -242,7 +247,9 @@ class NativeInt8Step(_Native, LeanInt8Step):
 
 
 class NativeFp32Step(_Native, LeanFp32Step):
-    """`LeanFp32Step` in csrc/step.cpp (`Fp32Step`): fp32 throughout, the Conv1D weights read where they are."""
+    """`LeanFp32Step` in csrc/step.cpp (`Fp32Step`): fp32 throughout, each projection's weights as rows (N, K), the
+    transpose of GPT-2's Conv1D layout, copied once (~38 MB for the default model): each output's weights are one
+    contiguous stream, which this CPU reads ~1.7x faster per token than the (K, N) columns in place."""
 
     @staticmethod
     def supports(model) -> bool:
@@ -252,9 +259,10 @@ class NativeFp32Step(_Native, LeanFp32Step):
         m, layers, scales = self.model, [], []
         for block in m.h:
             a, mlp = block.attn, block.mlp
-            tensors = [block.ln_1.weight, block.ln_1.bias, a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias,
-                       block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias]
-            layers.append([_f32(t) for t in tensors])  # fp32 contiguous already: views, no copy
+            tensors = [_f32(block.ln_1.weight), _f32(block.ln_1.bias), _rows(a.c_attn.weight), _f32(a.c_attn.bias), _rows(a.c_proj.weight),
+                       _f32(a.c_proj.bias), _f32(block.ln_2.weight), _f32(block.ln_2.bias), _rows(mlp.c_fc.weight), _f32(mlp.c_fc.bias),
+                       _rows(mlp.c_proj.weight), _f32(mlp.c_proj.bias)]
+            layers.append(tensors)
             scales.append(float(a.scale))
         return extension().Fp32Step(layers, scales, _f32(m.ln_f.weight), _f32(m.ln_f.bias), [_f32(m.head_weight)],
                                     self.n_head, float(self.eps), ACTIVATIONS[m.dims.activation], 0)
