@@ -237,10 +237,27 @@ struct Fp32RowsT {
         for (int64_t n = n0; n < n1; ++n) y[n] = dot(x, rows + n * K, K) + (bias ? bias[n] : 0.f);
     }
 
-    // many rows: x (T, K) -> y (T, N), outputs [n0, n1): each weight row read once for all T (dot is four_rows' sum)
+    // many rows: x (T, K) -> y (T, N), outputs [n0, n1): each weight row read once for all T, four inputs' sums in
+    // flight at a time (one sum each is a chain of dependent adds); each sum is dot's, lane for lane, so every output
+    // is the single-row path's bit for bit
     void many(const float* x, float* y, int64_t T, int64_t n0, int64_t n1) const {
-        for (int64_t n = n0; n < n1; ++n)
-            for (int64_t t = 0; t < T; ++t) y[t * N + n] = dot(x + t * K, rows + n * K, K) + (bias ? bias[n] : 0.f);
+        for (int64_t n = n0; n < n1; ++n) {
+            const float* r = rows + n * K;
+            const float b = bias ? bias[n] : 0.f;
+            int64_t t = 0;
+#if defined(__AVX512F__)
+            if (K % 16 == 0)
+                for (; t + 4 <= T; t += 4) {
+                    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                    for (int64_t k = 0; k < K; k += 16) {
+                        const __m512 w = _mm512_loadu_ps(r + k);
+                        for (int j = 0; j < 4; ++j) a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (t + j) * K + k), w, a[j]);
+                    }
+                    for (int j = 0; j < 4; ++j) y[(t + j) * N + n] = hsum(a[j]) + b;
+                }
+#endif
+            for (; t < T; ++t) y[t * N + n] = dot(x + t * K, r, K) + b;
+        }
     }
 };
 
