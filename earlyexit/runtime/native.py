@@ -2,7 +2,7 @@
 of blocks.
 
 At the default model's size (d = 256) a token through a torch lean step is ~600 aten calls, and their dispatch costs
-more than their arithmetic. `NativeInt8Step` and `NativeFp32Step` run the same ops (csrc/step.cpp: int8 with
+more than their arithmetic. `NativeInt8Step` and `NativeFp32Step` run the same ops (csrc/step.cpp, the exit heads and controller in csrc/heads.h: int8 with
 bf16-rounded inputs and outputs, fp32 with the weights as rows, transposed once) with none of that, on torch's own
 thread pool; `quantize_int8` and `attach_lean_step` attach them as `model.lean` wherever they build. The
 controller of the exit heads is there too (`controller`, csrc's `Controller`): an early-exit token is one call
@@ -31,7 +31,7 @@ from .heads import STOP
 from .model import KVCache
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCE, HEADERS = CSRC / "step.cpp", [CSRC / "ops.h"]
+SOURCE, HEADERS = CSRC / "step.cpp", [CSRC / "ops.h", CSRC / "heads.h"]
 ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu_fast": 0, "relu": 1}  # csrc's enum Activation
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # "module" or "failure"
