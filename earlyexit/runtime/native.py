@@ -1,13 +1,13 @@
-"""The native single-token steps: the lean steps' arithmetic (earlyexit.runtime.lean_step) in C++, one call per run
-of blocks.
+"""The native single-token steps: the lean steps' arithmetic (earlyexit.runtime.lean_step) in C++, one call per token.
 
 At the default model's size (d = 256) a token through a torch lean step is ~600 aten calls, and their dispatch costs
-more than their arithmetic. `NativeInt8Step` and `NativeFp32Step` run the same ops (csrc/step.cpp, the exit heads and controller in csrc/heads.h: int8 with
+more than their arithmetic. `NativeInt8Step` and `NativeFp32Step` run the same ops (csrc/step.cpp: int8 with
 bf16-rounded inputs and outputs, fp32 with the weights as rows, transposed once) with none of that, on torch's own
-thread pool; `quantize_int8` and `attach_lean_step` attach them as `model.lean` wherever they build. The
-controller of the exit heads is there too (`controller`, csrc's `Controller`): an early-exit token is one call
-(`decide`: blocks, checks, state copy) and lossless mode's stop check runs inside its verify window (`window_checked`). The sums run in
-another order, so values can differ from the torch path in their last bits (tested within that).
+thread pool; `quantize_int8` and `attach_lean_step` attach them as `model.lean` wherever they build. The exit heads
+and their controller are there too (csrc/heads.h; `controller` builds one): an early-exit token is one call
+(`decide`: blocks, checks, state copy, the head it leaves by) and lossless mode's stop check runs inside its verify
+window (`window_checked`). The sums run in another order, so values can differ from the torch path in their last bits
+(tested within that).
 
 The extension is compiled on first use, once per machine (torch.utils.cpp_extension: gcc, ninja, -O3
 -march=native; ~40 s on 2 cores, cached in torch's extension directory under a key of the sources, torch, Python,
