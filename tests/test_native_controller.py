@@ -144,3 +144,4 @@ def test_the_confidence_rule_in_one_native_call_leaves_where_the_torch_lean_path
     else:
         pytest.fail("no threshold left some tokens early and kept others")
     assert set(ours.exit_layers) <= {1, 3, 4}
+

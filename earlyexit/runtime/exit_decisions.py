@@ -131,25 +131,26 @@ class ExitDecisions:
         # thresholds.exit < 1 stays the switch that turns exits on, under either rule
         self.confidence = _confidence_thresholds(model, heads, exit_rule, confidence, self.exit_layers)
         self.exit_rule = "confidence" if self.confidence is not None else "controller"
-        self._native_controllers = {}  # (thresholds, checked layers) -> csrc's Controller (native_controller)
+        self._native_controllers = {}  # (thresholds, exit layers, stops only) -> csrc's Controller (native_controller)
 
-    def native_controller(self, n_layer: int, checks=None):
-        """The heads as csrc's `Controller` for the thresholds and asked layers as they are now (rebuilt when they
-        change): the controller asked where `asks` and a stop or a controller exit can be decided, the exit heads'
-        confidence where the confidence rule has a threshold; None where the native step is not built. checks: the
-        layers to ask the controller at instead (lossless mode's stop check; no confidence exits then)."""
-        L = n_layer
-        confidence = {i: t for i, t in (self.confidence or {}).items() if self.exits_at(i, L)} if checks is None else {}
-        if checks is None:
-            checks = [self.asks(i, L) and (self.stops_at(i, L) or self.controller_exits(i, L)) for i in range(L)]
-        key = (self.thresholds.exit, self.thresholds.stop, tuple(checks), tuple(sorted(confidence.items())))
-        cached = self._native_controllers
-        if key not in cached:
+    def native_controller(self, n_layer: int, stops_only: bool = False):
+        """The heads as csrc's `Controller` for the thresholds as they are now (built once per thresholds): the
+        controller asked where `asks` and a stop or a controller exit can be decided, the exit heads' confidence where
+        the confidence rule has a threshold; None where the native step is not built. stops_only: asked only where
+        `stops_at` (lossless mode's stop check), no confidence exits."""
+        key = (self.thresholds.exit, self.thresholds.stop, self.exit_layers, stops_only)
+        if key not in self._native_controllers:
             from .native import controller
 
-            cached[key] = controller(self.heads, self.bias_table, checks, [self.controller_exits(i, L) for i in range(L)],
-                                     self.thresholds.exit, self.thresholds.stop, confidence, self.exit_head)
-        return cached[key]
+            L = n_layer
+            if stops_only:
+                checks, confidence = [self.stops_at(i, L) for i in range(L)], {}
+            else:
+                checks = [self.asks(i, L) and (self.stops_at(i, L) or self.controller_exits(i, L)) for i in range(L)]
+                confidence = {i: t for i, t in (self.confidence or {}).items() if self.exits_at(i, L)}
+            self._native_controllers[key] = controller(self.heads, self.bias_table, checks, [self.controller_exits(i, L) for i in range(L)],
+                                                       self.thresholds.exit, self.thresholds.stop, confidence, self.exit_head)
+        return self._native_controllers[key]
 
     def exit_logits(self, layer: int, h: torch.Tensor, model: GPT2) -> torch.Tensor:
         """Logits (..., V) of a token leaving after block `layer` (below the last) from its hidden state h (..., d)."""

@@ -173,7 +173,6 @@ class _Native:
         m = self.model
         return (m.wte.weight[tokens] + m.wpe.weight[pos:pos + len(tokens)]).contiguous()
 
-
     @torch.inference_mode()
     def decide(self, token: int, cache: KVCache, pos: int, prev_layers: int, controller) -> tuple[torch.Tensor | None, int, int] | None:
         """One early-exit token in one call (csrc's `Step::decide`): the blocks, the controller and the exit heads'
@@ -212,7 +211,7 @@ def controller(heads, bias_table: torch.Tensor, check: list[bool], allow_exit: l
     thresholds = [(confidence or {}).get(layer, -1.0) for layer in range(L)]
     native_head = None
     if exit_head is not None:
-        native_head = exit_head.native.get(torch.empty(heads.cfg.n_embd))
+        native_head = exit_head.native.cpp()
         if native_head is None:
             return None  # the int8 exit head runs in torch here: so does the check
     return extension().Controller(_f32(ln.weight), _f32(ln.bias), float(ln.eps), _f32(cls.weight), _f32(bias_table),

@@ -13,8 +13,8 @@ token goes, and whether to stop.
   A model with a lean single-token path (`model.lean`, earlyexit.runtime.lean_step) decodes
   on it: the blocks, the check (layer norm + classifier, one host sync) and the state copy
   with no per-layer allocation beyond the ops themselves. On the native step
-  (earlyexit.runtime.native) under the controller rule a token is one C++ call: blocks,
-  checks and state copy, the decision made there (`ExitDecisions.native_controller`). Where and how it decides (thresholds,
+  (earlyexit.runtime.native) a token is one C++ call: blocks, the controller's checks or the
+  exit heads' confidence, state copy and the head it leaves by (`ExitDecisions.native_controller`). Where and how it decides (thresholds,
   the exit rule, the fused check) is `earlyexit.runtime.exit_decisions.ExitDecisions`, which it extends.
 
 A policy sees one token (B = 1) at a time and returns a `StepResult`: the next-token

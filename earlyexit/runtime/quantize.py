@@ -162,7 +162,14 @@ class NativeHead:
 
     def get(self, z: torch.Tensor):
         """The C++ head where it applies to z (one fp32 CPU row, the extension built), else None."""
-        if z.numel() != self.int8.in_features or z.dtype != torch.float32 or z.device.type != "cpu" or not self.rerank:
+        if z.numel() != self.int8.in_features or z.dtype != torch.float32 or z.device.type != "cpu":
+            return None
+        return self.cpp()
+
+    def cpp(self):
+        """The C++ head (built on first call; one row of fp32 on the CPU), or None where the extension is not built or
+        nothing is rescored."""
+        if not self.rerank:
             return None
         if self.built is None:
             from .native import reranked_head  # which imports this module

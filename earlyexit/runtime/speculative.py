@@ -59,7 +59,7 @@ def verify_and_check(model: GPT2, controller: EarlyExit, tokens: torch.Tensor, c
     L = model.dims.n_layer
     checked = getattr(model.lean, "window_checked", None)
     if checked is not None and rows is None and isinstance(pos, int) and tokens.shape[0] == 1:
-        native = controller.native_controller(L, [controller.stops_at(layer, L) for layer in range(L)])
+        native = controller.native_controller(L, stops_only=True)
         got = checked(tokens[0].tolist(), cache, pos, native) if native is not None else None
         if got is not None:
             return got[0][None], got[1][None]

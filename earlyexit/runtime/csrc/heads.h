@@ -139,8 +139,8 @@ class Controller {
         std::vector<float> t(rank_);
         const float* a = f32(down_) + layer * rank_ * d_;
         const float* b = f32(up_) + layer * d_ * rank_;
-        for (int64_t j = 0; j < rank_; ++j) t[j] = dot_any(a + j * d_, z, d_);
-        for (int64_t i = 0; i < d_; ++i) z[i] += dot_any(b + i * rank_, t.data(), rank_);
+        for (int64_t j = 0; j < rank_; ++j) t[j] = dot(a + j * d_, z, d_);
+        for (int64_t i = 0; i < d_; ++i) z[i] += dot(b + i * rank_, t.data(), rank_);
     }
 
     // the action probabilities of hidden state h (d) after block `layer`, the token before having run `prev` blocks
@@ -173,12 +173,6 @@ class Controller {
     }
 
   private:
-    static float dot_any(const float* a, const float* b, int64_t n) {  // any length (ops' dot wants whole vectors)
-        float s = 0.f;
-        for (int64_t i = 0; i < n; ++i) s = std::fma(a[i], b[i], s);
-        return s;
-    }
-
     torch::Tensor ln_w_, ln_b_, cls_, bias_, exit_ln_w_, exit_ln_b_, down_, up_;
     float eps_, exit_eps_;
     std::vector<bool> check_, allow_exit_;
