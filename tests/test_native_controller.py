@@ -145,3 +145,13 @@ def test_the_confidence_rule_in_one_native_call_leaves_where_the_torch_lean_path
         pytest.fail("no threshold left some tokens early and kept others")
     assert set(ours.exit_layers) <= {1, 3, 4}
 
+
+def test_heads_off_the_cpu_get_no_native_controller(tiny_tokenizer):
+    """A model moved off the CPU keeps its lean step (its native half off): early exit and lossless must then take
+    the torch paths, not build a C++ controller over device tensors."""
+    model = attach_lean_step(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=3, seed=0)).eval())
+    heads = decisive_heads(model, 0)
+    policy = EarlyExit(model, heads, Thresholds(exit=0.5, stop=0.8), exit_head="fp32")
+    assert policy.native_controller(3) is not None
+    off = heads.to("meta")
+    assert native.controller(off, policy.bias_table.to("meta"), [True] * 3, [True, True, False], 0.5, 0.8) is None

@@ -198,8 +198,9 @@ def controller(heads, bias_table: torch.Tensor, check: list[bool], allow_exit: l
     """The heads as csrc's `Controller`: the stop/exit/continue classifier asked after the blocks `check` names (exits
     allowed where `allow_exit` says; bias_table (L, L + 1, 3) is `ExitDecisions.bias_table`), the exit heads, and the
     confidence rule's thresholds {layer: max probability to leave at}. exit_head: the int8 `quantize.RerankedHead` an
-    fp32 model's exits take their logits from, or None for the step's own head. None where the extension is not built."""
-    if not enabled() or extension() is None:
+    fp32 model's exits take their logits from, or None for the step's own head. None where the extension is not built
+    or the heads are not on the CPU (a model moved to a GPU keeps its lean step, whose native half is then off)."""
+    if not enabled() or heads.cls.weight.device.type != "cpu" or extension() is None:
         return None
     L = len(check)
     ln, cls = heads.cls_ln, heads.cls
