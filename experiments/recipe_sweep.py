@@ -39,7 +39,7 @@ CORPUS_FILES = ("corpus.json", "tokens_train.npy", "tokens_validation.npy", "tok
 class ProxyRunConfig:
     """What every proxy run shares (this sweep's and experiments/vocab_sweep.py's)."""
 
-    recipe: str = "configs/default_lm_phase4.yaml"  # what the runs share unless swept or overridden below
+    recipe: str = "configs/default_lm/phase4.yaml"  # what the runs share unless swept or overridden below
     steps: int = 300
     warmup_steps: int = 30
     seq_len: int = 256

@@ -1,6 +1,6 @@
 """Training throughput of the backbone recipe under each speed lever, measured side by side in one run.
 
-    python experiments/train_throughput.py [--config configs/default_lm.yaml] [--steps 8]
+    python experiments/train_throughput.py [--config configs/default_lm/base.yaml] [--steps 8]
 
 For each variant (fp32, bf16 autocast, bf16 + torch.compile, other batch shapes) a fresh
 model of the recipe's shape takes `--steps` optimizer steps on the recipe's real training
@@ -55,7 +55,7 @@ def measure(cfg, steps: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/default_lm.yaml"))
+    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/default_lm/base.yaml"))
     p.add_argument("--steps", type=int, default=8)
     args = p.parse_args(argv)
     from earlyexit.config import load_config

@@ -55,15 +55,18 @@ def test_model_card_refuses_a_model_without_training_state(tmp_path, tiny_model_
 def test_recipe_names_every_phase_in_order(tmp_path):
     from earlyexit.evaluation.recipe import recipe_phases, schedule_lines
 
+    tmp_path = tmp_path / "default_lm"  # named as a recipe is named: configs/<folder>/<file>
+    tmp_path.mkdir()
+
     base = {"work_dir": "runs/x", "lr": 1e-3, "min_lr": 1e-5, "warmup_steps": 10}
     for name, extra in {"a.yaml": {"max_steps": 100}, "b.yaml": {"max_steps": 300, "rewarm_at": 100, "schedule": "wsd", "decay_steps": 50},
                         "c.yaml": {"max_steps": 500, "rewarm_at": 300, "schedule": "wsd", "decay_steps": 50},
                         "other.yaml": {"max_steps": 300, "work_dir": "runs/y"}}.items():
         (tmp_path / name).write_text(yaml.safe_dump({**base, **extra}))
     shipped = {**base, "max_steps": 500, "rewarm_at": 300}
-    assert [p for p, _ in recipe_phases(shipped, tmp_path)] == ["configs/a.yaml", "configs/b.yaml", "configs/c.yaml"]
+    assert [p for p, _ in recipe_phases(shipped, tmp_path)] == ["configs/default_lm/a.yaml", "configs/default_lm/b.yaml", "configs/default_lm/c.yaml"]
     lines = schedule_lines(shipped, tmp_path)
-    assert (lines[2].startswith("- Phase 3 (`configs/c.yaml`, `--resume`): 16 × 256-token windows; re-warm at step 300")
+    assert (lines[2].startswith("- Phase 3 (`configs/default_lm/c.yaml`, `--resume`): 16 × 256-token windows; re-warm at step 300")
             and "c.yaml --resume`." in lines[-1])
     assert recipe_phases({**shipped, "max_steps": 700}, tmp_path) == []  # no config ends there: no made-up recipe
     # a phase that starts from an earlier phase's export in a new work_dir continues the chain through that export
@@ -74,7 +77,7 @@ def test_recipe_names_every_phase_in_order(tmp_path):
     for name in ("a", "b", "c"):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**yaml.safe_load((tmp_path / f"{name}.yaml").read_text()),
                                                                "out_dir": "runs/x/export"}))
-    assert [p for p, _ in recipe_phases(widened, tmp_path)] == ["configs/a.yaml", "configs/b.yaml", "configs/c.yaml", "configs/d.yaml"]
+    assert [p for p, _ in recipe_phases(widened, tmp_path)] == [f"configs/default_lm/{n}.yaml" for n in "abcd"]
     assert ("starts from `runs/x/export`" in schedule_lines(widened, tmp_path)[3]
             and "on its own corpus in `runs/z`" in schedule_lines(widened, tmp_path)[3])
     # a phase that starts from the previous phase's export in that phase's own work_dir (its checkpoint gone) says so
@@ -84,14 +87,14 @@ def test_recipe_names_every_phase_in_order(tmp_path):
     (tmp_path / "f.yaml").write_text(yaml.safe_dump({**base, "work_dir": "runs/z", "max_steps": 800, "rewarm_at": 600,
                                                      "init_from": "runs/z/export"}))
     in_place = {**base, "work_dir": "runs/z", "max_steps": 800, "rewarm_at": 600, "init_from": "runs/z/export"}
-    assert [p for p, _ in recipe_phases(in_place, tmp_path)][-2:] == ["configs/e.yaml", "configs/f.yaml"]
+    assert [p for p, _ in recipe_phases(in_place, tmp_path)][-2:] == ["configs/default_lm/e.yaml", "configs/default_lm/f.yaml"]
     assert "the previous phase's export in the same work_dir" in schedule_lines(in_place, tmp_path)[4]
     # a deeper phase grown from the previous export, on the same corpus in a new work_dir; numbered by its file's name
     (tmp_path / "phase9.yaml").write_text(yaml.safe_dump({**base, "work_dir": "runs/deep", "max_steps": 900, "rewarm_at": 800,
                                                           "init_from": "runs/z/export", "grow_layers": True, "n_layer": 16}))
     (tmp_path / "f.yaml").write_text(yaml.safe_dump({**yaml.safe_load((tmp_path / "f.yaml").read_text()), "out_dir": "runs/z/export"}))
     grown = schedule_lines({**base, "work_dir": "runs/deep", "max_steps": 900, "rewarm_at": 800}, tmp_path)
-    assert grown[5].startswith("- Phase 9 (`configs/phase9.yaml`, `--resume`): starts from `runs/z/export`")
+    assert grown[5].startswith("- Phase 9 (`configs/default_lm/phase9.yaml`, `--resume`): starts from `runs/z/export`")
     assert "in its own work_dir `runs/deep`; grown from 12 to 16 layers" in grown[5]
 
 

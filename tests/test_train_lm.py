@@ -87,8 +87,8 @@ def test_schedules_warm_up_decay_and_rewarm():
         LMTrainConfig(schedule="wsd", decay_steps=0)
     with pytest.raises(EarlyExitError, match="schedule"):
         LMTrainConfig(schedule="linear")
-    shipped = load_config(LMTrainConfig, "configs/default_lm_continue.yaml")
-    assert shipped.rewarm_at == load_config(LMTrainConfig, "configs/default_lm.yaml").max_steps  # phase 2 continues phase 1
+    shipped = load_config(LMTrainConfig, "configs/default_lm/phase2.yaml")
+    assert shipped.rewarm_at == load_config(LMTrainConfig, "configs/default_lm/base.yaml").max_steps  # phase 2 continues phase 1
 
 
 def test_wsd_keeps_the_stable_checkpoint_and_resumes_from_it(tmp_path):
@@ -259,7 +259,7 @@ def test_every_recipe_config_in_the_repository_loads():
 
     from earlyexit.config import load_config
 
-    recipes = sorted((Path(__file__).resolve().parents[1] / "configs").glob("default_lm*.yaml"))
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs" / "default_lm").glob("*.yaml"))
     assert len(recipes) >= 12
     for path in recipes:
         cfg = load_config(LMTrainConfig, path)

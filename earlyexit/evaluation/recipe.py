@@ -1,18 +1,18 @@
-"""The training recipe that led to a model, rebuilt from the `configs/*.yaml` phases and written out in words."""
+"""The training recipe that led to a model, rebuilt from the `configs/default_lm/*.yaml` phases and written out in words."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the recipe's configs, in a source checkout
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "default_lm"  # the recipe's phases, in a source checkout
 
 
 def recipe_phases(tc: dict, config_dir: Path = CONFIG_DIR) -> list[tuple[str, dict]]:
     """The training phases that led to this model, oldest first: (config path, config). Each
     continued phase re-warms at `rewarm_at` = the previous phase's `max_steps`: a resumed phase
     continues a config training into the same work_dir, an `init_from` phase the config whose
-    export (`out_dir`) it started from. The chain is rebuilt from the `configs/*.yaml` files (each read with its
+    export (`out_dir`) it started from. The chain is rebuilt from the `config_dir/*.yaml` files (each read with its
     `parent:` chain: a phase's file holds only what differs from the phase it names)."""
     from ..config import read_yaml
 
@@ -20,7 +20,7 @@ def recipe_phases(tc: dict, config_dir: Path = CONFIG_DIR) -> list[tuple[str, di
     for path in sorted(config_dir.glob("*.yaml")):
         cfg = read_yaml(path)  # a phase's whole config, its parent chain resolved
         if isinstance(cfg, dict) and "work_dir" in cfg and "max_steps" in cfg:
-            configs.append((f"configs/{path.name}", cfg))
+            configs.append((f"configs/{config_dir.name}/{path.name}", cfg))  # the path a user types at the repo root
 
     def before(c: dict) -> tuple[str, dict] | None:
         if c.get("init_from"):

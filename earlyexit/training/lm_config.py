@@ -1,6 +1,6 @@
 """The language-model recipe: every field a training run depends on, and its learning-rate schedule.
 
-`configs/default_lm.yaml` (and the phases that name it as their `parent:`) hold the shipped recipe; `train_lm` trains
+`configs/default_lm/base.yaml` (and the phases that name it as their `parent:`) hold the shipped recipe; `train_lm` trains
 one. The schedule lives here because `budget_minutes` may lower `max_steps` mid-run (`budgeted`), and `lr_at` must
 read the same fields.
 """
@@ -16,7 +16,7 @@ from ..errors import EarlyExitError
 
 @dataclass
 class LMTrainConfig:
-    """Everything a training run depends on; `configs/default_lm.yaml` is the shipped recipe."""
+    """Everything a training run depends on; `configs/default_lm/base.yaml` is the shipped recipe."""
 
     # corpus
     sources: list[str] = field(default_factory=lambda: ["stdlib"])

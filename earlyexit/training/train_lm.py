@@ -1,6 +1,6 @@
 """Train the tokenizer and a GPT-2 language model from scratch on the local code corpus.
 
-    python -m earlyexit.training.train_lm --config configs/default_lm.yaml [key=value ...] [--resume]
+    python -m earlyexit.training.train_lm --config configs/default_lm/base.yaml [key=value ...] [--resume]
 
 Phases: read the corpus (`earlyexit.data.corpus`), train a byte-level BPE on the training split,
 tokenize each split once into `work_dir/tokens_<split>.npy`, then train `GPT2LMHeadModel`
