@@ -20,12 +20,13 @@ def kernel_specs(dtype: str):
     from .state_copy import _state_copy_kernel
 
     p, f32p = f"*{dtype}", "*fp32"
+    split = {"h_ptr": p, "ln_w_ptr": f32p, "ln_b_ptr": f32p, "w_ptr": p, "part_ptr": f32p, "d": "i32", "V": "i32",
+             "split_size": "i32", "n_splits": "i32", "stride_h": "i32", "stride_w": "i32", "eps": "fp32",
+             "BLOCK_V": "constexpr", "BLOCK_D": "constexpr", "NORMALIZE": "constexpr"}
     return [
-        ("exit_confidence_split", _exit_confidence_split_kernel,
-         {"h_ptr": p, "ln_w_ptr": f32p, "ln_b_ptr": f32p, "w_ptr": p, "part_ptr": f32p, "d": "i32", "V": "i32",
-          "split_size": "i32", "n_splits": "i32", "stride_h": "i32", "stride_w": "i32", "eps": "fp32",
-          "BLOCK_V": "constexpr", "BLOCK_D": "constexpr"},
-         {"BLOCK_V": 128, "BLOCK_D": 64}),
+        ("exit_confidence_split", _exit_confidence_split_kernel, split, {"BLOCK_V": 128, "BLOCK_D": 64, "NORMALIZE": True}),
+        ("exit_confidence_split_normalised", _exit_confidence_split_kernel, split,  # the exit heads' own LN + adapter ran
+         {"BLOCK_V": 128, "BLOCK_D": 64, "NORMALIZE": False}),
         ("exit_confidence_merge", _exit_confidence_merge_kernel,
          {"part_ptr": f32p, "token_ptr": "*i64", "stats_ptr": f32p, "n_splits": "i32", "BLOCK_S": "constexpr"},
          {"BLOCK_S": 512}),

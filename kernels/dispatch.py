@@ -8,9 +8,10 @@ the link `earlyexit/kernels -> ../kernels`, in the source tree and in wheels ali
 Three kernels, each in its own file with its `@triton.jit` kernel(s), host launcher and
 PyTorch reference:
 
-- `exit_confidence`: layer norm + LM head + online-softmax statistics (argmax, max
+- `exit_confidence`: layer norm (or none) + LM head + online-softmax statistics (argmax, max
   probability, top-1 minus top-2, entropy, log-sum-exp) without writing the logits;
   vocabulary split across programs and merged in a second stage (flash-decoding style).
+  The confidence rule's exit check on a GPU (`ExitDecisions.confident_exit`).
 - `layer_check`: the block's last residual add + exit layer norm + stop/exit/continue
   classifier in one launch.
 - `state_copy`: ln_1 + K/V projection of the exit hidden state for every skipped layer,

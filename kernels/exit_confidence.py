@@ -1,5 +1,9 @@
 """Exit-head confidence: layer norm + LM head + online softmax statistics, never writing the logits.
 
+The confidence rule's exit check on a GPU (`ExitDecisions.confident_exit`): the exit head's max probability decides
+whether a token leaves. A head whose vector is already normalised (the exit heads' LN_l + low-rank adapter) passes
+no layer norm (`ln_weight=None`), and the kernel projects it as it stands.
+
 At an exit candidate we need to know how sure the head is, not the whole distribution:
 per row, the argmax token, its probability, the gap to the runner-up, the entropy and
 the log-sum-exp. The naive sequence writes a [B, V] logits tensor (V = 50,257 for GPT-2)
@@ -39,8 +43,8 @@ class Confidence(NamedTuple):
 # ----------------------------------------------------------------------------- reference
 
 def exit_confidence_reference(h, ln_weight, ln_bias, head_weight, eps: float = 1e-5) -> Confidence:
-    """PyTorch reference: materialises the (B, V) logits in float32."""
-    z = F.layer_norm(h.float(), (h.shape[-1],), ln_weight.float(), ln_bias.float(), eps)  # (B, d)
+    """PyTorch reference: materialises the (B, V) logits in float32. ln_weight None: h is projected as it stands."""
+    z = h.float() if ln_weight is None else F.layer_norm(h.float(), (h.shape[-1],), ln_weight.float(), ln_bias.float(), eps)  # (B, d)
     logits = z @ head_weight.float().t()  # (B, V)
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits - lse[:, None]
@@ -55,6 +59,17 @@ def exit_confidence_reference(h, ln_weight, ln_bias, head_weight, eps: float = 1
 # ----------------------------------------------------------------------------- stage 1
 
 @triton.jit
+def _head_input_chunk(h_row, ln_w_ptr, ln_b_ptr, offs_d, mask_d, mean, rstd, NORMALIZE: tl.constexpr):
+    """Features offs_d of what the head projects: LN(h) with the row's statistics, or h itself; 0 where masked."""
+    x = tl.load(h_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        g = tl.load(ln_w_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        b = tl.load(ln_b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        x = tl.where(mask_d, (x - mean) * rstd * g + b, 0.0)
+    return x
+
+
+@triton.jit
 def _exit_confidence_split_kernel(
     h_ptr,  # (B, d) hidden states after a block, fp32 or fp16
     ln_w_ptr, ln_b_ptr,  # (d,) the exit layer norm's scale and shift
@@ -65,13 +80,16 @@ def _exit_confidence_split_kernel(
     eps,
     BLOCK_V: tl.constexpr,  # vocabulary rows per tile
     BLOCK_D: tl.constexpr,  # hidden features per chunk
+    NORMALIZE: tl.constexpr,  # False: h is already the head's input (no layer norm; ln_w_ptr, ln_b_ptr unread)
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
     h_row = h_ptr + row.to(tl.int64) * stride_h
     # Layer-norm statistics in one pass over the row; the normalised row is rebuilt per
     # chunk inside the vocabulary loop (d multiply-adds against BLOCK_V * d: negligible).
-    mean, rstd = row_mean_rstd(h_row, d, eps, BLOCK_D)
+    mean, rstd = 0.0, 1.0
+    if NORMALIZE:
+        mean, rstd = row_mean_rstd(h_row, d, eps, BLOCK_D)
 
     m1 = -float("inf")  # running max logit
     m2 = -float("inf")  # running second-largest logit
@@ -86,10 +104,7 @@ def _exit_confidence_split_kernel(
         for d0 in range(0, d, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < d
-            x = tl.load(h_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            g = tl.load(ln_w_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            b = tl.load(ln_b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            z = tl.where(mask_d, (x - mean) * rstd * g + b, 0.0)
+            z = _head_input_chunk(h_row, ln_w_ptr, ln_b_ptr, offs_d, mask_d, mean, rstd, NORMALIZE)
             w = tl.load(
                 w_ptr + offs_v.to(tl.int64)[:, None] * stride_w + offs_d[None, :],
                 mask=mask_v[:, None] & mask_d[None, :], other=0.0,
@@ -168,10 +183,12 @@ def exit_confidence_triton(
     h, ln_weight, ln_bias, head_weight, eps: float = 1e-5,
     block_v: int = 128, block_d: int = 64, target_programs: int = 512, num_warps: int = 4,
 ) -> Confidence:
-    """Launch both stages. Float32 accumulation whatever the input dtype; every split is non-empty."""
+    """Launch both stages. Float32 accumulation whatever the input dtype; every split is non-empty.
+    ln_weight (and ln_bias) None: h is the head's input as it stands."""
     assert h.dim() == 2 and head_weight.dim() == 2 and h.shape[1] == head_weight.shape[1]
     h, head_weight = h.contiguous(), head_weight.contiguous()
-    ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()
+    normalize = ln_weight is not None
+    ln_weight, ln_bias = (ln_weight.contiguous(), ln_bias.contiguous()) if normalize else (h, h)  # unread without a norm
     B, d = h.shape
     V = head_weight.shape[0]
     block_d = min(block_d, triton.next_power_of_2(d))
@@ -179,7 +196,7 @@ def exit_confidence_triton(
     partials = torch.empty((B, n_splits, 5), dtype=torch.float32, device=h.device)
     _exit_confidence_split_kernel[(B, n_splits)](
         h, ln_weight, ln_bias, head_weight, partials, d, V, split_size, n_splits,
-        h.stride(0), head_weight.stride(0), eps, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=num_warps,
+        h.stride(0), head_weight.stride(0), eps, BLOCK_V=block_v, BLOCK_D=block_d, NORMALIZE=normalize, num_warps=num_warps,
     )
     token = torch.empty(B, dtype=torch.int64, device=h.device)
     stats = torch.empty((B, 4), dtype=torch.float32, device=h.device)

@@ -50,6 +50,32 @@ def test_every_path_decides_the_same_exits(tiny_tokenizer, seed, confidence):
     assert layers & {layer + 1 for layer in asked}  # and some did exit: the comparison is not vacuous
 
 
+def test_the_fused_confidence_kernel_decides_what_the_head_s_logits_decide(tiny_tokenizer, monkeypatch):
+    """kernel_backend="triton" (a GPU's path; the interpreter here): the exit_confidence kernel's max probability of
+    the exit heads' vector, logits written only for the rows that leave; the same exits and tokens as torch's."""
+    import earlyexit.kernels.dispatch as K
+
+    model = tiny(tiny_tokenizer, 1)
+    heads = decisive_heads(model, 1)
+    calls = []
+    fused = K.exit_confidence
+    monkeypatch.setattr(K, "exit_confidence", lambda *a, **k: calls.append(a[1]) or fused(*a, **k))
+    runs = {}
+    for backend in ("torch", "triton"):
+        policy = EarlyExit(model, heads, Thresholds(exit=0.9, stop=1.0), kernel_backend=backend, exit_rule="confidence",
+                           confidence={1: 0.3, 2: 0.6}, exit_head="fp32")  # fp32: the head a GPU's exits take
+        runs[backend] = ([complete(model, tiny_tokenizer, p, SETTINGS, policy=policy) for p in PROMPTS[:2]],
+                         complete_batch(model, tiny_tokenizer, PROMPTS[:2], SETTINGS, policy=policy))
+        assert bool(calls) == (backend == "triton")  # torch's path projects the head and takes its softmax
+    assert K.last_backend["exit_confidence"] == "triton"
+    assert calls and all(ln is None for ln in calls)  # the heads' own LN_l + adapter ran: no second layer norm
+    for path in range(2):
+        for t, f in zip(runs["torch"][path], runs["triton"][path]):
+            assert t.token_ids == f.token_ids and t.exit_layers == f.exit_layers
+    layers = {n for c in runs["triton"][0] for n in c.exit_layers}
+    assert layers & {2, 3} and 4 in layers  # some tokens left early, some ran every block
+
+
 def test_a_token_leaves_exactly_when_the_head_is_sure_enough(tiny_tokenizer):
     model = attach_lean_step(tiny(tiny_tokenizer, 0))
     heads = decisive_heads(model, 0)

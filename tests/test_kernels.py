@@ -69,6 +69,22 @@ def test_exit_confidence_matches_reference(spy, dtype, B, d, V, block_v, target_
     assert_confidence_close(got, K.exit_confidence_reference(h, ln_w, ln_b, W), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,d,V,block_v,target_programs", [(1, 40, 1000, 64, 8), (3, 33, 777, 128, 2)])
+def test_exit_confidence_of_an_already_normalised_vector_matches_reference(spy, dtype, B, d, V, block_v, target_programs):
+    """The exit heads' vector (LN_l + adapter) goes to the head as it stands: no second layer norm."""
+    g = gen(B * 7 + d)
+    z = (torch.randn(B, d, generator=g) * 3).to(dtype)  # not unit-scaled: a layer norm would change the statistics
+    W = (torch.randn(V, d, generator=g) * 0.4).to(dtype)
+    got = K.exit_confidence(z, None, None, W, backend="triton", block_v=block_v, target_programs=target_programs)
+    assert spy == {"exit_confidence_triton": 1}
+    want = K.exit_confidence_reference(z, None, None, W)
+    assert_confidence_close(got, want, dtype)
+    logits = z.float() @ W.float().t()
+    assert torch.equal(want.token, logits.argmax(-1))
+    assert torch.allclose(want.max_prob, logits.softmax(-1).amax(-1), atol=1e-6)
+
+
 def test_the_batch1_case_really_splits_the_vocabulary():
     split_size, n_splits = split_plan(B=1, V=50257, block_v=128, target_programs=512)
     assert n_splits > 100 and split_size % 128 == 0 and (n_splits - 1) * split_size < 50257 <= n_splits * split_size

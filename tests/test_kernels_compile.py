@@ -16,7 +16,7 @@ def test_every_kernel_compiles_for_ampere_and_hopper():
     proc = subprocess.run([sys.executable, "-m", "earlyexit.kernels.compile_check"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
-    kernels = {"exit_confidence_split", "exit_confidence_merge", "layer_check", "state_copy"}
+    kernels = {"exit_confidence_split", "exit_confidence_split_normalised", "exit_confidence_merge", "layer_check", "state_copy"}
     assert {(r["kernel"], r["sm"], r["dtype"]) for r in report} == {(k, sm, dt) for k in kernels for sm in (80, 90) for dt in ("fp32", "fp16")}
     assert all(r["ptx_bytes"] > 0 and r["cubin_bytes"] > 0 for r in report)
 

@@ -201,8 +201,8 @@ class EarlyExit(ExitDecisions, Policy):
                 return StepResult(None, layer + 1, stop=True)
             logits = None
             if action is None and self.confidence is not None and self.exits_at(layer, L):
-                logits = self.exit_logits(layer, h, model)
-                action = EXIT if self.confident(layer, logits)[0] else None
+                sure, logits = self.confident_exit(layer, h, model)
+                action = EXIT if sure[0] else None
             if action == EXIT:
                 state_copy(h, self.state_copy_weights, cache.k, cache.v, layer + 1, L - layer - 1, pos, backend=self.kernel_backend)
                 return StepResult(self.exit_logits(layer, h, model) if logits is None else logits, layer + 1)
@@ -229,8 +229,8 @@ class EarlyExit(ExitDecisions, Policy):
             if action == STOP:
                 return StepResult(None, layer + 1, stop=True)
             if action is None and self.confidence is not None and self.exits_at(layer, L):
-                logits = self.exit_logits(layer, x, model)
-                action = EXIT if self.confident(layer, logits)[0] else None
+                sure, logits = self.confident_exit(layer, x, model)
+                action = EXIT if sure[0] else None
             if action == EXIT:
                 for skipped in range(layer + 1, L):
                     lean.fill_kv(skipped, x, cache, pos)
@@ -283,11 +283,8 @@ class EarlyExit(ExitDecisions, Policy):
             exits = [i for i in leave if not stop[int(live[i])]]
             confident_logits = None
             if stay and self.confidence is not None and self.exits_at(layer, L):  # the exit head decides the rest
-                candidates = torch.tensor(stay, device=h.device)
-                head_logits = self.exit_logits(layer, h[candidates], model)
-                sure = self.confident(layer, head_logits)
+                sure, confident_logits = self.confident_exit(layer, h[torch.tensor(stay, device=h.device)], model)
                 exits = [i for i, ok in zip(stay, sure) if ok]
-                confident_logits = head_logits[torch.tensor(sure, dtype=torch.bool, device=h.device)]
                 stay = [i for i, ok in zip(stay, sure) if not ok]
                 for i in exits:
                     layers[int(live[i])] = layer + 1
