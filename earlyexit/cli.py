@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", choices=("auto", "int8", "same"),
                    help="lossless mode: draft with a weight-only int8 copy of the model (auto: for an fp32 model on the CPU) "
                         "or the model itself; the output is the same either way (default %(default)s)")
+    p.add_argument("--draft-layers", type=int, metavar="E",
+                   help="lossless mode: draft with the model's own first E blocks and exit head E-1 (LayerSkip), verified "
+                        "from block E on; the output is the same (default: drafts from the whole model, see --draft)")
     p.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
                    help="full and early-exit modes: run a weight-only int8 copy of the model (faster on a CPU, tokens may differ "
                         "from fp32; lossless mode always verifies in fp32) (default %(default)s)")
@@ -161,7 +164,7 @@ def build_policy(args: argparse.Namespace, model, model_dir, backbone=None):
         raise EarlyExitError("--exit-layers applies to --mode early-exit only")
     if mode == "lossless":  # full's exact tokens: the controller stops only when asked to
         return Lossless(model, heads, args.exit_threshold, max_draft=args.max_draft or DEFAULT_MAX_DRAFT, draft=args.draft or "auto",
-                        stop_threshold=1.0 if args.stop_threshold is None else args.stop_threshold)
+                        stop_threshold=1.0 if args.stop_threshold is None else args.stop_threshold, draft_layers=args.draft_layers)
     thresholds = Thresholds(
         exit=defaults.exit if args.exit_threshold is None else args.exit_threshold,
         stop=defaults.stop if args.stop_threshold is None else args.stop_threshold,
@@ -219,8 +222,8 @@ def run(args: argparse.Namespace) -> dict:
             raise EarlyExitError("give either --exit-threshold or --target-agreement, not both")
         if not 0.0 < args.target_agreement < 1.0:
             raise EarlyExitError(f"--target-agreement must be in (0, 1), got {args.target_agreement}")
-    if args.mode != "lossless" and (args.max_draft is not None or args.draft is not None):
-        raise EarlyExitError("--max-draft and --draft apply to --mode lossless only")
+    if args.mode != "lossless" and (args.max_draft is not None or args.draft is not None or args.draft_layers is not None):
+        raise EarlyExitError("--max-draft, --draft and --draft-layers apply to --mode lossless only")
     if args.max_draft is not None and args.max_draft < 1:
         raise EarlyExitError(f"--max-draft must be a positive integer, got {args.max_draft}")
     if args.weights == "int8" and args.mode == "lossless":

@@ -176,6 +176,9 @@ class EngineParts:
                 "earlyexit full (int8 weights)": ours("int8", FullDepth),
                 "earlyexit early-exit (int8 weights)": ours("int8", lambda: EarlyExit(self.int8, self.heads)),
             }
+            for E in a.draft_layers:  # LayerSkip's self-speculation: drafts from blocks 0..E-1, verified from block E on
+                f[f"earlyexit lossless (drafts from {E} layers)"] = ours(
+                    "ours", lambda E=E: Lossless(self.ours, self.heads, max_draft=a.max_draft, draft_layers=E))
         return f
 
 
@@ -217,6 +220,7 @@ def measure_memory(args, names: list[str]) -> dict[str, float | None]:
     for name in ["baseline", *names]:
         cmd = [sys.executable, __file__, "--memory-of", name, "--threads", str(args.threads), "--max-new-tokens", str(args.max_new_tokens)]
         cmd += ["--model", args.model] if args.model else []
+        cmd += ["--draft-layers", *map(str, args.draft_layers)] if args.draft_layers else []  # their rows' names
         done = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
         out[name] = _json.loads(lines[-1])["added_mb"] if done.returncode == 0 and lines else None
@@ -237,6 +241,9 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-draft", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--draft-layers", type=int, nargs="*", default=[], metavar="E",
+                   help="add a lossless row drafting with the first E blocks and exit head E-1 (LayerSkip), for each E")
+    p.add_argument("--out", help="results folder name under experiments/results (default: benchmark_generate[_line])")
     p.add_argument("--no-peers", action="store_true", help="skip llama.cpp, ONNX Runtime and GGML (reported as skipped)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (one process per engine)")
     p.add_argument("--memory-of", metavar="ENGINE", help=argparse.SUPPRESS)  # the probe run in a subprocess
@@ -321,7 +328,8 @@ def benchmark(args) -> int:
               "exit_layers": parts.heads.cfg.exit_layers if parts.has_heads else None, "rows": rows, "unavailable": unavailable,
               "baseline_added_mb": memory.get("baseline")}
     table = render(rows, unavailable, args, len(prompts), thresholds, memory, n_layer)
-    out = write_results("benchmark_generate" + ("_line" if args.task == "line" else ""), result, table)
+    out = write_results(args.out or "benchmark_generate" + ("_line" if args.task == "line" else ""), result, table,
+                        script="benchmark_generate.py" + (" --task line" if args.task == "line" else ""))
     plot(rows, out / "ms_per_token.png")
     print(table)
     print(f"wrote {out}")

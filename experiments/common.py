@@ -61,13 +61,13 @@ def results_dir(name: str, root: Path | str | None = None) -> Path:
     return Path(root or os.environ.get("EARLYEXIT_RESULTS") or RESULTS) / name
 
 
-def write_results(name: str, result: dict, table: str, root: Path | str | None = None) -> Path:
-    """results.json and results.md under results_dir(name, root)."""
+def write_results(name: str, result: dict, table: str, root: Path | str | None = None, script: str | None = None) -> Path:
+    """results.json and results.md under results_dir(name, root); `script` (default `name`.py) wrote them."""
     out = results_dir(name, root)
     out.mkdir(parents=True, exist_ok=True)
     result["stamp"]["wall_seconds"] = round(time.time() - STARTED, 1)
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    header = f"<!-- written by experiments/{name}.py at commit {result['stamp']['commit']} on {result['stamp']['machine']} -->\n"
+    header = f"<!-- written by experiments/{script or name + '.py'} at commit {result['stamp']['commit']} on {result['stamp']['machine']} -->\n"
     (out / "results.md").write_text(header + table + "\n")
     return out
 

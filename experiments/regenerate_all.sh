@@ -19,6 +19,7 @@ run python experiments/threshold_sweep.py --config configs/threshold_sweep.yaml
 run python experiments/stop_analysis.py --config configs/stop_analysis.yaml
 run python experiments/member_completion.py --config configs/member_completion.yaml
 run python experiments/benchmark_generate.py
+run python experiments/benchmark_generate.py --no-peers --no-memory --prompts 10 --repeats 2 --draft-layers 3 6 8 9 10 11 --out draft_layers
 run python experiments/decode_profile.py
 run python experiments/head_loss_ablation.py
 run python experiments/summarize.py

@@ -67,6 +67,7 @@ def section(results: Path) -> str:
     runs = [("per_layer_study", "Per-layer study (RQ1)"), ("threshold_sweep", "Threshold sweep (RQ2)"),
             ("stop_analysis", "Stop analysis"), ("member_completion", "Member completion"),
             ("benchmark_generate", "Speed against other engines"), ("benchmark_generate_line", "Speed on line completions"),
+            ("draft_layers", "Lossless drafts from the first E layers (LayerSkip) beside the int8 drafts"),
             ("decode_profile", "Decode-step profile, torch.compile"),
             ("head_loss_ablation", "Head-loss ablation"), ("ngram_cache_sweep", "N-gram cache weight"),
             ("exit_training", "A backbone trained to exit, beside the shipped one"),

@@ -90,6 +90,7 @@ def llama_dir(tmp_path):
         ("max_draft", ["x", "--mode", "lossless", "--max-draft", "0"], "--max-draft must be a positive integer"),
         ("max_draft_not_lossless", ["x", "--mode", "full", "--max-draft", "4"], "apply to --mode lossless only"),
         ("draft_not_lossless", ["x", "--draft", "same"], "apply to --mode lossless only"),
+        ("draft_layers_not_lossless", ["x", "--draft-layers", "3"], "apply to --mode lossless only"),
         ("unknown_flag", ["x", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         ("bad_int", ["x", "--max-new-tokens", "many"], "invalid int value"),
         ("lone_surrogate", ["def f(\udcff):"], "lone surrogate"),
@@ -164,6 +165,12 @@ def test_lossless_mode_gives_full_modes_tokens(capsys, tiny_model_dir):
     assert outs["lossless"]["token_ids"] == outs["full"]["token_ids"]
     assert outs["lossless"]["speculation"]["drafted"] > 0 and outs["full"]["speculation"] == {}
     assert outs["lossless"]["speculation"]["draft"] == "int8"  # the default draft of an fp32 model on the CPU
+    code, out, _ = run_cli(capsys, "class Stack:", "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--json",
+                           "--mode", "lossless", "--draft-layers", "2")
+    first = json.loads(out)
+    assert code == 0 and first["token_ids"] == outs["full"]["token_ids"] and first["speculation"]["draft"] == "first 2 layers"
+    code, _, err = run_cli(capsys, "x", "--model", str(tiny_model_dir), "--mode", "lossless", "--draft-layers", "9")
+    assert code == 2 and "draft_layers must be an integer in [1, 2]" in err and "Traceback" not in err
 
 
 def test_lossless_mode_stops_only_when_asked(capsys, tiny_model_dir):

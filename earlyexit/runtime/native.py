@@ -165,6 +165,15 @@ class _Native:
         x = self._window_input(tokens, pos)
         return None if x is None else self.native.window(x, cache.k, cache.v, pos)
 
+    @torch.inference_mode()
+    def window_from(self, streams: torch.Tensor, cache: KVCache, pos: int, start: int) -> torch.Tensor | None:
+        """`window` from block `start` on: streams (T, d) are the residual streams after block start - 1 at positions
+        pos.., whose K/V below `start` are cached already (self-speculation's verification); None off the CPU."""
+        self.fresh()
+        if self.native is None:
+            return None
+        return self.native.window_from(streams.contiguous().clone(), cache.k, cache.v, pos, start)  # written in place
+
     def _window_input(self, tokens: list[int], pos: int) -> torch.Tensor | None:
         """The residual stream (T, d) entering the first block for a window of tokens; None off the CPU."""
         self.fresh()

@@ -36,6 +36,13 @@ fp32 CPU model (earlyexit.runtime.quantize), whose weights fit in the CPU's cach
 ones do not, or the model itself (`draft="same"`). The draft copy writes into the same fp32
 KV cache, and the verify pass overwrites what it wrote, so the output does not depend on
 how the drafts were made; only the acceptance rate and the speed do.
+
+With `draft_layers=E` the drafts come from the model's own first E blocks and exit head E-1
+(LayerSkip's self-speculation, `earlyexit.runtime.first_layers`); on the native step their
+pass through those blocks is the full model's own, so the verify pass starts at block E over
+the streams the drafts left. Measured on the default model (`experiments/results/draft_layers`):
+slower than the int8 drafts, whose full depth agrees with fp32 far more often than any of its
+shallow heads does.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from .decoding import per_kept_token
 from ..errors import EarlyExitError
 from .heads import ExitHeads, Thresholds
 from .model import GPT2, KVCache
+from .first_layers import FirstLayers, check_draft_layers
 from .policies import EarlyExit, FullDepth, SpeculativePolicy, StepResult
 
 
@@ -93,7 +101,8 @@ def draft_model(model: GPT2, draft: str) -> GPT2:
 
 
 class Lossless(SpeculativePolicy):
-    """Draft cheaply (int8 weights and/or exits), verify with the full model: `full` mode's tokens, faster.
+    """Draft cheaply (int8 weights, exits, or the first `draft_layers` blocks), verify with the full model: `full`
+    mode's tokens, faster.
 
     `exit_threshold` applies to the drafts; None: 1.0 (no exits) for an int8 draft, the
     heads' calibrated threshold for a draft by the model itself. `stop_threshold` below 1
@@ -104,12 +113,17 @@ class Lossless(SpeculativePolicy):
     name = "lossless"
 
     def __init__(self, model: GPT2, heads: ExitHeads, exit_threshold: float | None = None, max_draft: int = 12,
-                 adaptive: bool = True, kernel_backend: str = "auto", draft: str = "auto", stop_threshold: float = 1.0):
+                 adaptive: bool = True, kernel_backend: str = "auto", draft: str = "auto", stop_threshold: float = 1.0,
+                 draft_layers: int | None = None):
         if isinstance(max_draft, bool) or not isinstance(max_draft, int) or max_draft < 1:
             raise EarlyExitError(f"max_draft must be a positive integer, got {max_draft!r}")
         if max_draft > model.dims.n_positions:  # a draft never passes the context; the KV cache is sized by this
             raise EarlyExitError(f"max_draft ({max_draft:,}) must be at most the model's context ({model.dims.n_positions})")
-        self.draft_model = draft_model(model, draft)
+        first = check_draft_layers(draft_layers, model.dims.n_layer)
+        if first is not None and draft not in ("auto", "same"):
+            raise EarlyExitError(f"draft_layers drafts with the model's own first layers, not with draft={draft!r}: "
+                                 "leave draft at 'auto' (or 'same')")
+        self.draft_model = draft_model(model, "same" if first is not None else draft)
         self.draft_kind = "same" if self.draft_model is model else "int8"
         if exit_threshold is None:  # measured on the default model (experiments/benchmark_generate.py): an int8 draft
             # agrees with fp32 ~99% of the time at full depth, and exits cost more acceptance than they save
@@ -121,6 +135,9 @@ class Lossless(SpeculativePolicy):
         self.drafter = EarlyExit(self.draft_model, heads, self.thresholds, kernel_backend) if exit_threshold < 1 else FullDepth()
         # a full-depth int8 draft (the default) takes the lean single-token path (earlyexit.runtime.lean_step)
         self.lean = self.draft_model.lean if isinstance(self.drafter, FullDepth) else None
+        if first is not None:  # LayerSkip's drafts: blocks 0..E-1 and exit head E-1; verified from block E where native
+            self.drafter, self.lean = FirstLayers(model, heads, first, kernel_backend, keep_streams=self.stopper is None), None
+            self.draft_kind = f"first {first} layers"
         self.max_draft, self.adaptive = max_draft, adaptive
 
     def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache, start: int = 0) -> StepResult:
@@ -134,11 +151,19 @@ class Lossless(SpeculativePolicy):
         if self.stopper is not None:
             logits, stops = verify_and_check(model, self.stopper, window, cache, pos, rows)
             return [t.greedy_ahead(row, d) for t, row, d in zip(transcripts, logits, drafts)], stops.tolist()
-        native, logits = getattr(model.lean, "window", None), None  # one row: the native window, full's own logits
-        if native is not None and rows is None and isinstance(pos, int) and window.shape[0] == 1:
-            logits = native(window[0].tolist(), cache, pos)  # None off the CPU
+        logits = self.native_window(model, window[0].tolist(), cache, pos) if rows is None and window.shape[0] == 1 else None
         logits = model(window, cache, pos, rows) if logits is None else logits[None]
         return [t.greedy_ahead(row, d) for t, row, d in zip(transcripts, logits, drafts)], None
+
+    def native_window(self, model: GPT2, tokens: list[int], cache: KVCache, pos: int) -> torch.Tensor | None:
+        """One row's verification on the native step, full's own logits (T, V): from block E over the drafts' own
+        streams where they came from the first E layers, else through every block; None off the CPU."""
+        if isinstance(self.drafter, FirstLayers):
+            streams = self.drafter.take_streams(model, tokens, cache, pos)
+            if streams is not None:
+                return model.lean.window_from(streams, cache, pos, self.drafter.layers)
+        native = getattr(model.lean, "window", None)
+        return None if native is None else native(tokens, cache, pos)
 
     def draft(self, model: GPT2, cache: KVCache, transcript, pos: int, n: int, eos: int) -> tuple[list[int], list[int]]:
         """Up to n draft tokens after the transcript's last (at `pos`), with the layers each one used; drafting ends at

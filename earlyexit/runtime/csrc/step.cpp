@@ -144,9 +144,6 @@ class Step {
         return out;
     }
 
-    // T tokens at positions pos..pos+T-1 (x (T, d) in place, each row's K/V written) through every block, then the
-    // head: logits (T, V), each row's those of the single-token step at its position, bit for bit (the same sums in
-    // the same order, every weight read once for all T rows): lossless mode's verification of its drafts
     // one token's early exit (EarlyExit.lean_step) in one call: blocks from the first on the residual stream x (d,) in
     // place; after each block the controller where it checks, the exit head's confidence where it has a threshold;
     // on an exit the skipped blocks' K/V filled by state copying from x. out (1, V): the token's next-token logits
@@ -188,8 +185,18 @@ class Step {
         return {L, Controller::CONTINUE};
     }
 
+    // T tokens at positions pos..pos+T-1 (x (T, d) in place, each row's K/V written) through every block, then the
+    // head: logits (T, V), each row's those of the single-token step at its position, bit for bit (the same sums in
+    // the same order, every weight read once for all T rows): lossless mode's verification of its drafts
     torch::Tensor window(torch::Tensor x, torch::Tensor k, torch::Tensor v, int64_t pos) {
         return window_impl(x, k, v, pos, nullptr, nullptr);
+    }
+
+    // `window` from block `start` on: x (T, d) the residual streams after block start-1, whose K/V below `start` are
+    // in the cache already (self-speculation's verification: its drafts ran blocks 0..start-1 on the same step)
+    torch::Tensor window_from(torch::Tensor x, torch::Tensor k, torch::Tensor v, int64_t pos, int64_t start) {
+        TORCH_CHECK(0 <= start && start <= static_cast<int64_t>(layers_.size()), "window start out of range");
+        return window_impl(x, k, v, pos, nullptr, nullptr, start);
     }
 
     // `window`, the controller asked after every block it checks at every position (as after a full-depth token):
@@ -203,7 +210,8 @@ class Step {
     }
 
   private:
-    torch::Tensor window_impl(torch::Tensor x, torch::Tensor k, torch::Tensor v, int64_t pos, const Controller* c, bool* stops) {
+    torch::Tensor window_impl(torch::Tensor x, torch::Tensor k, torch::Tensor v, int64_t pos, const Controller* c, bool* stops,
+                              int64_t start = 0) {
         TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2 &&
                         x.size(0) >= 1 && x.size(1) == d_, "a window must be a contiguous fp32 CPU tensor (T, n_embd)");
         const int64_t T = x.size(0), d = d_;
@@ -211,7 +219,7 @@ class Step {
         check_cache(k, v, pos + T - 1);
         std::vector<float> h(T * d), qkv(T * 3 * d), y(T * d), f(T * inner_);
         float* xs = x.data_ptr<float>();
-        for (size_t i = 0; i < layers_.size(); ++i) {
+        for (size_t i = static_cast<size_t>(start); i < layers_.size(); ++i) {
             const Layer<P>& L = layers_[i];
             for (int64_t t = 0; t < T; ++t) layer_norm(xs + t * d, L.ln1_w, L.ln1_b, eps_, h.data() + t * d, d, kRound);
             project_rows(L.qkv, h.data(), qkv.data(), T);
@@ -388,6 +396,7 @@ void bind(pybind11::module& m, const char* name) {
         .def("logits", &S::logits, py::call_guard<py::gil_scoped_release>())
         .def("project", &S::project_normed, py::call_guard<py::gil_scoped_release>())
         .def("window", &S::window, py::call_guard<py::gil_scoped_release>())
+        .def("window_from", &S::window_from, py::call_guard<py::gil_scoped_release>())
         .def("window_checked", &S::window_checked, py::call_guard<py::gil_scoped_release>())
         .def("decide", &S::decide, py::call_guard<py::gil_scoped_release>())
         .def("greedy", &S::greedy, py::call_guard<py::gil_scoped_release>());
