@@ -110,7 +110,8 @@ def test_draft_layers_out_of_range_is_refused_in_one_line(tiny_tokenizer, value,
         Lossless(model, random_heads(model, 0), draft_layers=value)
 
 
-def test_draft_layers_with_an_int8_draft_is_refused(tiny_tokenizer):
+@pytest.mark.parametrize("other", [{"draft": "int8"}, {"exit_threshold": 0.5}])
+def test_draft_layers_with_an_int8_draft_or_an_exit_threshold_is_refused(tiny_tokenizer, other):
     model = tiny(tiny_tokenizer, 0)
-    with pytest.raises(EarlyExitError, match="own first layers, not with draft='int8'"):
-        Lossless(model, random_heads(model, 0), draft_layers=2, draft="int8")
+    with pytest.raises(EarlyExitError, match="first 2 blocks at a fixed depth: give it without draft='int8' and without an exit"):
+        Lossless(model, random_heads(model, 0), draft_layers=2, **other)

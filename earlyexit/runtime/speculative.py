@@ -120,24 +120,24 @@ class Lossless(SpeculativePolicy):
         if max_draft > model.dims.n_positions:  # a draft never passes the context; the KV cache is sized by this
             raise EarlyExitError(f"max_draft ({max_draft:,}) must be at most the model's context ({model.dims.n_positions})")
         first = check_draft_layers(draft_layers, model.dims.n_layer)
-        if first is not None and draft not in ("auto", "same"):
-            raise EarlyExitError(f"draft_layers drafts with the model's own first layers, not with draft={draft!r}: "
-                                 "leave draft at 'auto' (or 'same')")
+        if first is not None and (draft not in ("auto", "same") or exit_threshold is not None):
+            raise EarlyExitError(f"draft_layers drafts with the model's own first {first} blocks at a fixed depth: "
+                                 "give it without draft='int8' and without an exit threshold")
         self.draft_model = draft_model(model, "same" if first is not None else draft)
         self.draft_kind = "same" if self.draft_model is model else "int8"
         if exit_threshold is None:  # measured on the default model (experiments/benchmark_generate.py): an int8 draft
             # agrees with fp32 ~99% of the time at full depth, and exits cost more acceptance than they save
-            exit_threshold = 1.0 if self.draft_kind == "int8" else heads.cfg.thresholds.exit
+            exit_threshold = 1.0 if self.draft_kind == "int8" or first is not None else heads.cfg.thresholds.exit
         self.thresholds = Thresholds(exit=exit_threshold, stop=1.0)  # a draft never stops the completion; the verify pass may
         stop = Thresholds(exit=1.0, stop=stop_threshold)
         self.stopper = EarlyExit(model, heads, stop, kernel_backend) if stop.stop < 1 else None
-        # with no exit possible the controller's checks would only cost time
-        self.drafter = EarlyExit(self.draft_model, heads, self.thresholds, kernel_backend) if exit_threshold < 1 else FullDepth()
+        if first is not None:  # LayerSkip's drafts: blocks 0..E-1 and exit head E-1; verified from block E where native
+            self.drafter = FirstLayers(model, heads, first, kernel_backend, keep_streams=self.stopper is None)
+            self.draft_kind = f"first {first} layers"
+        else:  # with no exit possible the controller's checks would only cost time
+            self.drafter = EarlyExit(self.draft_model, heads, self.thresholds, kernel_backend) if exit_threshold < 1 else FullDepth()
         # a full-depth int8 draft (the default) takes the lean single-token path (earlyexit.runtime.lean_step)
         self.lean = self.draft_model.lean if isinstance(self.drafter, FullDepth) else None
-        if first is not None:  # LayerSkip's drafts: blocks 0..E-1 and exit head E-1; verified from block E where native
-            self.drafter, self.lean = FirstLayers(model, heads, first, kernel_backend, keep_streams=self.stopper is None), None
-            self.draft_kind = f"first {first} layers"
         self.max_draft, self.adaptive = max_draft, adaptive
 
     def prefill(self, model: GPT2, ids: torch.Tensor, cache: KVCache, start: int = 0) -> StepResult:
