@@ -87,7 +87,7 @@ def build_service(args: argparse.Namespace):
         from .runtime.quantize import quantize_int8
 
         model = quantize_int8(model)
-    args.target_agreement, args.draft = None, None  # the CLI's flags build_policy reads that the server does not offer
+    args.target_agreement, args.draft, args.draft_layers = None, None, None  # the CLI's flags build_policy reads that the server does not offer
     policy = build_policy(args, model, model_dir, backbone)
     model_id = args.model_id or ("earlyexit-default" if args.model is None else resolve_model_dir(args.model).name)
     engine = Engine(model, tokenizer, max_rows=args.max_rows, max_queue=args.max_queue, prompt_cache_min=args.prompt_cache)

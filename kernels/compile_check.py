@@ -25,7 +25,8 @@ def kernel_specs(dtype: str):
              "BLOCK_V": "constexpr", "BLOCK_D": "constexpr", "NORMALIZE": "constexpr"}
     return [
         ("exit_confidence_split", _exit_confidence_split_kernel, split, {"BLOCK_V": 128, "BLOCK_D": 64, "NORMALIZE": True}),
-        ("exit_confidence_split_normalised", _exit_confidence_split_kernel, split,  # the exit heads' own LN + adapter ran
+        ("exit_confidence_split_normalised", _exit_confidence_split_kernel,  # the exit heads' own LN + adapter ran
+         {**split, "ln_w_ptr": p, "ln_b_ptr": p},  # unread: the launcher passes h itself for them
          {"BLOCK_V": 128, "BLOCK_D": 64, "NORMALIZE": False}),
         ("exit_confidence_merge", _exit_confidence_merge_kernel,
          {"part_ptr": f32p, "token_ptr": "*i64", "stats_ptr": f32p, "n_splits": "i32", "BLOCK_S": "constexpr"},

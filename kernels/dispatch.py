@@ -49,7 +49,8 @@ def _choose(name: str, tensor: torch.Tensor, backend: str) -> str:
 
 
 def exit_confidence(h, ln_weight, ln_bias, head_weight, eps: float = 1e-5, backend: str = "auto", **launch) -> Confidence:
-    """Per-row argmax, max probability, margin, entropy and log-sum-exp of softmax(head_weight @ LN(h))."""
+    """Per-row argmax, max probability, margin, entropy and log-sum-exp of softmax(head_weight @ LN(h)); with
+    ln_weight None, of softmax(head_weight @ h) (h already normalised)."""
     if _choose("exit_confidence", h, backend) == "triton":
         return exit_confidence_triton(h, ln_weight, ln_bias, head_weight, eps, **launch)
     return exit_confidence_reference(h, ln_weight, ln_bias, head_weight, eps)

@@ -31,7 +31,7 @@ from .row_stats import row_mean_rstd
 
 
 class Confidence(NamedTuple):
-    """Per-row statistics of softmax(W @ LN(h)); all float32 but `token` (int64)."""
+    """Per-row statistics of softmax(W @ LN(h)) (or of softmax(W @ h) without a layer norm); all float32 but `token` (int64)."""
 
     token: torch.Tensor  # (B,) argmax, lowest index on ties
     max_prob: torch.Tensor  # (B,) p(token)

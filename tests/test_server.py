@@ -213,3 +213,13 @@ def test_concurrent_clients_batch_and_a_full_server_answers_429(server, client):
         for t in threads:
             t.join(60)
     assert list(results.values()) == [200, 200, 200]
+
+
+@pytest.mark.parametrize("mode", ["full", "early-exit", "lossless"])
+def test_the_server_builds_its_policy_in_every_mode(mode):
+    """build_service reads the CLI's build_policy, which reads flags the server does not offer (lossless' --draft-layers)."""
+    from earlyexit.serve import build_parser, build_service
+    from earlyexit.runtime.speculative import Lossless
+
+    service = build_service(build_parser().parse_args(["--mode", mode]))
+    assert isinstance(service.policy, Lossless) == (mode == "lossless")

@@ -185,18 +185,19 @@ class ExitDecisions:
         top = logits.float().softmax(-1).amax(-1)
         return (top.double() >= self.confidence[layer]).tolist()
 
-    def confident_exit(self, layer: int, h: torch.Tensor, model: GPT2) -> tuple[list[bool], torch.Tensor]:
+    def confident_exit(self, layer: int, h: torch.Tensor, model: GPT2, kernel: bool = True) -> tuple[list[bool], torch.Tensor]:
         """The confidence rule after block `layer` for rows h (B, d): per row whether it leaves, and the exit logits
         (leaving rows, V) of the rows that leave, in order.
 
         On the Triton backend (a GPU, or `kernel_backend="triton"`) the fused exit_confidence kernel streams the head
         once for the max probability and never writes the logits of the rows that stay (most of them); elsewhere the
-        head's logits are computed once and serve both the test and the rows that leave.
+        head's logits are computed once and serve both the test and the rows that leave (and always with
+        `kernel=False`: the lean single-token step, a CPU path).
         """
         from ..kernels.dispatch import exit_confidence
         from .quantize import Int8GPT2
 
-        fused = (self.exit_head is None and not isinstance(model, Int8GPT2)
+        fused = (kernel and self.exit_head is None and not isinstance(model, Int8GPT2)
                  and (self.kernel_backend == "triton" or (self.kernel_backend == "auto" and h.is_cuda)))
         if fused:
             z = self.heads.head_hidden(layer, h)  # (B, d): LN_l + adapter, what the tied head projects

@@ -5,8 +5,9 @@ A draft token runs blocks 0..E-1 of the full model and leaves by exit head E-1; 
 the full model's own, bit for bit (the same step, the same weights), so its K/V there are the true values and its
 residual stream after block E-1 is what the full model's block E reads: `FirstLayers` keeps those streams, and
 lossless mode's verification starts at block E over them (`Lossless.verify_window`), reading the first E blocks'
-weights once per drafted token instead of once more per round. Elsewhere (the torch path, batches) the streams are
-not kept and the verification runs every block, so the output is full mode's either way; only the speed differs.
+weights once per drafted token instead of once more per round. Elsewhere (the torch path, batches, and lossless
+mode with a stop threshold, whose check asks the controller after blocks below E too) the streams are not kept and
+the verification runs every block, so the output is full mode's either way; only the speed differs.
 """
 
 from __future__ import annotations

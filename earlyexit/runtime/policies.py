@@ -229,7 +229,7 @@ class EarlyExit(ExitDecisions, Policy):
             if action == STOP:
                 return StepResult(None, layer + 1, stop=True)
             if action is None and self.confidence is not None and self.exits_at(layer, L):
-                sure, logits = self.confident_exit(layer, x, model)
+                sure, logits = self.confident_exit(layer, x, model, kernel=False)
                 action = EXIT if sure[0] else None
             if action == EXIT:
                 for skipped in range(layer + 1, L):

@@ -39,8 +39,9 @@ how the drafts were made; only the acceptance rate and the speed do.
 
 With `draft_layers=E` the drafts come from the model's own first E blocks and exit head E-1
 (LayerSkip's self-speculation, `earlyexit.runtime.first_layers`); on the native step their
-pass through those blocks is the full model's own, so the verify pass starts at block E over
-the streams the drafts left. Measured on the default model (`experiments/results/draft_layers`):
+pass through those blocks is the full model's own, so without a stop threshold the verify
+pass starts at block E over the streams the drafts left (with one, and in batches, it runs
+every block). Measured on the default model (`experiments/results/draft_layers`):
 slower than the int8 drafts, whose full depth agrees with fp32 far more often than any of its
 shallow heads does.
 """
