@@ -9,8 +9,10 @@ full mode's path with `--weights int8`, and lossless mode's greedy draft), and t
 early-exit step, fp32 and int8, at the heads' exit threshold and asked layers with stopping
 off; each in alternation, after warm-up. Then a torch.profiler trace of 20 steps of each
 of eager, lean full depth and early exit (fp32 and int8), side by side by operator (self CPU
-time per token): where an early-exit token saves and where its checks and copies cost.
-Writes experiments/results/decode_profile/.
+time per token): where an early-exit token saves and where its checks and copies cost. On the
+native step a token is one aten op, so the step's own phase timer (csrc/phases.h) shows the
+same for it, phase by phase: block projections, attention, checks, exit head, state copy,
+final head. Writes experiments/results/decode_profile/.
 """
 
 from __future__ import annotations
@@ -150,6 +152,43 @@ def op_table(profiles: dict[str, dict], top: int = 14) -> list[str]:
     return lines
 
 
+def profile_native(model, ids, lean, step, tokens: int = 20) -> dict | None:
+    """The native step's phase timer over `tokens` decode steps of `step` on `lean`: per phase ms and calls per token,
+    and the steps' own measured ms per token beside them; None where `lean` is not native."""
+    from earlyexit.runtime.native import profile_phases
+
+    measured = []
+    phases = profile_phases(lean, lambda: measured.extend(step_timer(model, ids, step, tokens)))
+    if phases is None:
+        return None
+    return {"phases": {p["phase"]: {"ms_per_token": p["ms"] / tokens, "calls_per_token": p["calls"] / tokens} for p in phases},
+            "measured_ms_per_token": sum(measured) / tokens}
+
+
+def phase_table(profiles: dict[str, dict]) -> list[str]:
+    """The native phases side by side: ms per token (calls per token) in each profile, their sum, the steps' own time."""
+    names = list(profiles)
+    phases = list(next(iter(profiles.values()))["phases"])
+    lines = ["| phase | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for ph in phases:
+        cells = [f"{p['phases'][ph]['ms_per_token']:.3f} ({p['phases'][ph]['calls_per_token']:.3g})"
+                 if p["phases"][ph]["calls_per_token"] else "-" for p in profiles.values()]
+        lines.append(f"| {ph} | " + " | ".join(cells) + " |")
+    lines.append("| all phases | " + " | ".join(f"**{sum(v['ms_per_token'] for v in p['phases'].values()):.3f}**"
+                                              for p in profiles.values()) + " |")
+    lines.append("| the steps' own time | " + " | ".join(f"{p['measured_ms_per_token']:.3f}" for p in profiles.values()) + " |")
+    return lines
+
+
+def native_profiles(model, int8, ids, variants: dict, early: dict) -> dict[str, dict]:
+    """Phase timings of the native full-depth and early-exit steps, fp32 and int8 (those whose step is native)."""
+    runs = [("fp32 full depth", model.lean, variants.get("fp32 lean full-depth step (full mode's path)")),
+            ("int8 full depth", int8.lean, variants.get("int8-weight lean full-depth step (full mode's path, --weights int8)"))]
+    runs += [(name.split(" step")[0], model.lean if name.startswith("fp32") else int8.lean, fn) for name, fn in early.items()]
+    out = {name: profile_native(model, ids, lean, fn) for name, lean, fn in runs if fn is not None}
+    return {name: p for name, p in out.items() if p is not None}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from earlyexit.data.corpus import token_cut_examples
@@ -182,18 +221,24 @@ def main(argv=None) -> int:
     for name, fn in early.items():
         profiled[name.split(" step")[0]] = fn
     profiles = {name: profile_ops(model, ids, fn) for name, fn in profiled.items()}
+    natives = native_profiles(model, int8, ids, variants, early)
     eager_ops = profiles["eager full depth"]
     total = sum(v["self_ms_per_token"] for v in eager_ops.values())
     top = [{"op": op, **v, "share": v["self_ms_per_token"] / total}
            for op, v in sorted(eager_ops.items(), key=lambda kv: -kv[1]["self_ms_per_token"])[:12]]
     result = {"stamp": stamp(str(model_dir), vars(args)), "prompt_tokens": int(ids.shape[1]), "compile_seconds": compile_seconds,
-              "rows": rows, "profile_top_ops": top, "profile_total_ms_per_token": total, "profiles": profiles}
+              "rows": rows, "profile_top_ops": top, "profile_total_ms_per_token": total, "profiles": profiles,
+              "native_phases": natives}
     lines = [f"One test-split prompt ({ids.shape[1]} tokens), {args.tokens} greedy decode steps per round, median of {args.rounds} "
              f"alternating rounds, {args.threads} threads." + (f" torch.compile took {compile_seconds:.0f} s to compile." if compile_seconds else ""),
              "", "| decode step | median ms/token | speed vs eager |", "|---|---|---|",
              *[f"| {r['variant']} | {r['median_ms']:.2f} | {r['vs_eager']:.2f}× |" for r in rows],
              "", "Where a token's time goes, op by op (torch.profiler over 20 decode steps each, self CPU ms per token and calls "
              "per token; the profiler's own cost inflates small ops):", "", *op_table(profiles)]
+    if natives:
+        lines += ["", "The native steps, phase by phase (their own timer, csrc/phases.h, over 20 decode steps each: ms per token and "
+                  "calls per token; what the phases leave of the steps' own time is the Python around each call):", "",
+                  *phase_table(natives)]
     write_results("decode_profile", result, "\n".join(lines))
     print("\n".join(lines))
     return 0

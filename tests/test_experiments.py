@@ -243,6 +243,14 @@ def test_decode_profile_limit_run(model_with_heads, tmp_path):
     assert all(p and all(v["calls_per_token"] > 0 for v in p.values()) for p in result["profiles"].values())
     assert result["rows"][0]["vs_eager"] == 1.0 and all(r["median_ms"] > 0 for r in result["rows"])
     assert result["profile_top_ops"] and abs(sum(t["share"] for t in result["profile_top_ops"])) <= 1.0 + 1e-9
+    from earlyexit.runtime import native
+
+    if native.extension() is not None:  # the native steps' own phase timer, where the steps are native
+        phases = result["native_phases"]
+        assert {"fp32 full depth", "int8 full depth"} <= set(phases)
+        for p in phases.values():
+            timed = sum(v["ms_per_token"] for v in p["phases"].values())
+            assert 0 < timed <= p["measured_ms_per_token"] * 1.05 and p["phases"]["QKV projection"]["calls_per_token"] >= 1
 
 
 def test_recipe_sweep_runs_train_lm_per_point(tmp_path, monkeypatch, capsys):

@@ -155,3 +155,33 @@ def test_heads_off_the_cpu_get_no_native_controller(tiny_tokenizer):
     assert policy.native_controller(3) is not None
     off = heads.to("meta")
     assert native.controller(off, policy.bias_table.to("meta"), [True] * 3, [True, True, False], 0.5, 0.8) is None
+
+
+def test_the_native_phase_timer_counts_what_each_token_ran(tiny_tokenizer):
+    """csrc/phases.h: every block's phases once per token, the head once; an exit's check, exit head and state copy;
+    nothing counted while the timer is off."""
+    from test_heads import forced
+
+    from earlyexit.runtime.heads import EXIT, ExitHeads
+
+    model = attach_lean_step(GPT2.from_hf(make_tiny_hf(len(tiny_tokenizer), n_layer=3, n_embd=48, seed=0)).eval())
+    prompt, settings, done = "def add(a, b):", GenerationSettings(max_new_tokens=6), []
+
+    def run(policy=None):
+        done.append(complete(model, tiny_tokenizer, prompt, settings, policy=policy))
+
+    phases = native.profile_phases(model.lean, run)
+    calls, steps = {p["phase"]: p["calls"] for p in phases}, len(done[-1].token_ids) - 1  # the first token: the prefill's
+    assert steps >= 3
+    assert calls["QKV projection"] == calls["MLP down"] == 3 * steps and calls["layer norms"] == 2 * 3 * steps
+    assert calls["final head (ln_f + vocabulary)"] == steps and calls["controller check"] == calls["state copy"] == 0
+    assert all(p["ms"] > 0 for p in phases if p["calls"])
+    policy = EarlyExit(model, forced(ExitHeads.for_backbone(model, rank=4), EXIT, from_layer=0), Thresholds(exit=0.5, stop=1.0),
+                       exit_layers=[0], exit_rule="controller")
+    calls = {p["phase"]: p["calls"] for p in native.profile_phases(model.lean, lambda: run(policy))}
+    steps = len(done[-1].token_ids) - 1
+    assert set(done[-1].exit_layers[1:]) == {1}  # every token left after block 1
+    assert calls["QKV projection"] == steps and calls["controller check"] == calls["exit head"] == calls["state copy"] == steps
+    assert calls["final head (ln_f + vocabulary)"] == 0
+    complete(model, tiny_tokenizer, prompt, settings)  # the timer is off: nothing more counted
+    assert {name: n for name, _, n in model.lean.native.phases()} == calls

@@ -31,7 +31,7 @@ from .heads import STOP
 from .model import KVCache
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCE, HEADERS = CSRC / "step.cpp", [CSRC / "ops.h", CSRC / "heads.h"]
+SOURCE, HEADERS = CSRC / "step.cpp", [CSRC / "ops.h", CSRC / "heads.h", CSRC / "phases.h"]
 ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu_fast": 0, "relu": 1}  # csrc's enum Activation
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # "module" or "failure"
@@ -200,6 +200,23 @@ class _Native:
         stops there (T,)); None off the CPU."""
         x = self._window_input(tokens, pos)
         return None if x is None else self.native.window_checked(x, cache.k, cache.v, pos, controller)
+
+
+def profile_phases(lean, run) -> list[dict] | None:
+    """Where `run()`'s native single-token calls on `lean` (a native lean step) spend their time, phase by phase
+    (csrc/phases.h): [{"phase", "ms", "calls"}], or None where the step is not native. The timer is on only for
+    `run`; window calls (lossless mode's verification) are not timed."""
+    if hasattr(lean, "fresh"):
+        lean.fresh()  # the C++ step is built on first use: build it now, or learn that there is none
+    step = getattr(lean, "native", None)
+    if step is None:
+        return None
+    step.set_profiling(True)
+    try:
+        run()
+    finally:
+        step.set_profiling(False)
+    return [{"phase": name, "ms": ms, "calls": calls} for name, ms, calls in step.phases()]
 
 
 def controller(heads, bias_table: torch.Tensor, check: list[bool], allow_exit: list[bool], exit_threshold: float,

@@ -10,6 +10,7 @@
 //   NativeFp32Step: one stream per output, ~1.7x faster per token here than reading (in, out) columns), the tied head's rows.
 // - Controller (csrc/heads.h): the exit heads' stop/exit/continue classifier (ExitDecisions.lean_probs and decide), asked inside
 //   `decide` (one early-exit token in one call) and `window_checked` (lossless mode's verification with a stop check).
+// - Phases (csrc/phases.h): where a single-token call's time goes, timed by the step itself while switched on.
 // Attention and the residual stream are fp32 in both. What differs from torch is the order of the fp32 sums, so a
 // value can move in its last bits (an int8 output by one bf16 step where it lands on a rounding boundary).
 //
@@ -24,6 +25,7 @@
 
 #include "heads.h"
 #include "ops.h"
+#include "phases.h"
 
 namespace {
 
@@ -67,6 +69,11 @@ struct Scratch {  // one call's intermediate vectors (a few KB: allocated per ca
     std::vector<float> h, qkv, y, f;
     Scratch(int64_t d, int64_t inner) : h(d), qkv(3 * d), y(d), f(inner) {}
 };
+
+// positions x head size x heads of one token's attention at and above which its heads run on several threads:
+// below it (the default model: under 64 positions) a thread's share is a few µs, about what waking the pool costs,
+// and the int8 step's attention at 20 positions took a third of the time on one thread (csrc/phases.h, this machine)
+constexpr int64_t kParallelAttention = 16384;
 
 template <class P>
 class Step {
@@ -132,6 +139,7 @@ class Step {
         check_cache(k, v, pos);
         TORCH_CHECK(0 <= i && i < static_cast<int64_t>(layers_.size()), "block out of range");
         Scratch s(d_, 0);
+        Timed t(phases_, kStateCopy);
         copy_state(s, i, h.data_ptr<float>(), k, v, pos);
     }
 
@@ -140,6 +148,7 @@ class Step {
     torch::Tensor logits(torch::Tensor x) {
         check_stream(x);
         torch::Tensor out = torch::empty({1, vocab_}, torch::kFloat);
+        Timed t(phases_, kFinalHead);
         head(x.data_ptr<float>(), out.data_ptr<float>(), nullptr);
         return out;
     }
@@ -161,26 +170,40 @@ class Step {
         float *xs = x.data_ptr<float>(), *o = out.data_ptr<float>();
         Scratch s(d_, inner_);
         auto leave = [&](int64_t i) {
+            Timed t(phases_, kStateCopy);
             for (int64_t j = i + 1; j < L; ++j) copy_state(s, j, xs, k, v, pos);
             return std::tuple<int64_t, int64_t>{i + 1, Controller::EXIT};
         };
         for (int64_t i = 0; i < L; ++i) {
             block(s, i, xs, k, v, pos);
             if (c.checks(i)) {
-                float p[3];
-                c.probs(xs, i, prev, p);
-                const int64_t action = c.decide(p, i);
+                int64_t action;
+                {
+                    Timed t(phases_, kCheck);
+                    float p[3];
+                    c.probs(xs, i, prev, p);
+                    action = c.decide(p, i);
+                }
                 if (action == Controller::STOP) return {i + 1, action};
                 if (action == Controller::EXIT) {
-                    exit_logits(c, i, xs, o);
+                    {
+                        Timed t(phases_, kExitHead);
+                        exit_logits(c, i, xs, o);
+                    }
                     return leave(i);
                 }
             }
             if (c.confidence(i) >= 0) {
-                exit_logits(c, i, xs, o);
-                if (static_cast<double>(max_probability(o, vocab_)) >= c.confidence(i)) return leave(i);
+                bool sure;
+                {
+                    Timed t(phases_, kExitHead);
+                    exit_logits(c, i, xs, o);
+                    sure = static_cast<double>(max_probability(o, vocab_)) >= c.confidence(i);
+                }
+                if (sure) return leave(i);
             }
         }
+        Timed t(phases_, kFinalHead);
         head(xs, o, nullptr);
         return {L, Controller::CONTINUE};
     }
@@ -268,9 +291,17 @@ class Step {
         check_stream(x);
         std::vector<float> out(vocab_);
         int64_t best = 0;
+        Timed t(phases_, kFinalHead);
         head(x.data_ptr<float>(), out.data(), &best);
         return best;
     }
+
+    // switch the phase timer on (from zero) or off; phases(): (phase, ms, calls) since it was switched on
+    void set_profiling(bool on) {
+        if (on) phases_.reset();
+        phases_.on.store(on);
+    }
+    std::vector<std::tuple<std::string, double, int64_t>> phases() const { return phases_.read(); }
 
   private:
     void keep(const torch::Tensor& t) {
@@ -324,7 +355,9 @@ class Step {
         const float* kp = k.data_ptr<float>() + i * k.stride(0);
         const float* vp = v.data_ptr<float>() + i * v.stride(0);
         const int64_t hs = hs_, ks = k.stride(3), vs = v.stride(3), kh = k.stride(2), vh = v.stride(2);
-        at::parallel_for(0, n_head_, 1, [&](int64_t h0, int64_t h1) {
+        // heads split over the threads only where each thread's share outweighs waking the pool (a few µs)
+        const int64_t grain = (pos + 1) * hs * n_head_ >= kParallelAttention ? 1 : n_head_;
+        at::parallel_for(0, n_head_, grain, [&](int64_t h0, int64_t h1) {
             std::vector<float> p(pos + 1);
             for (int64_t h = h0; h < h1; ++h) {
                 const float* q = qkv + h * hs;
@@ -359,17 +392,36 @@ class Step {
         const Layer<P>& L = layers_[i];
         const int64_t d = d_;
         float *h = s.h.data(), *y = s.y.data();
-        layer_norm(x, L.ln1_w, L.ln1_b, eps_, h, d, kRound);
-        project(L.qkv, h, s.qkv.data());
-        write_kv(s.qkv.data(), i, k, v, pos);
-        attend(s.qkv.data(), y, i, k, v, pos, L.attn_scale);
-        if constexpr (kRound)
-            for (int64_t j = 0; j < d; ++j) y[j] = bf16_round(y[j]);
-        project(L.proj, y, h);
-        for (int64_t j = 0; j < d; ++j) x[j] += h[j];
-        layer_norm(x, L.ln2_w, L.ln2_b, eps_, h, d, kRound);
-        project(L.fc, h, s.f.data());
-        activate(s.f.data(), inner_, act_, kRound);
+        {
+            Timed t(phases_, kLayerNorms);
+            layer_norm(x, L.ln1_w, L.ln1_b, eps_, h, d, kRound);
+        }
+        {
+            Timed t(phases_, kQkv);
+            project(L.qkv, h, s.qkv.data());
+        }
+        {
+            Timed t(phases_, kAttention);
+            write_kv(s.qkv.data(), i, k, v, pos);
+            attend(s.qkv.data(), y, i, k, v, pos, L.attn_scale);
+            if constexpr (kRound)
+                for (int64_t j = 0; j < d; ++j) y[j] = bf16_round(y[j]);
+        }
+        {
+            Timed t(phases_, kOutProjection);
+            project(L.proj, y, h);
+            for (int64_t j = 0; j < d; ++j) x[j] += h[j];
+        }
+        {
+            Timed t(phases_, kLayerNorms);
+            layer_norm(x, L.ln2_w, L.ln2_b, eps_, h, d, kRound);
+        }
+        {
+            Timed t(phases_, kMlpUp);
+            project(L.fc, h, s.f.data());
+            activate(s.f.data(), inner_, act_, kRound);
+        }
+        Timed t(phases_, kMlpDown);
         project(L.mp, s.f.data(), h);
         for (int64_t j = 0; j < d; ++j) x[j] += h[j];
     }
@@ -382,6 +434,7 @@ class Step {
     float eps_;
     int act_;
     int64_t rerank_;
+    mutable Phases phases_;  // off unless set_profiling(true): the const steps add to it
 };
 
 template <class P>
@@ -399,7 +452,9 @@ void bind(pybind11::module& m, const char* name) {
         .def("window_from", &S::window_from, py::call_guard<py::gil_scoped_release>())
         .def("window_checked", &S::window_checked, py::call_guard<py::gil_scoped_release>())
         .def("decide", &S::decide, py::call_guard<py::gil_scoped_release>())
-        .def("greedy", &S::greedy, py::call_guard<py::gil_scoped_release>());
+        .def("greedy", &S::greedy, py::call_guard<py::gil_scoped_release>())
+        .def("set_profiling", &S::set_profiling)
+        .def("phases", &S::phases);
 }
 
 }  // namespace
