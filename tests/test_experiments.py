@@ -243,6 +243,8 @@ def test_decode_profile_limit_run(model_with_heads, tmp_path):
     assert all(p and all(v["calls_per_token"] > 0 for v in p.values()) for p in result["profiles"].values())
     assert result["rows"][0]["vs_eager"] == 1.0 and all(r["median_ms"] > 0 for r in result["rows"])
     assert result["profile_top_ops"] and abs(sum(t["share"] for t in result["profile_top_ops"])) <= 1.0 + 1e-9
+    paused = result["after_a_pause"]
+    assert list(paused) == ["no pause", "after 40 ms asleep"] and all(len(row) == 8 and min(row) > 0 for row in paused.values())
     from earlyexit.runtime import native
 
     if native.extension() is not None:  # the native steps' own phase timer, where the steps are native
