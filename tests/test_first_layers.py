@@ -49,6 +49,18 @@ def test_lossless_with_first_layer_drafts_is_exactly_full_on_the_native_step(tin
     assert calls == ["window_from"] * got.speculation["rounds"]  # every round verified from block E, none through every block
 
 
+@needs_native
+def test_a_first_round_verifies_from_block_e_though_nothing_has_used_the_native_step_yet(tiny_tokenizer):
+    """The C++ step is built on first use: the first draft asks for it (`built`) rather than finding it absent."""
+    model = attach_lean_step(tiny(tiny_tokenizer, 3))
+    assert model.lean.native is None  # not built until asked
+    calls = []
+    spy(model.lean, "window_from", calls)
+    got = complete(model, tiny_tokenizer, "def add(a, b):", GenerationSettings(max_new_tokens=12),
+                   policy=Lossless(model, random_heads(model, 3), draft_layers=2, max_draft=4))
+    assert got.speculation["rounds"] >= 1 and calls == ["window_from"] * got.speculation["rounds"]
+
+
 @pytest.mark.parametrize("lean", [False, True])
 @pytest.mark.parametrize("seed", range(3))
 def test_lossless_with_first_layer_drafts_is_exactly_full_in_a_batch_and_on_the_torch_path(tiny_tokenizer, lean, seed):

@@ -61,7 +61,7 @@ class FirstLayers(Policy):
         """The residual stream (1, d) after block E-1 for `token` at `pos` on the native step (its K/V of blocks
         0..E-1 written, exactly the full model's), or None where the model has no native step."""
         lean = model.lean
-        if getattr(lean, "window_from", None) is None or getattr(lean, "native", None) is None:
+        if not hasattr(lean, "built") or lean.built() is None:  # built on first use: a first draft must not miss it
             return None
         return lean.blocks(0, self.layers, lean.embed(token, pos), cache, pos)
 

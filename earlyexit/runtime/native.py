@@ -121,6 +121,12 @@ class _Native:
         super()._gather()
         self.native = self._build() if _on_cpu_fp32(self.model) else None
 
+    def built(self):
+        """The C++ step, built on first use (gathered again if the model's tensors changed); None off the CPU. Ask this,
+        not `self.native`, before a first call: `native` is None until something has used the step."""
+        self.fresh()
+        return self.native
+
     def block(self, i: int, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
         return self.blocks(i, i + 1, x, cache, pos)
 
@@ -169,15 +175,13 @@ class _Native:
     def window_from(self, streams: torch.Tensor, cache: KVCache, pos: int, start: int) -> torch.Tensor | None:
         """`window` from block `start` on: streams (T, d) are the residual streams after block start - 1 at positions
         pos.., whose K/V below `start` are cached already (self-speculation's verification); None off the CPU."""
-        self.fresh()
-        if self.native is None:
+        if self.built() is None:
             return None
         return self.native.window_from(streams.contiguous().clone(), cache.k, cache.v, pos, start)  # written in place
 
     def _window_input(self, tokens: list[int], pos: int) -> torch.Tensor | None:
         """The residual stream (T, d) entering the first block for a window of tokens; None off the CPU."""
-        self.fresh()
-        if self.native is None:
+        if self.built() is None:
             return None
         m = self.model
         return (m.wte.weight[tokens] + m.wpe.weight[pos:pos + len(tokens)]).contiguous()
@@ -206,9 +210,7 @@ def profile_phases(lean, run) -> list[dict] | None:
     """Where `run()`'s native single-token calls on `lean` (a native lean step) spend their time, phase by phase
     (csrc/phases.h): [{"phase", "ms", "calls"}], or None where the step is not native. The timer is on only for
     `run`; window calls (lossless mode's verification) are not timed."""
-    if hasattr(lean, "fresh"):
-        lean.fresh()  # the C++ step is built on first use: build it now, or learn that there is none
-    step = getattr(lean, "native", None)
+    step = lean.built() if hasattr(lean, "built") else None  # built now if nothing has used it yet
     if step is None:
         return None
     step.set_profiling(True)

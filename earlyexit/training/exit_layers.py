@@ -150,10 +150,7 @@ def native_checks(model: GPT2, policy) -> dict | None:
     "head" computes the exit head after block L // 2; None where the model's lean step is not native."""
     from ..runtime import native
 
-    if getattr(model.lean, "decide", None) is None:
-        return None
-    model.lean.fresh()  # the C++ step is built on first use
-    if model.lean.native is None:
+    if not hasattr(model.lean, "built") or model.lean.built() is None:  # built on first use: now, if not yet
         return None
     L = model.dims.n_layer
 
